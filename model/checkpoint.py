@@ -1,0 +1,231 @@
+"""Load Hugging Face GPT-NeoX checkpoints from a local folder (or the hub, when online) into `NeoX`,
+and write checkpoints in the same formats (used for random benchmark shapes and tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from neoxrt.errors import CheckpointError
+from neoxrt.model.config import NeoXConfig
+from neoxrt.model.hf_names import config_from_hf, config_to_hf, hf_key, our_key
+from neoxrt.model.neox import NeoX, rope_inv_freq
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A local checkpoint folder for `source`: a folder path, or a hub id downloaded when online.
+
+    Raises:
+        CheckpointError: the folder does not exist and `source` cannot be fetched.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"checkpoint: expected a folder, found a file: {path}")
+    if not _HUB_ID.match(str(source)):
+        raise CheckpointError(f"checkpoint: folder {path} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"checkpoint: {source!r} is not a local folder, and huggingface_hub is not installed to download it"
+        ) from None
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as exc:  # offline, unknown repo, auth: one line either way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint: {source!r} is not a local folder and could not be downloaded ({first})") from None
+
+
+def read_config(folder: Path) -> NeoXConfig:
+    """Parse `folder/config.json` into a `NeoXConfig`."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint: {path} is not valid JSON ({exc})") from None
+    return config_from_hf(data)
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: weight file {path} not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: {path} is not a readable safetensors file ({exc})") from None
+
+
+def _load_bin(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: weight file {path} not found")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle or zip
+        raise CheckpointError(f"checkpoint: {path} is not a readable PyTorch weight file ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint: {path} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def _load_sharded(index_path: Path, loader) -> dict[str, Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint: {index_path} is not a valid shard index ({exc})") from None
+    state: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(loader(index_path.parent / shard))
+    return state
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files that make up the checkpoint, in load order."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            if name.endswith(".index.json"):
+                weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map", {})
+                return [path] + [folder / s for s in sorted(set(weight_map.values()))]
+            return [path]
+    raise CheckpointError(f"checkpoint: no weights in {folder}; looked for {', '.join(WEIGHT_FILES)}")
+
+
+def read_hf_state_dict(folder: Path) -> dict[str, Tensor]:
+    """The raw Hugging Face state dict of a checkpoint folder."""
+    first = weight_files(folder)[0]
+    if first.name == "model.safetensors":
+        return _load_safetensors(first)
+    if first.name == "model.safetensors.index.json":
+        return _load_sharded(first, _load_safetensors)
+    if first.name == "pytorch_model.bin":
+        return _load_bin(first)
+    return _load_sharded(first, _load_bin)
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def convert_state_dict(hf_state: dict[str, Tensor], model: NeoX) -> dict[str, Tensor]:
+    """Rename Hugging Face tensors to ours and check names and shapes against `model`.
+
+    Raises:
+        CheckpointError: naming every missing, unexpected or mis-shaped tensor (HF names).
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings
+    ours: dict[str, Tensor] = {}
+    unexpected = []
+    for name, tensor in hf_state.items():
+        key = our_key(name)
+        if key is None or (key and key not in expected):
+            unexpected.append(name)
+        elif key:
+            ours[key] = tensor
+    if tied:
+        ours["lm_head.weight"] = ours.get("embed.weight", ours.get("lm_head.weight"))
+        if ours["lm_head.weight"] is None:
+            del ours["lm_head.weight"]
+    missing = [hf_key(k) for k in expected if k not in ours]
+    misshaped = [
+        f"{hf_key(k)} expected {_fmt(shape)} found {_fmt(ours[k].shape)}"
+        for k, shape in expected.items()
+        if k in ours and tuple(ours[k].shape) != tuple(shape)
+    ]
+    problems = []
+    if missing:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + ", ".join(sorted(unexpected)))
+    if misshaped:
+        problems.append("mis-shaped tensors: " + "; ".join(misshaped))
+    if problems:
+        raise CheckpointError("checkpoint: " + " | ".join(problems))
+    return ours
+
+
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> NeoX:
+    """Load a GPT-NeoX checkpoint (safetensors, sharded safetensors, pytorch_model.bin; fp32/fp16/bf16)."""
+    folder = resolve_checkpoint(source)
+    config = read_config(folder)
+    with torch.device("meta"):
+        model = NeoX(config)
+    state = convert_state_dict(read_hf_state_dict(folder), model)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(config)  # the meta buffer, recomputed
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()
+
+
+def checkpoint_hash(folder: Path) -> str:
+    """sha256 over config.json and the weight files (names and bytes), for manifests."""
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *weight_files(folder)]:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def random_model(config: NeoXConfig, seed: int = 0) -> NeoX:
+    """A seeded random model whose every weight (LayerNorm and biases too) is non-trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    model = NeoX(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("ln_attn.weight") or name.endswith("ln_mlp.weight") or name == "ln_f.weight":
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def save_checkpoint(model: NeoX, folder: Path, fmt: str = "safetensors", dtype: str = "fp32", shards: int = 2) -> Path:
+    """Write `model` as a Hugging Face checkpoint: fmt is safetensors, sharded or bin."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
+    state = {hf_key(k): v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["embed_out.weight"]
+    if fmt == "safetensors":
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif fmt == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    elif fmt == "sharded":
+        names = sorted(state)
+        weight_map = {}
+        for i in range(shards):
+            part = names[i::shards]
+            shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: state[n] for n in part}, str(folder / shard), metadata={"format": "pt"})
+            weight_map.update({n: shard for n in part})
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    else:
+        raise CheckpointError(f"checkpoint: unknown format {fmt!r}; expected safetensors, sharded or bin")
+    return folder

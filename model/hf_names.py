@@ -1,0 +1,162 @@
+"""The one place where Hugging Face names become ours: `config.json` keys (transformers 4 and 5
+spellings) and state-dict keys."""
+
+from __future__ import annotations
+
+import re
+
+from neoxrt.errors import CheckpointError
+from neoxrt.model.config import NeoXConfig
+
+_MISSING = object()
+
+
+def _find(cfg: dict, *keys: str, default=_MISSING):
+    """Return the first present key's value; raise naming every key looked for."""
+    for key in keys:
+        if key in cfg and cfg[key] is not None:
+            return cfg[key]
+    if default is _MISSING:
+        raise CheckpointError(f"config.json: missing key; looked for {' / '.join(keys)}")
+    return default
+
+
+def _rope(cfg: dict) -> tuple[float, float, str, float]:
+    """(rotary_pct, base, rope_type, factor) from either spelling.
+
+    transformers 4: rotary_pct, rotary_emb_base (or rope_theta), rope_scaling {type|rope_type, factor}.
+    transformers 5: rope_parameters {rope_type, rope_theta, partial_rotary_factor, factor}.
+    """
+    params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise CheckpointError(f"config.json: rope_parameters must be an object, found {type(params).__name__}")
+    params = params or {}
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise CheckpointError(f"config.json: rope_scaling must be an object or null, found {type(scaling).__name__}")
+    scaling = scaling or {}
+    pct = params.get("partial_rotary_factor")
+    if pct is None:
+        pct = _find(cfg, "partial_rotary_factor", "rotary_pct", default=0.25)
+    base = params.get("rope_theta")
+    if base is None:
+        base = _find(cfg, "rope_theta", "rotary_emb_base", default=10000.0)
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    factor = params.get("factor", scaling.get("factor", 1.0))
+    if rope_type == "default":
+        factor = 1.0
+    return float(pct), float(base), str(rope_type), float(factor)
+
+
+def config_from_hf(cfg: dict) -> NeoXConfig:
+    """Translate a Hugging Face GPT-NeoX `config.json` (already parsed) into a `NeoXConfig`.
+
+    Raises:
+        CheckpointError: not a GPT-NeoX config, a required key missing, or a feature we do not support.
+    """
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json: expected a JSON object, found {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if model_type != "gpt_neox":
+        raise CheckpointError(f"config.json: model_type must be 'gpt_neox', found {model_type!r}")
+    pct, base, rope_type, factor = _rope(cfg)
+    eos = cfg.get("eos_token_id", 0)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    try:
+        return NeoXConfig(
+            vocab_size=_find(cfg, "vocab_size"),
+            hidden_size=_find(cfg, "hidden_size"),
+            num_layers=_find(cfg, "num_hidden_layers"),
+            num_heads=_find(cfg, "num_attention_heads"),
+            intermediate_size=_find(cfg, "intermediate_size"),
+            max_position_embeddings=int(_find(cfg, "max_position_embeddings", default=2048)),
+            rotary_pct=pct,
+            rotary_base=base,
+            rope_type=rope_type,
+            rope_factor=factor,
+            layer_norm_eps=float(_find(cfg, "layer_norm_eps", default=1e-5)),
+            use_parallel_residual=bool(_find(cfg, "use_parallel_residual", default=True)),
+            hidden_act=str(_find(cfg, "hidden_act", default="gelu")),
+            attention_bias=bool(_find(cfg, "attention_bias", default=True)),
+            tie_word_embeddings=bool(_find(cfg, "tie_word_embeddings", default=False)),
+            bos_token_id=cfg.get("bos_token_id", 0),
+            eos_token_id=eos,
+        )
+    except TypeError as exc:  # e.g. a string where a number belongs
+        raise CheckpointError(f"config.json: malformed value ({exc})") from None
+
+
+def config_to_hf(config: NeoXConfig) -> dict:
+    """A transformers-4 style `config.json` for `config` (used to write checkpoints and artifacts)."""
+    rope_scaling = None if config.rope_type == "default" else {"rope_type": config.rope_type, "factor": config.rope_factor}
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rotary_pct": config.rotary_pct,
+        "rotary_emb_base": config.rotary_base,
+        "rope_scaling": rope_scaling,
+        "layer_norm_eps": config.layer_norm_eps,
+        "use_parallel_residual": config.use_parallel_residual,
+        "hidden_act": config.hidden_act,
+        "attention_bias": config.attention_bias,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+    }
+
+
+# State-dict keys: Hugging Face name pattern -> our name pattern ({i} is the layer index).
+_LAYER_KEYS = {
+    "input_layernorm.weight": "ln_attn.weight",
+    "input_layernorm.bias": "ln_attn.bias",
+    "post_attention_layernorm.weight": "ln_mlp.weight",
+    "post_attention_layernorm.bias": "ln_mlp.bias",
+    "attention.query_key_value.weight": "qkv.weight",
+    "attention.query_key_value.bias": "qkv.bias",
+    "attention.dense.weight": "attn_out.weight",
+    "attention.dense.bias": "attn_out.bias",
+    "mlp.dense_h_to_4h.weight": "mlp_in.weight",
+    "mlp.dense_h_to_4h.bias": "mlp_in.bias",
+    "mlp.dense_4h_to_h.weight": "mlp_out.weight",
+    "mlp.dense_4h_to_h.bias": "mlp_out.bias",
+}
+_TOP_KEYS = {
+    "gpt_neox.embed_in.weight": "embed.weight",
+    "gpt_neox.final_layer_norm.weight": "ln_f.weight",
+    "gpt_neox.final_layer_norm.bias": "ln_f.bias",
+    "embed_out.weight": "lm_head.weight",
+}
+# Buffers that old checkpoints carry and that we recompute.
+_IGNORED_LAYER_KEYS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+_LAYER_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
+_OUR_TOP = {v: k for k, v in _TOP_KEYS.items()}
+_OUR_LAYER = {v: k for k, v in _LAYER_KEYS.items()}
+
+
+def our_key(hf_key: str) -> str | None:
+    """Our state-dict name for a Hugging Face one; '' for known buffers to skip; None if unknown."""
+    if hf_key in _TOP_KEYS:
+        return _TOP_KEYS[hf_key]
+    match = _LAYER_RE.match(hf_key)
+    if match:
+        index, rest = match.groups()
+        if rest in _IGNORED_LAYER_KEYS:
+            return ""
+        if rest in _LAYER_KEYS:
+            return f"layers.{index}.{_LAYER_KEYS[rest]}"
+    return None
+
+
+def hf_key(key: str) -> str:
+    """The Hugging Face name of one of our state-dict keys (for messages and for writing checkpoints)."""
+    if key in _OUR_TOP:
+        return _OUR_TOP[key]
+    _, index, rest = key.split(".", 2)
+    return f"gpt_neox.layers.{index}.{_OUR_LAYER[rest]}"

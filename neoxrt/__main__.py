@@ -1,0 +1,5 @@
+import sys
+
+from neoxrt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""The `neoxrt` command line. Every `NeoxrtError` becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from neoxrt import __version__
+from neoxrt.errors import NeoxrtError
+
+EXIT_USAGE = 2
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from neoxrt.model import load_model
+
+    model = load_model(args.checkpoint)
+    print(model.config.to_json())
+    print(f"parameters: {model.num_parameters()}")
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print a checkpoint's parsed config and exact parameter count")
+    p.add_argument("checkpoint", help="checkpoint folder (Hugging Face format) or hub id")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _subcommands():
+    """(adder) for every subcommand; stages add theirs here."""
+    from neoxrt import cli_stages
+
+    return [_add_inspect, *cli_stages.ADDERS]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoxrt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"neoxrt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _subcommands():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except NeoxrtError as exc:
+        print(f"neoxrt {args.command}: error: {exc}".replace("\n", " "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"neoxrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Subcommands of the later stages (export, generate, compare, ...), kept apart from the CLI core."""
+
+ADDERS: list = []
