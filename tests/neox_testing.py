@@ -32,6 +32,7 @@ VARIANTS: dict[str, NeoXConfig] = {
 }
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [12, 3], [64, 65, 66, 67]]
+FORMAT_CASES = [("safetensors", "fp32"), ("safetensors", "fp16"), ("sharded", "bf16"), ("bin", "fp32"), ("bin", "bf16")]
 
 
 def default_checkpoint() -> Path:
@@ -54,3 +55,59 @@ def left_pad(prompts: list[list[int]], pad_id: int = 1) -> tuple[torch.Tensor, t
 
 def with_fields(config: NeoXConfig, **changes) -> NeoXConfig:
     return dataclasses.replace(config, **changes)
+
+
+def ort_session(proto_or_path, attention: str = "decomposed"):
+    """An ONNX Runtime CPU session for an in-memory model or a path (plugin graphs via extensions)."""
+    import onnx
+    import onnxruntime as ort
+
+    if attention == "plugin":
+        from neoxrt.export.plugin_ref import onnxruntime_session_options, to_contrib_domain
+
+        proto = proto_or_path if isinstance(proto_or_path, onnx.ModelProto) else onnx.load(str(proto_or_path))
+        return ort.InferenceSession(to_contrib_domain(proto).SerializeToString(), onnxruntime_session_options(),
+                                    providers=["CPUExecutionProvider"])
+    source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def step_pairs(session, model, prompts, decode_steps: int, kv_dtype="float32"):
+    """Yield (step, mask, ort_logits, torch_logits, ort_presents, torch_presents) over a prompt step and
+    `decode_steps` greedy decode steps, each side fed its own cache; next tokens come from PyTorch."""
+    import numpy as np
+
+    from neoxrt import contract as io
+
+    cfg = model.config
+    ids, mask, pos = left_pad(prompts)
+    b = ids.shape[0]
+    empty = np.zeros((b, cfg.num_heads, 0, cfg.head_dim), dtype=kv_dtype)
+    ort_past = [(empty, empty) for _ in range(cfg.num_layers)]
+    torch_past = model.empty_past(b)
+    for step in range(decode_steps + 1):
+        feeds = {io.INPUT_IDS: ids.numpy(), io.ATTENTION_MASK: mask.numpy(), io.POSITION_IDS: pos.numpy()}
+        for i, (k, v) in enumerate(ort_past):
+            feeds[io.past_key(i)], feeds[io.past_value(i)] = k, v
+        out = session.run(None, feeds)
+        ort_past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(cfg.num_layers)]
+        with torch.no_grad():
+            logits, torch_past = model(ids, pos, mask, torch_past)
+        yield step, mask, out[0], logits.numpy(), ort_past, [(k.numpy(), v.numpy()) for k, v in torch_past]
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        pos = pos[:, -1:] + 1
+
+
+def greedy(model, prompts, new_tokens):
+    """Our own greedy loop over the explicit KV cache; returns new tokens per row."""
+    ids, mask, pos = left_pad(prompts)
+    logits, past = model(ids, pos, mask, model.empty_past(len(prompts)))
+    out = []
+    for _ in range(new_tokens):
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(next_ids)
+        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+        pos = pos[:, -1:] + 1
+        logits, past = model(next_ids, pos, mask, past)
+    return torch.cat(out, dim=1)

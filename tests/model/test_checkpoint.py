@@ -6,13 +6,11 @@ import shutil
 import pytest
 import torch
 
-from neox_testing import write_variant
+from neox_testing import FORMAT_CASES, write_variant
 from neoxrt.cli import main
 from neoxrt.errors import CheckpointError
 from neoxrt.model import load_model, random_model, read_config
 from neoxrt.model.checkpoint import DTYPES
-
-FORMAT_CASES = [("safetensors", "fp32"), ("safetensors", "fp16"), ("sharded", "bf16"), ("bin", "fp32"), ("bin", "bf16")]
 
 
 @pytest.mark.parametrize("fmt,dtype", FORMAT_CASES)

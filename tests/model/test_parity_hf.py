@@ -4,7 +4,7 @@ cache, left-padded batch of 3, and 32 greedy tokens, on the trained default mode
 import pytest
 import torch
 
-from neox_testing import PROMPTS, VARIANTS, default_checkpoint, left_pad, write_variant
+from neox_testing import PROMPTS, VARIANTS, default_checkpoint, greedy, left_pad, write_variant
 from neoxrt.model import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -50,20 +50,6 @@ def test_prompt_and_decode_logits_match(name, tmp_path):
         assert err <= ATOL, f"decode step {step}: max abs {err}"
         next_ids = logits[:, -1].argmax(-1, keepdim=True)
     assert past[0][0].shape == (3, ours.config.num_heads, ids.shape[1] + DECODE_STEPS, ours.config.head_dim)
-
-
-def greedy(model, prompts, new_tokens):
-    """Our own greedy loop over the explicit KV cache; returns new tokens per row."""
-    ids, mask, pos = left_pad(prompts)
-    logits, past = model(ids, pos, mask, model.empty_past(len(prompts)))
-    out = []
-    for _ in range(new_tokens):
-        next_ids = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(next_ids)
-        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-        pos = pos[:, -1:] + 1
-        logits, past = model(next_ids, pos, mask, past)
-    return torch.cat(out, dim=1)
 
 
 @pytest.mark.parametrize("name", CASES)

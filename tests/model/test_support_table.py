@@ -1,6 +1,6 @@
 """Guard: every value in the support table is exercised by at least one test variant."""
 
-from neox_testing import VARIANTS
+from neox_testing import FORMAT_CASES, VARIANTS
 from neoxrt.model.checkpoint import DTYPES
 from neoxrt.model.config import SUPPORT_TABLE, support_key
 
@@ -18,7 +18,5 @@ def test_every_supported_value_has_a_variant():
 
 
 def test_every_checkpoint_format_and_dtype_is_tested():
-    from test_checkpoint import FORMAT_CASES
-
     assert {fmt for fmt, _ in FORMAT_CASES} == set(CHECKPOINT_FORMATS_TESTED)
     assert {dtype for _, dtype in FORMAT_CASES} == set(DTYPES)

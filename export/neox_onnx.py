@@ -1,0 +1,247 @@
+"""`onnx_from_model`: the GPT-NeoX decoder graph, emitted op by op from a `NeoX` module's weights.
+
+The graph mirrors `neoxrt.model.neox` line for line, so that ONNX Runtime reproduces the PyTorch model to
+fp32 rounding, and it keeps one contract for the prompt step and every decode step (past_sequence may be 0).
+
+    input_ids --Gather(embed)--> x [B,S,Hd] (fp32 residual stream)
+    position_ids --> cos/sin [B,S,R]        attention_mask + shapes --> allowed [B,1,S,T]
+    per layer i:  LN -> qkv MatMul -> [B,H,S,3D] -> q,k,v -> attention flavour -> dense -+
+                  LN -> MLP ------------------------------------------------------------+-> x  (hidden_states.i)
+    x --LN--> lm_head MatMul --> logits [B,S,V] (fp32)
+
+fp16: weights, KV cache and matmuls in fp16; LayerNorm, the residual stream, rotary tables and attention
+scores/softmax in fp32 (Pythia overflows fp16 in attention scores and LayerNorm).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from neoxrt import contract as io
+from neoxrt.export.graph import GraphBuilder
+from neoxrt.export.options import ExportOptions
+from neoxrt.model.hf_names import hf_key
+from neoxrt.model.neox import NeoX, rope_inv_freq
+
+PLUGIN_DOMAIN = "neoxrt"
+PLUGIN_OP = "GptNeoxAttention"
+PLUGIN_VERSION = "1"
+F32_MIN = float(np.finfo(np.float32).min)
+FP16_MASK = -30000.0  # additive mask for fp16 fused attention: exp() is 0, s + mask cannot overflow
+
+
+def hidden_state_name(layer: int) -> str:
+    """Name of layer `layer`'s output (residual stream); the report marks these to localise errors."""
+    return f"hidden_states.{layer}"
+
+
+class _Emitter:
+    def __init__(self, model: NeoX, options: ExportOptions):
+        self.cfg = model.config
+        self.opt = options
+        self.fp16 = options.dtype == "fp16"
+        self.wdt = np.float16 if self.fp16 else np.float32
+        self.state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+        self.inv_freq = rope_inv_freq(self.cfg).numpy()
+        self.g = GraphBuilder()
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def to_compute(self, x: str) -> str:
+        """fp32 residual value -> matmul dtype."""
+        return self.g.op("Cast", [x], to=onnx.TensorProto.FLOAT16) if self.fp16 else x
+
+    def to_f32(self, x: str) -> str:
+        return self.g.op("Cast", [x], to=onnx.TensorProto.FLOAT) if self.fp16 else x
+
+    def linear(self, x: str, key: str, out: str | None = None) -> str:
+        """x @ W^T + b, W stored transposed [in, out] under its checkpoint name."""
+        g = self.g
+        w = g.weight(hf_key(f"{key}.weight"), self.state[f"{key}.weight"].T.astype(self.wdt))
+        y = g.op("MatMul", [x, w])
+        if f"{key}.bias" in self.state:
+            b = g.weight(hf_key(f"{key}.bias"), self.state[f"{key}.bias"].astype(self.wdt))
+            y = g.op("Add", [y, b], [out] if out else 1)
+        return y
+
+    def layer_norm(self, x: str, key: str) -> str:
+        g = self.g
+        w = g.weight(hf_key(f"{key}.weight"), self.state[f"{key}.weight"].astype(np.float32))
+        b = g.weight(hf_key(f"{key}.bias"), self.state[f"{key}.bias"].astype(np.float32))
+        return g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=self.cfg.layer_norm_eps)
+
+    def activation(self, x: str) -> str:
+        g, act, dt = self.g, self.cfg.hidden_act, self.wdt
+        if act == "relu":
+            return g.op("Relu", [x])
+        if act == "silu":
+            return g.op("Mul", [x, g.op("Sigmoid", [x])])
+        half_x = g.op("Mul", [x, g.const(0.5, dt)])
+        if act == "gelu":
+            inner = g.op("Erf", [g.op("Mul", [x, g.const(1 / math.sqrt(2.0), dt)])])
+        elif act == "gelu_fast":  # 0.5x(1 + tanh(x * 0.7978845608 * (1 + 0.044715 x^2)))
+            poly = g.op("Add", [g.const(1.0, dt), g.op("Mul", [g.const(0.044715, dt), g.op("Mul", [x, x])])])
+            inner = g.op("Tanh", [g.op("Mul", [g.op("Mul", [x, g.const(0.7978845608, dt)]), poly])])
+        else:  # gelu_new, gelu_pytorch_tanh: 0.5x(1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            cube = g.op("Pow", [x, g.const(3.0, dt)])
+            poly = g.op("Add", [x, g.op("Mul", [g.const(0.044715, dt), cube])])
+            inner = g.op("Tanh", [g.op("Mul", [g.const(math.sqrt(2.0 / math.pi), dt), poly])])
+        return g.op("Mul", [half_x, g.op("Add", [g.const(1.0, dt), inner])])
+
+    # -- shared subgraphs ------------------------------------------------------------------------------
+    def allowed_mask(self) -> str:
+        """Boolean [B,1,S,T]: key j visible from query i iff j <= P+i and attention_mask[b,j]."""
+        g = self.g
+        g.scope = "/mask"
+        total = g.op("Gather", [g.op("Shape", [io.ATTENTION_MASK]), g.const(1)], axis=0)  # T (scalar)
+        seq = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), g.const(1)], axis=0)  # S (scalar)
+        past = g.op("Sub", [total, seq])  # P
+        key_pos = g.op("Range", [g.const(0), total, g.const(1)])  # [T]
+        query_pos = g.op("Range", [past, total, g.const(1)])  # [S]
+        causal = g.op("LessOrEqual", [g.op("Unsqueeze", [key_pos, g.const([0])]),
+                                      g.op("Unsqueeze", [query_pos, g.const([1])])])  # [S, T]
+        pad = g.op("Unsqueeze", [g.op("Cast", [io.ATTENTION_MASK], to=onnx.TensorProto.BOOL), g.const([1, 2])])  # [B,1,1,T]
+        return g.op("And", [causal, pad])  # [B,1,S,T]
+
+    def rope_angles(self) -> tuple[str, str]:
+        """cos, sin [B,S,R] in fp32 from position_ids (as rope_cos_sin in the model)."""
+        g = self.g
+        g.scope = "/rotary"
+        pos = g.op("Unsqueeze", [g.op("Cast", [io.POSITION_IDS], to=onnx.TensorProto.FLOAT), g.const([2])])  # [B,S,1]
+        freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", self.inv_freq.astype(np.float32))])  # [B,S,R/2]
+        emb = g.op("Concat", [freqs, freqs], axis=-1)  # [B,S,R]
+        return g.op("Cos", [emb]), g.op("Sin", [emb])
+
+    def rope_caches(self) -> tuple[str, str]:
+        """cos/sin tables [max_positions, R/2] for RotaryEmbedding-23."""
+        positions = np.arange(self.cfg.max_position_embeddings, dtype=np.float32)[:, None]
+        freqs = (positions * self.inv_freq[None, :].astype(np.float32)).astype(np.float32)
+        cos = self.g.weight("rotary.cos_cache", np.cos(freqs).astype(self.wdt))
+        sin = self.g.weight("rotary.sin_cache", np.sin(freqs).astype(self.wdt))
+        return cos, sin
+
+    def apply_rope(self, x: str, cos4: str, sin4: str) -> str:
+        """Rotate the first R channels of x [B,H,S,D] (rotate-half layout)."""
+        g, r, d = self.g, self.cfg.rotary_dim, self.cfg.head_dim
+        x_rot = g.op("Slice", [x, g.const([0]), g.const([r]), g.const([3])])
+        x1 = g.op("Slice", [x_rot, g.const([0]), g.const([r // 2]), g.const([3])])
+        x2 = g.op("Slice", [x_rot, g.const([r // 2]), g.const([r]), g.const([3])])
+        rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
+        y = g.op("Add", [g.op("Mul", [x_rot, cos4]), g.op("Mul", [rotated, sin4])])
+        if r == d:
+            return y
+        x_pass = g.op("Slice", [x, g.const([r]), g.const([d]), g.const([3])])
+        return g.op("Concat", [y, x_pass], axis=3)
+
+    # -- attention flavours: each takes the fused qkv [B,S,3Hd], returns [B,S,Hd] ---------------------
+    def split_heads(self, qkv: str) -> list[str]:
+        g, cfg = self.g, self.cfg
+        heads = g.op("Reshape", [qkv, g.const([0, 0, cfg.num_heads, 3 * cfg.head_dim])])  # [B,S,H,3D]
+        heads = g.op("Transpose", [heads], perm=[0, 2, 1, 3])  # [B,H,S,3D]
+        return g.op("Split", [heads, g.const([cfg.head_dim] * 3)], 3, axis=3)  # q, k, v [B,H,S,D]
+
+    def merge_heads(self, y: str) -> str:
+        y = self.g.op("Transpose", [y], perm=[0, 2, 1, 3])  # [B,S,H,D]
+        return self.g.op("Reshape", [y, self.g.const([0, 0, self.cfg.hidden_size])])  # [B,S,Hd]
+
+    def attn_decomposed(self, i: int, qkv: str, shared: dict) -> str:
+        g, cfg = self.g, self.cfg
+        q, k, v = self.split_heads(qkv)
+        q, k = self.apply_rope(q, shared["cos4"], shared["sin4"]), self.apply_rope(k, shared["cos4"], shared["sin4"])
+        k_all = g.op("Concat", [io.past_key(i), k], [io.present_key(i)], axis=2)  # [B,H,T,D]
+        v_all = g.op("Concat", [io.past_value(i), v], [io.present_value(i)], axis=2)
+        kt = g.op("Transpose", [self.to_f32(k_all)], perm=[0, 1, 3, 2])  # [B,H,D,T]
+        scores = g.op("Mul", [g.op("MatMul", [self.to_f32(q), kt]), g.const(cfg.head_dim**-0.5, "float32")])
+        scores = g.op("Where", [shared["allowed"], scores, g.const(F32_MIN, "float32")])  # [B,H,S,T]
+        probs = g.op("Softmax", [scores], axis=-1)
+        if self.fp16:
+            probs = g.op("Cast", [probs], to=onnx.TensorProto.FLOAT16)
+        return self.merge_heads(g.op("MatMul", [probs, v_all]))
+
+    def attn_fused(self, i: int, qkv: str, shared: dict) -> str:
+        g, cfg = self.g, self.cfg
+        q, k, v = self.split_heads(qkv)
+        cos, sin = shared["cos_cache"], shared["sin_cache"]
+        q = g.op("RotaryEmbedding", [q, cos, sin, io.POSITION_IDS], rotary_embedding_dim=cfg.rotary_dim)
+        k = g.op("RotaryEmbedding", [k, cos, sin, io.POSITION_IDS], rotary_embedding_dim=cfg.rotary_dim)
+        y = g.op("Attention", [q, k, v, shared["bias"], io.past_key(i), io.past_value(i)],
+                 [g._unique(f"/layers.{i}/attention/Y"), io.present_key(i), io.present_value(i)],
+                 scale=cfg.head_dim**-0.5)[0]
+        return self.merge_heads(y)
+
+    def attn_plugin(self, i: int, qkv: str, shared: dict) -> str:
+        cfg = self.cfg
+        return self.g.op(
+            PLUGIN_OP, [qkv, shared["cos"], shared["sin"], shared["mask_i32"], io.past_key(i), io.past_value(i)],
+            [self.g._unique(f"/layers.{i}/attention/out"), io.present_key(i), io.present_value(i)],
+            domain=PLUGIN_DOMAIN, num_heads=cfg.num_heads, head_size=cfg.head_dim, rotary_dim=cfg.rotary_dim,
+            scale=cfg.head_dim**-0.5, plugin_namespace=PLUGIN_DOMAIN, plugin_version=PLUGIN_VERSION,
+        )[0]
+
+    def shared_inputs(self) -> dict:
+        g, flavour = self.g, self.opt.attention
+        if flavour == "decomposed":
+            cos, sin = self.rope_angles()
+            cos4 = g.op("Unsqueeze", [cos, g.const([1])])  # [B,1,S,R]
+            sin4 = g.op("Unsqueeze", [sin, g.const([1])])
+            if self.fp16:
+                cos4 = g.op("Cast", [cos4], to=onnx.TensorProto.FLOAT16)
+                sin4 = g.op("Cast", [sin4], to=onnx.TensorProto.FLOAT16)
+            return {"cos4": cos4, "sin4": sin4, "allowed": self.allowed_mask()}
+        if flavour == "fused":
+            cos_cache, sin_cache = self.rope_caches()
+            allowed = self.allowed_mask()
+            fill = FP16_MASK if self.fp16 else F32_MIN
+            dt = self.wdt
+            bias = g.op("Where", [allowed, g.const(0.0, dt), g.const(fill, dt)])  # additive [B,1,S,T]
+            return {"cos_cache": cos_cache, "sin_cache": sin_cache, "bias": bias}
+        cos, sin = self.rope_angles()
+        g.scope = "/mask"
+        mask_i32 = g.op("Cast", [io.ATTENTION_MASK], to=onnx.TensorProto.INT32)
+        self.g.domains[PLUGIN_DOMAIN] = 1
+        return {"cos": cos, "sin": sin, "mask_i32": mask_i32}
+
+    # -- the whole graph --------------------------------------------------------------------------------
+    def emit(self) -> onnx.ModelProto:
+        g, cfg = self.g, self.cfg
+        attend = {"decomposed": self.attn_decomposed, "fused": self.attn_fused, "plugin": self.attn_plugin}[self.opt.attention]
+        shared = self.shared_inputs()
+        g.scope = "/embed"
+        embed = g.weight(hf_key("embed.weight"), self.state["embed.weight"].astype(self.wdt))
+        x = self.to_f32(g.op("Gather", [embed, io.INPUT_IDS], axis=0))  # [B,S,Hd] fp32
+        for i in range(cfg.num_layers):
+            g.scope = f"/layers.{i}/attention"
+            qkv = self.linear(self.to_compute(self.layer_norm(x, f"layers.{i}.ln_attn")), f"layers.{i}.qkv")
+            attn = self.to_f32(self.linear(attend(i, qkv, shared), f"layers.{i}.attn_out"))
+            g.scope = f"/layers.{i}/mlp"
+            if cfg.use_parallel_residual:
+                h = self.to_compute(self.layer_norm(x, f"layers.{i}.ln_mlp"))
+                mlp = self.to_f32(self.linear(self.activation(self.linear(h, f"layers.{i}.mlp_in")), f"layers.{i}.mlp_out"))
+                x = g.op("Add", [g.op("Add", [x, attn]), mlp], [hidden_state_name(i)])
+            else:
+                x = g.op("Add", [x, attn])
+                h = self.to_compute(self.layer_norm(x, f"layers.{i}.ln_mlp"))
+                mlp = self.to_f32(self.linear(self.activation(self.linear(h, f"layers.{i}.mlp_in")), f"layers.{i}.mlp_out"))
+                x = g.op("Add", [x, mlp], [hidden_state_name(i)])
+        g.scope = "/lm_head"
+        h = self.to_compute(self.layer_norm(x, "ln_f"))
+        if cfg.tie_word_embeddings:
+            w = g.op("Transpose", [embed], perm=[1, 0])
+        else:
+            w = g.weight(hf_key("lm_head.weight"), self.state["lm_head.weight"].T.astype(self.wdt))
+        logits = g.op("MatMul", [h, w])
+        if self.fp16:
+            g.op("Cast", [logits], [io.LOGITS], to=onnx.TensorProto.FLOAT)
+        else:
+            g.op("Identity", [logits], [io.LOGITS])
+        inputs, outputs = io.io_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.vocab_size,
+                                     "float16" if self.fp16 else "float32")
+        return g.make_model("neoxrt_gpt_neox", inputs, outputs, self.opt.opset,
+                            doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}")
+
+
+def onnx_from_model(model: NeoX, options: ExportOptions) -> onnx.ModelProto:
+    """The decoder graph for `model` under `options` (weights embedded as initializers)."""
+    return _Emitter(model, options).emit()

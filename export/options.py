@@ -1,0 +1,48 @@
+"""`ExportOptions`: what `neoxrt export` was asked for, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from neoxrt.errors import ExportError
+
+DTYPES = ("fp32", "fp16")
+ATTENTIONS = ("decomposed", "fused", "plugin")
+# opsets we emit and test, per attention flavour; the first is the default
+OPSETS = {"decomposed": (17, 18, 19, 20, 21, 22, 23), "fused": (23,), "plugin": (17, 18, 19, 20, 21, 22, 23)}
+TWO_GB = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Args:
+    dtype: fp32, or fp16 with the sensitive parts (LayerNorm, residual stream, attention scores) in fp32.
+    attention: decomposed (MatMul/Softmax), fused (ONNX Attention + RotaryEmbedding, opset 23), or
+        plugin (one custom node per layer, for our TensorRT plugin).
+    opset: the ai.onnx opset; None takes the flavour's default.
+    external_data_threshold: weight bytes past which weights go to model.onnx.data (2 GB protobuf limit).
+    """
+
+    dtype: str = "fp32"
+    attention: str = "decomposed"
+    opset: int | None = None
+    external_data_threshold: int = TWO_GB
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ExportError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        allowed = OPSETS[self.attention]
+        if self.opset is None:
+            object.__setattr__(self, "opset", allowed[0])
+        elif self.opset not in allowed:
+            raise ExportError(
+                f"--attention {self.attention} needs opset in {allowed[0]}..{allowed[-1]}, got --opset {self.opset}"
+            )
+        if self.external_data_threshold < 0:
+            raise ExportError(f"external data threshold must be >= 0, got {self.external_data_threshold}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

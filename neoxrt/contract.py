@@ -1,0 +1,74 @@
+"""The I/O contract shared by export, build and runtime: tensor names, axis names and file names.
+
+Names follow optimum's ONNX decoders (`add_past_key_values`), so ORTModelForCausalLM and other tools run
+our exports unchanged. One graph serves the prompt step (past_sequence = 0) and every decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# axis names (dynamic dimensions)
+BATCH = "batch"
+SEQUENCE = "sequence"
+PAST_SEQUENCE = "past_sequence"
+TOTAL_SEQUENCE = "total_sequence"  # = past_sequence + sequence
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, element type name (numpy spelling) and axes (names or ints)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+def io_spec(num_layers: int, num_heads: int, head_dim: int, vocab_size: int, kv_dtype: str) -> tuple[list, list]:
+    """(inputs, outputs) of the portable decoder contract."""
+    kv_in = (BATCH, num_heads, PAST_SEQUENCE, head_dim)
+    kv_out = (BATCH, num_heads, TOTAL_SEQUENCE, head_dim)
+    inputs = [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE)),
+        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
+    ]
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE, vocab_size))]
+    for i in range(num_layers):
+        inputs += [TensorSpec(past_key(i), kv_dtype, kv_in), TensorSpec(past_value(i), kv_dtype, kv_in)]
+        outputs += [TensorSpec(present_key(i), kv_dtype, kv_out), TensorSpec(present_value(i), kv_dtype, kv_out)]
+    return inputs, outputs
