@@ -34,4 +34,59 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-ADDERS: list = [_add_export]
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import sys
+
+    from neoxrt.cli import print_json
+    from neoxrt.errors import RuntimeShapeError
+    from neoxrt.runtime import Generator
+
+    prompts = list(args.prompt or []) + list(args.input_ids or [])
+    if not prompts:
+        raise RuntimeShapeError("give --prompt TEXT or --input-ids 1,2,3")
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=tuple(args.stop_token_ids or ()),
+                  stop_strings=tuple(args.stop or ()))
+    generator = Generator.from_artifacts(args.artifact_dir, threads=args.threads)
+    if args.json:
+        result = generator.generate(prompts, **kwargs)
+        print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons})
+        return 0
+    if len(prompts) == 1:  # stream to the terminal
+        for event in generator.stream(prompts, **kwargs):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    result = generator.generate(prompts, **kwargs)
+    for row, ids in enumerate(result.ids):
+        print(f"[{row}] " + (result.text[row] if result.text is not None else ",".join(map(str, ids))))
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from an artifact folder (ONNX Runtime)")
+    p.add_argument("artifact_dir")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--input-ids", action="append", type=_ids, help="prompt as token ids 1,2,3 (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-token-ids", type=_ids, default=None, help="extra stop ids 1,2 (EOS always stops)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (prompt excluded)')
+    p.set_defaults(func=_cmd_generate)
+
+
+ADDERS: list = [_add_export, _add_generate]

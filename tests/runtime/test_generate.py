@@ -1,0 +1,177 @@
+"""neoxrt generate (ONNX Runtime) against transformers generate(), token for token; streaming, stopping,
+batch compaction, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neox_testing import default_checkpoint, left_pad, write_variant
+from neoxrt.cli import main
+from neoxrt.export.exporter import export_checkpoint
+from neoxrt.export.options import ExportOptions
+from neoxrt.runtime import Generator
+from neoxrt.runtime.session import FeedDecoder
+
+transformers = pytest.importorskip("transformers")
+QUIET = dict(log=lambda *_: None)
+TEXT_PROMPTS = ["The state of the Union is", "Gentlemen of the Senate and House of Representatives: it is", "We"]
+ID_PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [12, 3], [64, 65, 66, 67]]
+
+
+@pytest.fixture(scope="module")
+def default_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "default"
+    export_checkpoint(default_checkpoint(), out, ExportOptions(), **QUIET)
+    return out
+
+
+def hf_greedy(folder, prompts, new_tokens):
+    """transformers generate() new tokens per row, cut after the first EOS as a row that stopped."""
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, mask, _ = left_pad(prompts, pad_id=model.config.eos_token_id or 0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=model.config.eos_token_id or 0)[:, ids.shape[1]:].tolist()
+    eos = model.config.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+
+
+def test_cli_greedy_equals_transformers_on_trained_model(default_artifact, capsys):
+    tok = Generator.from_artifacts(default_artifact).tokenizer
+    prompts = [tok.encode(p).ids for p in TEXT_PROMPTS]
+    args = ["generate", str(default_artifact), "--max-new-tokens", "64", "--json"]
+    for p in TEXT_PROMPTS:
+        args += ["--prompt", p]
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["ids"] == hf_greedy(default_checkpoint(), prompts, 64)
+    assert got["text"][0] == tok.decode(got["ids"][0])
+
+
+@pytest.mark.parametrize("name", ["gelu_parallel", "sequential_residual", "head_dim_96_rotary_24", "tied_embeddings",
+                                  "linear_rope_scaling", "no_attention_bias"])
+def test_greedy_equals_transformers_on_random_configs(name, tmp_path):
+    ckpt = write_variant(name, tmp_path / "ckpt", seed=3)
+    export_checkpoint(ckpt, tmp_path / "art", ExportOptions(), **QUIET)
+    got = Generator.from_artifacts(tmp_path / "art").generate(ID_PROMPTS, max_new_tokens=64).ids
+    assert got == hf_greedy(ckpt, ID_PROMPTS, 64)
+
+
+def test_fused_artifact_generates_the_same_tokens(tmp_path, default_artifact):
+    export_checkpoint(default_checkpoint(), tmp_path / "fused", ExportOptions(attention="fused"), **QUIET)
+    a = Generator.from_artifacts(default_artifact).generate(TEXT_PROMPTS, max_new_tokens=32).ids
+    b = Generator.from_artifacts(tmp_path / "fused").generate(TEXT_PROMPTS, max_new_tokens=32).ids
+    assert a == b
+
+
+def test_bound_decoder_equals_portable_decoder(default_artifact):
+    gen = Generator.from_artifacts(default_artifact)
+    bound = gen.generate(ID_PROMPTS, max_new_tokens=24, temperature=0.7, seed=5).ids
+
+    class Portable:
+        def __init__(self, inner):
+            self.inner, self.num_layers = inner, inner.num_layers
+
+        def io_spec(self):
+            return self.inner.io_spec()
+
+        def run(self, feeds):
+            return self.inner.run(feeds)
+
+        def decoder(self, batch, max_total):
+            return FeedDecoder(self, batch)
+
+    gen.session = Portable(gen.session)
+    assert gen.generate(ID_PROMPTS, max_new_tokens=24, temperature=0.7, seed=5).ids == bound
+
+
+def test_rows_stop_on_their_own_and_compaction_keeps_the_rest_exact(default_artifact):
+    gen = Generator.from_artifacts(default_artifact)
+    alone = [gen.generate([p], max_new_tokens=20).ids[0] for p in TEXT_PROMPTS]
+    stop = alone[1][4]  # row 1 stops at its 5th token
+    got = gen.generate(TEXT_PROMPTS, max_new_tokens=20, stop_token_ids=(stop,))
+    first = alone[1].index(stop)
+    assert got.ids[1] == alone[1][: first + 1] and got.finish_reasons[1] == "stop_token"
+    for row in (0, 2):
+        expected = alone[row][: alone[row].index(stop) + 1] if stop in alone[row] else alone[row]
+        assert got.ids[row] == expected
+
+
+def test_stop_strings_and_streaming(default_artifact):
+    gen = Generator.from_artifacts(default_artifact)
+    full = gen.generate("The state of the Union is", max_new_tokens=30)
+    pieces = [e.text for e in gen.stream("The state of the Union is", max_new_tokens=30)]
+    assert "".join(pieces) == full.text[0]
+    cut = gen.generate("The state of the Union is", max_new_tokens=30, stop_strings=("world",))
+    assert cut.finish_reasons == ["stop_string"] and "world" not in cut.text[0]
+    assert full.text[0].startswith(cut.text[0]) and len(cut.ids[0]) < 30
+
+
+def test_sampling_is_seeded_and_reproducible(default_artifact):
+    gen = Generator.from_artifacts(default_artifact)
+    kw = dict(max_new_tokens=24, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    a = gen.generate(TEXT_PROMPTS, seed=11, **kw).ids
+    assert gen.generate(TEXT_PROMPTS, seed=11, **kw).ids == a
+    assert gen.generate(TEXT_PROMPTS, seed=12, **kw).ids != a
+
+
+def test_runtime_imports_neither_torch_nor_transformers(default_artifact):
+    code = (
+        "import sys; from neoxrt.runtime import Generator; "
+        f"g = Generator.from_artifacts({str(default_artifact)!r}); g.generate('Hello', max_new_tokens=3); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; print(bad); sys.exit(bool(bad))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _tamper(folder, edit):
+    import shutil
+
+    out = folder.parent / f"{folder.name}-{edit.__name__}"
+    shutil.copytree(folder, out)
+    edit(out)
+    return out
+
+
+def test_bad_input_is_one_line_exit_2(default_artifact, tmp_path, capsys):
+    def onnx_changed(f):
+        data = bytearray((f / "model.onnx").read_bytes())
+        data[-100] ^= 0xFF
+        (f / "model.onnx").write_bytes(bytes(data))
+
+    def other_version(f):
+        m = json.loads((f / "manifest.json").read_text())
+        (f / "manifest.json").write_text(json.dumps({**m, "toolkit_version": "0.0.1"}))
+
+    def no_tokenizer(f):
+        (f / "tokenizer.json").unlink()
+        m = json.loads((f / "manifest.json").read_text())
+        del m["files"]["tokenizer.json"]
+        (f / "manifest.json").write_text(json.dumps(m))
+
+    art = str(default_artifact)
+    cases = {
+        "empty prompt": ([art, "--prompt", ""], "empty prompt"),
+        "past context": ([art, "--prompt", "Hi", "--max-new-tokens", "2048"], "exceeds the model's context of 2048"),
+        "negative temperature": ([art, "--prompt", "Hi", "--temperature", "-1"], "temperature must be"),
+        "nan temperature": ([art, "--prompt", "Hi", "--temperature", "nan"], "temperature must be"),
+        "top_p 0": ([art, "--prompt", "Hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        "top_p > 1": ([art, "--prompt", "Hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        "onnx mismatch": ([str(_tamper(default_artifact, onnx_changed)), "--prompt", "Hi"], "does not match its manifest"),
+        "toolkit mismatch": ([str(_tamper(default_artifact, other_version)), "--prompt", "Hi"], "made by neoxrt 0.0.1"),
+        "missing tokenizer": ([str(_tamper(default_artifact, no_tokenizer)), "--prompt", "Hi"], "no tokenizer.json"),
+        "missing folder": ([str(tmp_path / "nothing"), "--prompt", "Hi"], "does not exist"),
+    }
+    for name, (args, fragment) in cases.items():
+        assert main(["generate", *args]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, (name, err)
+    # token ids still work without a tokenizer
+    assert main(["generate", str(default_artifact) + "-no_tokenizer", "--input-ids", "5,6,7", "--json",
+                 "--max-new-tokens", "3"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ids"][0]) == 3
+
