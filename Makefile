@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 MODEL ?= neoxrt/assets/pythia-14m-sotu
 OUT ?= artifacts/default-fp32
 
-.PHONY: venv demo test lint
+PROMPT ?= The state of the Union is
+EXPORT_ARGS ?=
+
+.PHONY: venv demo test lint export generate report bench-export
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,3 +29,20 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+export: venv
+	$(BIN)/neoxrt export $(MODEL) $(OUT) --force $(EXPORT_ARGS)
+
+generate: venv
+	$(BIN)/neoxrt generate $(OUT) --prompt "$(PROMPT)"
+
+# accuracy reports of the default model's fp32 and fp16 exports against PyTorch (reports/<precision>/)
+report: venv
+	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp32 --force
+	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp16 --dtype fp16 --force
+	$(BIN)/neoxrt compare artifacts/default-fp32 --reference $(MODEL) --report reports/fp32
+	$(BIN)/neoxrt compare artifacts/default-fp16 --reference $(MODEL) --report reports/fp16
+
+# export time and peak RSS of the Pythia-160m shape (random weights)
+bench-export: venv
+	$(BIN)/python -m neoxrt.bench.export_bench

@@ -89,4 +89,46 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-ADDERS: list = [_add_export, _add_generate]
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from neoxrt.cli import print_json
+    from neoxrt.errors import NeoxrtError
+    from neoxrt.report.compare import DEFAULT_PROMPTS, CompareOptions, run_compare
+    from neoxrt.report.render import markdown, write_report
+
+    prompts = list(DEFAULT_PROMPTS)
+    if args.prompts:
+        try:
+            prompts = [line for line in open(args.prompts, encoding="utf-8").read().splitlines() if line.strip()]
+        except OSError as exc:
+            raise NeoxrtError(f"--prompts {args.prompts}: {exc.strerror}") from None
+        if not prompts:
+            raise NeoxrtError(f"--prompts {args.prompts}: no prompts (one per line expected)")
+    options = CompareOptions(texts=args.text or [], prompts=prompts, max_new_tokens=args.max_new_tokens,
+                             seq_len=args.seq_len, windows=args.windows, thresholds=args.threshold or [],
+                             progress=not args.json)
+    report = run_compare(args.artifact_dir, args.reference, options)
+    if args.report:
+        write_report(report, args.report)
+    if args.json:
+        print_json(report)
+    else:
+        print(markdown(report))
+    return 0 if report["passed"] else 1
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="prove an artifact against the PyTorch reference (exit 1 over threshold)")
+    p.add_argument("artifact_dir")
+    p.add_argument("--reference", required=True, help="the checkpoint the artifact came from")
+    p.add_argument("--text", action="append", help="text file(s) for teacher-forced checks (default: embedded held-out slice)")
+    p.add_argument("--prompts", help="file with one prompt per line for forward and free-running checks")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128, help="teacher-forced window length")
+    p.add_argument("--windows", type=int, default=16, help="number of teacher-forced windows")
+    p.add_argument("--threshold", action="append", metavar="NAME=VALUE", help="override a default threshold")
+    p.add_argument("--report", help="folder for report.md, report.json and PNG plots")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_compare)
+
+
+ADDERS: list = [_add_export, _add_generate, _add_compare]

@@ -12,31 +12,12 @@ PROMPTS = ["The state of the Union is", "Gentlemen of the Senate and House of Re
 NEW_TOKENS = 48
 
 
-def pytorch_greedy(model, rows: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy continuation with the PyTorch model, one prompt at a time (the reference)."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row])
-            mask, pos = torch.ones_like(ids), torch.arange(len(row))[None]
-            logits, past = model(ids, pos, mask, model.empty_past(1))
-            new = []
-            for _ in range(new_tokens):
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                new.append(int(nxt))
-                mask, pos = torch.cat([mask, torch.ones_like(nxt)], 1), pos[:, -1:] + 1
-                logits, past = model(nxt, pos, mask, past)
-            out.append(new)
-    return out
-
-
 def main(out_dir: str | None = None) -> int:
     from neoxrt.assets import DEFAULT_MODEL_DIR
     from neoxrt.export.exporter import export_checkpoint
     from neoxrt.export.options import ExportOptions
     from neoxrt.model import load_model
+    from neoxrt.model.generate import greedy
     from neoxrt.runtime import Generator
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +27,8 @@ def main(out_dir: str | None = None) -> int:
         start = time.perf_counter()
         result = generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
         seconds = time.perf_counter() - start
-        reference = pytorch_greedy(load_model(DEFAULT_MODEL_DIR), generator.encode(PROMPTS), NEW_TOKENS)
+        rows = generator.encode(PROMPTS)
+        reference = [greedy(load_model(DEFAULT_MODEL_DIR), [row], NEW_TOKENS)[0] for row in rows]
     print(f"\nONNX Runtime, greedy, {NEW_TOKENS} new tokens, batch of {len(PROMPTS)} in {seconds:.2f}s:")
     for prompt, text, ids, ref in zip(PROMPTS, result.text, result.ids, reference):
         print(f"  {prompt}{text}")

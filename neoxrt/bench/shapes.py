@@ -1,0 +1,20 @@
+"""Benchmark model shapes (random, seeded weights) and where their checkpoints are cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHAPES = {
+    "pythia-70m": dict(vocab_size=50304, hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048),
+    "pythia-160m": dict(vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+}
+
+
+def shape_checkpoint(name: str, root: Path) -> Path:
+    """A seeded random checkpoint of a benchmark shape, written once under `root`."""
+    from neoxrt.model import NeoXConfig, random_model, save_checkpoint
+
+    folder = Path(root) / f"{name}-random"
+    if not (folder / "model.safetensors").is_file():
+        save_checkpoint(random_model(NeoXConfig(**SHAPES[name]), seed=0), folder)
+    return folder

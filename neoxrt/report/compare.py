@@ -1,0 +1,245 @@
+"""`neoxrt compare`: an artifact against the PyTorch reference on the same inputs -- forward pass,
+teacher-forced text, free-running greedy -- with per-layer localisation of where the error starts."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from neoxrt import contract as io
+from neoxrt.errors import ArtifactError, NeoxrtError
+from neoxrt.manifest import read_manifest
+from neoxrt.report.metrics import TeacherForced, first_divergence, tensor_diff
+from neoxrt.report.thresholds import thresholds_for
+
+DEFAULT_PROMPTS = ["The state of the Union is", "Gentlemen of the Senate and House of Representatives:",
+                   "The Secretary of the Treasury reports that the revenue"]
+JUMP_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.1}
+
+
+@dataclass
+class CompareOptions:
+    texts: list[Path] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_new_tokens: int = 32
+    seq_len: int = 128
+    windows: int = 16
+    batch: int = 2
+    thresholds: list[str] = field(default_factory=list)
+    progress: bool = True
+
+
+def _progress(done: int, total: int, label: str, enabled: bool) -> None:
+    if not enabled:
+        return
+    width = 30
+    filled = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+    sys.stderr.flush()
+
+
+def precision_of(manifest: dict) -> str:
+    if manifest.get("stage") == "calibrate":
+        return "int8"
+    return manifest.get("export_options", {}).get("dtype", "fp32")
+
+
+def _windows(tokenizer, texts: list[Path], seq_len: int, count: int) -> np.ndarray:
+    ids: list[int] = []
+    for path in texts:
+        if not Path(path).is_file():
+            raise NeoxrtError(f"--text {path}: file not found")
+        ids += tokenizer.encode(Path(path).read_text(encoding="utf-8")).ids
+    n = min(count, len(ids) // seq_len)
+    if n < 1:
+        raise NeoxrtError(f"text has {len(ids)} tokens; need at least one window of {seq_len}")
+    return np.array(ids[: n * seq_len], np.int64).reshape(n, seq_len)
+
+
+def _feeds(ids, mask, pos, layers: int, heads: int, head_dim: int, kv_dtype: str) -> dict:
+    empty = np.zeros((len(ids), heads, 0, head_dim), kv_dtype)
+    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
+    for i in range(layers):
+        feeds[io.past_key(i)] = feeds[io.past_value(i)] = empty
+    return feeds
+
+
+def _left_pad(rows: list[list[int]]):
+    width = max(len(r) for r in rows)
+    ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+    pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1).astype(np.int64)
+    return ids, mask, pos
+
+
+class Comparison:
+    """Holds the reference model, the candidate session and the artifact's facts."""
+
+    def __init__(self, artifact: Path, reference, options: CompareOptions):
+        import torch
+
+        from neoxrt.model import load_model
+        from neoxrt.runtime import Generator
+
+        self.torch = torch
+        self.artifact = Path(artifact)
+        self.options = options
+        self.generator = Generator.from_artifacts(self.artifact)
+        self.manifest = read_manifest(self.artifact, ("export", "calibrate"), verify_files=False)
+        self.precision = precision_of(self.manifest)
+        self.reference = load_model(reference)
+        cfg = self.reference.config
+        if cfg.to_dict() != self.manifest["config"]:
+            raise ArtifactError(f"reference {reference} is not the model the artifact was exported from (configs differ)")
+        self.kv_dtype = next(t["dtype"] for t in self.manifest["io"]["inputs"] if t["name"] == io.past_key(0))
+        self.shape = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
+
+    def _reference_forward(self, ids, mask, pos, hooks: bool = False):
+        torch, model = self.torch, self.reference
+        captured = []
+        def keep(_module, _inputs, out):
+            captured.append(out[0].numpy())
+
+        handles = [layer.register_forward_hook(keep) for layer in model.layers] if hooks else []
+        try:
+            with torch.no_grad():
+                logits, presents = model(torch.tensor(ids), torch.tensor(pos), torch.tensor(mask),
+                                         model.empty_past(len(ids)))
+        finally:
+            for h in handles:
+                h.remove()
+        return logits.numpy(), [(k.numpy(), v.numpy()) for k, v in presents], captured
+
+    def forward(self) -> dict:
+        rows = self.generator.encode(self.options.prompts)
+        ids, mask, pos = _left_pad(rows)
+        out = self.generator.session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
+        ref_logits, ref_presents, _ = self._reference_forward(ids, mask, pos)
+        valid = mask.astype(bool)
+        logits = tensor_diff(io.LOGITS, out[io.LOGITS], ref_logits, valid[:, :, None])
+        key_valid = valid[:, None, :, None]  # [B,1,T,1]
+        worst = None
+        for i, (k, v) in enumerate(ref_presents):
+            for name, ref in ((io.present_key(i), k), (io.present_value(i), v)):
+                d = tensor_diff(name, out[name], ref, key_valid)
+                worst = d if worst is None or d.max_abs > worst.max_abs else worst
+        return {"logits": logits.to_dict(), "presents": worst.to_dict()}
+
+    def teacher_forced(self) -> dict:
+        if self.generator.tokenizer is None:
+            raise ArtifactError(f"artifact {self.artifact} has no tokenizer.json; teacher-forced text needs one")
+        from neoxrt.assets import EVAL_TEXT
+
+        windows = _windows(self.generator.tokenizer, self.options.texts or [EVAL_TEXT], self.options.seq_len,
+                           self.options.windows)
+        stats = TeacherForced()
+        b = self.options.batch
+        for start in range(0, len(windows), b):
+            ids = windows[start: start + b]
+            mask = np.ones_like(ids)
+            pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int64).copy()
+            cand = self.generator.session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))[io.LOGITS]
+            ref, _, _ = self._reference_forward(ids, mask, pos)
+            stats.add(ref, cand, ids)
+            _progress(min(start + b, len(windows)), len(windows), "teacher-forced", self.options.progress)
+        return stats.summary()
+
+    def free_running(self) -> dict:
+        from neoxrt.model.generate import greedy
+
+        rows = self.generator.encode(self.options.prompts)
+        n = self.options.max_new_tokens
+        cand = self.generator.generate(rows, max_new_tokens=n, stop_token_ids=()).ids
+        ref = greedy(self.reference, rows, n)
+        per_prompt = []
+        for prompt, c, r in zip(self.options.prompts, cand, ref):
+            r = r[: len(c)] if len(c) < n else r  # a candidate that stopped on EOS is compared as far as it went
+            per_prompt.append({"prompt": prompt, "match_length": first_divergence(c, r), "tokens": len(c),
+                               "first_divergence": None if c == r else first_divergence(c, r)})
+        fraction = sum(p["match_length"] for p in per_prompt) / max(sum(p["tokens"] for p in per_prompt), 1)
+        return {"greedy_match_fraction": fraction, "prompts": per_prompt}
+
+    def per_layer(self) -> dict:
+        """Hidden state after each layer, candidate (extra graph outputs) vs reference (forward hooks)."""
+        import onnx
+
+        from neoxrt.runtime.ort_session import OrtSession
+
+        model = onnx.load(str(self.artifact / io.MODEL_FILE))
+        layers = self.shape[0]
+        names = [f"hidden_states.{i}" for i in range(layers)]
+        produced = {o for n in model.graph.node for o in n.output}
+        if not all(n in produced for n in names):
+            return {"available": False}
+        existing = {o.name for o in model.graph.output}
+        for name in names:
+            if name not in existing:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        big = sum(len(t.raw_data) for t in model.graph.initializer) > 2**31 - 1
+        with tempfile.TemporaryDirectory() as tmp:  # the artifact folder is never written to
+            path = Path(tmp) / io.MODEL_FILE
+            onnx.save_model(model, str(path), save_as_external_data=big, location=io.WEIGHTS_FILE)
+            session = OrtSession(path)
+        rows = self.generator.encode(self.options.prompts)
+        ids, mask, pos = _left_pad(rows)
+        out = session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
+        _, _, ref_hidden = self._reference_forward(ids, mask, pos, hooks=True)
+        valid = mask.astype(bool)[:, :, None]
+        errors = []
+        for i, name in enumerate(names):
+            d = tensor_diff(f"layer {i}", out[name], ref_hidden[i], valid)
+            scale = float(np.abs(ref_hidden[i]).max())
+            errors.append({"layer": i, "max_abs": d.max_abs, "rel": d.max_abs / max(scale, 1e-12)})
+        floor = JUMP_FLOOR[self.precision]
+        jump, previous = None, 0.0
+        for e in errors:
+            if e["rel"] > max(floor, 10 * previous):
+                jump = e["layer"]
+                break
+            previous = e["rel"]
+        return {"available": True, "layers": errors, "first_jump_layer": jump}
+
+
+def run_compare(artifact, reference, options: CompareOptions) -> dict:
+    """All checks; returns the report dict (see render.write_report for the files)."""
+    cmp = Comparison(artifact, reference, options)
+    table = thresholds_for(cmp.precision, options.thresholds)
+    forward = cmp.forward()
+    teacher = cmp.teacher_forced()
+    free = cmp.free_running()
+    values = {
+        "logits_max_abs": forward["logits"]["max_abs"],
+        "presents_max_abs": forward["presents"]["max_abs"],
+        "top1_agreement": teacher["top1_agreement"],
+        "perplexity_delta_pct": abs(teacher["perplexity_delta_pct"]),
+        "greedy_match_fraction": free["greedy_match_fraction"],
+    }
+    checks = []
+    for name, (kind, threshold) in table.items():
+        value = values[name]
+        passed = bool(np.isfinite(value) and (value <= threshold if kind == "max" else value >= threshold))
+        checks.append({"name": name, "value": value, "kind": kind, "threshold": threshold, "passed": passed})
+    per_layer = cmp.per_layer()
+    passed = all(c["passed"] for c in checks)
+    localisation = None
+    if not passed and per_layer.get("available"):
+        jump = per_layer["first_jump_layer"]
+        localisation = {"first_layer": jump, "message": f"error first jumps at layer {jump}" if jump is not None
+                        else "no single layer stands out; the error grows gradually"}
+    return {
+        "artifact": str(Path(artifact).resolve()),
+        "reference": str(reference),
+        "precision": cmp.precision,
+        "passed": passed,
+        "checks": checks,
+        "forward": forward,
+        "teacher_forced": teacher,
+        "free_running": free,
+        "per_layer": per_layer,
+        "localisation": localisation,
+    }

@@ -1,0 +1,39 @@
+"""Default pass/fail thresholds per artifact precision (override with --threshold NAME=VALUE).
+
+| check | fp32 | fp16 | int8 |
+|---|---|---|---|
+| logits_max_abs (forward pass)              | 1e-3 | 0.25 | 4.0 |
+| presents_max_abs (forward pass)            | 1e-3 | 0.05 | 1.0 |
+| top1_agreement (teacher-forced), min       | 0.999 | 0.98 | 0.95 |
+| perplexity_delta_pct (abs), max            | 0.01 | 0.5 | 2.0 |
+| greedy_match_fraction (free-running), min  | 1.0 | 0.5 | 0.25 |
+"""
+
+from __future__ import annotations
+
+from neoxrt.errors import NeoxrtError
+
+# name -> (kind, value): kind "max" passes when value <= threshold, "min" when value >= threshold
+DEFAULTS = {
+    "fp32": {"logits_max_abs": ("max", 1e-3), "presents_max_abs": ("max", 1e-3), "top1_agreement": ("min", 0.999),
+             "perplexity_delta_pct": ("max", 0.01), "greedy_match_fraction": ("min", 1.0)},
+    "fp16": {"logits_max_abs": ("max", 0.25), "presents_max_abs": ("max", 0.05), "top1_agreement": ("min", 0.98),
+             "perplexity_delta_pct": ("max", 0.5), "greedy_match_fraction": ("min", 0.5)},
+    "int8": {"logits_max_abs": ("max", 4.0), "presents_max_abs": ("max", 1.0), "top1_agreement": ("min", 0.95),
+             "perplexity_delta_pct": ("max", 2.0), "greedy_match_fraction": ("min", 0.25)},
+}
+
+
+def thresholds_for(precision: str, overrides: list[str] | None = None) -> dict:
+    if precision not in DEFAULTS:
+        raise NeoxrtError(f"no thresholds for precision {precision!r}; expected one of {', '.join(DEFAULTS)}")
+    table = dict(DEFAULTS[precision])
+    for item in overrides or []:
+        name, sep, value = item.partition("=")
+        if not sep or name not in table:
+            raise NeoxrtError(f"--threshold expects NAME=VALUE with NAME in {', '.join(table)}, got {item!r}")
+        try:
+            table[name] = (table[name][0], float(value))
+        except ValueError:
+            raise NeoxrtError(f"--threshold {name}: expected a number, got {value!r}") from None
+    return table
