@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report bench-export
+.PHONY: venv demo test lint export generate report bench-export bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,3 +46,7 @@ report: venv
 # export time and peak RSS of the Pythia-160m shape (random weights)
 bench-export: venv
 	$(BIN)/python -m neoxrt.bench.export_bench
+
+# neoxrt against transformers (eager, sdpa) and Optimum + ONNX Runtime; bench-results/bench.{md,json,png}
+bench: venv
+	$(BIN)/python -m neoxrt.bench.run

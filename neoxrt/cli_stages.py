@@ -26,7 +26,9 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (Hugging Face format) or hub id")
     p.add_argument("out_dir", help="artifact folder to write (atomically)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    p.add_argument("--attention", default="decomposed", choices=ATTENTIONS)
+    p.add_argument("--attention", default="fused", choices=ATTENTIONS,
+                   help="fused (default, ONNX Attention-23 + RotaryEmbedding-23), decomposed (opset 17+, what optimum "
+                        "loads), plugin (TensorRT plugin node)")
     p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: the flavour's lowest)")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="weights past this many bytes go to model.onnx.data (default 2 GB)")
@@ -131,4 +133,10 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
-ADDERS: list = [_add_export, _add_generate, _add_compare]
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="speed against transformers and Optimum (see make bench)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: __import__("neoxrt.bench.run", fromlist=["main"]).main(args.rest))
+
+
+ADDERS: list = [_add_export, _add_generate, _add_compare, _add_bench]

@@ -137,7 +137,9 @@ class Generator:
         pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1).astype(np.int64)
         decoder = self.session.decoder(batch, width + options.max_new_tokens)
         rng = np.random.default_rng(options.seed)
-        stops = set(options.stop_token_ids) | ({self.eos_token_id} if self.eos_token_id is not None else set())
+        stops = set(options.stop_token_ids)
+        if self.eos_token_id is not None and not options.ignore_eos:
+            stops.add(self.eos_token_id)
         seen = [np.array(r, np.int64) for r in rows]
         generated: list[list[int]] = [[] for _ in rows]
         emitted = [""] * batch

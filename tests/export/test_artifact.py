@@ -24,7 +24,7 @@ QUIET = dict(log=lambda *_: None)
 @pytest.fixture(scope="module")
 def default_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "default-fp32"
-    export_checkpoint(default_checkpoint(), out, ExportOptions(), **QUIET)
+    export_checkpoint(default_checkpoint(), out, ExportOptions(attention="decomposed"), **QUIET)
     return out
 
 
@@ -72,6 +72,7 @@ def test_external_data_path(tmp_path):
     ckpt = write_variant("gelu_parallel", tmp_path / "ckpt")
     out = tmp_path / "art"
     export_checkpoint(ckpt, out, ExportOptions(external_data_threshold=0), **QUIET)
+    assert json.loads((out / io.MANIFEST_FILE).read_text())["opset"] == 23  # the default flavour is fused
     assert (out / io.WEIGHTS_FILE).stat().st_size > (out / io.MODEL_FILE).stat().st_size
     manifest = json.loads((out / io.MANIFEST_FILE).read_text())
     assert io.WEIGHTS_FILE in manifest["files"]

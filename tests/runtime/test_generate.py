@@ -24,7 +24,7 @@ ID_PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [12, 3], [64, 65, 66, 67]]
 @pytest.fixture(scope="module")
 def default_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "default"
-    export_checkpoint(default_checkpoint(), out, ExportOptions(), **QUIET)
+    export_checkpoint(default_checkpoint(), out, ExportOptions(attention="decomposed"), **QUIET)
     return out
 
 
@@ -55,7 +55,7 @@ def test_cli_greedy_equals_transformers_on_trained_model(default_artifact, capsy
                                   "linear_rope_scaling", "no_attention_bias"])
 def test_greedy_equals_transformers_on_random_configs(name, tmp_path):
     ckpt = write_variant(name, tmp_path / "ckpt", seed=3)
-    export_checkpoint(ckpt, tmp_path / "art", ExportOptions(), **QUIET)
+    export_checkpoint(ckpt, tmp_path / "art", ExportOptions(attention="decomposed"), **QUIET)
     got = Generator.from_artifacts(tmp_path / "art").generate(ID_PROMPTS, max_new_tokens=64).ids
     assert got == hf_greedy(ckpt, ID_PROMPTS, 64)
 

@@ -1,0 +1,237 @@
+"""`make bench` / `neoxrt bench`: neoxrt against transformers (eager, sdpa) and Optimum + ONNX Runtime, same
+machine, same inputs, threads pinned equal, each engine in its own process; ratios against each anchor and
+against the weight-bandwidth floor. Writes bench-results/bench.{md,json,png}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from neoxrt.bench.shapes import shape_checkpoint
+
+ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "optimum-ort", "hf-sdpa", "hf-eager"]
+FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
+
+
+def machine_facts() -> dict:
+    cpu, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]
+                break
+    except OSError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "numpy", "onnx"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:  # a missing anchor library is reported, not fatal
+            versions[name] = "not installed"
+    return {"cpu": cpu, "isa": sorted(set(flags)), "cores": os.cpu_count(), "python": platform.python_version(),
+            "versions": versions}
+
+
+def read_bandwidth(threads: int = 2, mib: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: `threads` threads each summing its own array far larger than the caches."""
+    arrays = [np.ones(mib * 2**20 // 4, np.float32) for _ in range(threads)]
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(a,)) for a in arrays]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, sum(a.nbytes for a in arrays) / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def decode_weight_bytes(config: dict, bytes_per_weight: float = 4.0) -> float:
+    """Weights read per decoded token: every layer's matrices and the LM head (the embedding is a gather)."""
+    h, i, layers, v = config["hidden_size"], config["intermediate_size"], config["num_layers"], config["vocab_size"]
+    per_layer = 3 * h * h + h * h + 2 * h * i
+    return (layers * per_layer + v * h) * bytes_per_weight
+
+
+def run_engine(spec: dict) -> tuple[dict, float]:
+    """One engine in its own process; returns its timings and its own peak RSS."""
+    done = subprocess.run([sys.executable, "-m", "neoxrt.bench.engines", json.dumps(spec)], stdout=subprocess.PIPE,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(f"engine {spec['engine']} failed (exit {done.returncode})")
+    result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    return result["cases"], result["peak_rss_mib"]
+
+
+def bench_model(name: str, checkpoint: Path, cases, engines, threads: int, root: Path, log) -> dict:
+    from neoxrt.export.exporter import export_checkpoint
+    from neoxrt.export.options import ExportOptions
+    from neoxrt.model import read_config
+
+    config = read_config(checkpoint).to_dict()
+    rows = {}
+    for engine in engines:
+        spec = {"engine": engine, "checkpoint": str(checkpoint), "threads": threads, "vocab": config["vocab_size"],
+                "cases": [{"batch": b, "context": c, "runs": 5, "block": 4, "prompt_runs": 5 if (b, c) == (1, 128) else 1}
+                          for b, c in cases]}
+        if engine.startswith("neoxrt-ort-"):
+            flavour = engine.rsplit("-", 1)[1]
+            artifact = root / f"{name}-{flavour}"
+            if not (artifact / "manifest.json").is_file():
+                export_checkpoint(checkpoint, artifact, ExportOptions(attention=flavour), force=True, log=lambda *_: None)
+            spec.update(engine="neoxrt-ort", artifact=str(artifact))
+        elif engine == "optimum-ort":
+            spec["artifact"] = str(root / f"{name}-optimum")
+        log(f"  {name}: {engine} ...")
+        results, rss = run_engine(spec)
+        rows[engine] = {"cases": results, "peak_rss_mib": rss}
+    return {"config": config, "engines": rows}
+
+
+def summarise(result: dict, bandwidth: float) -> list[dict]:
+    lines = []
+    for model, data in result["models"].items():
+        floor_ms = decode_weight_bytes(data["config"]) / (bandwidth * 1e9) * 1e3
+        for engine, row in data["engines"].items():
+            for key, case in row["cases"].items():
+                decode = float(np.median(case["decode_ms_per_token"]))
+                lines.append({
+                    "model": model, "engine": engine, "case": key, "batch": case["batch"], "context": case["context"],
+                    "prompt_ms": float(np.median(case["prompt_ms"])),
+                    "decode_ms": decode,
+                    "decode_spread_ms": [min(case["decode_ms_per_token"]), max(case["decode_ms_per_token"])],
+                    "tokens_per_s": case["batch"] * 1e3 / decode,
+                    "peak_rss_mib": row["peak_rss_mib"],
+                    "floor_ms": floor_ms if case["batch"] == 1 else None,
+                })
+    return lines
+
+
+def _find(lines, model, engine, case):
+    return next((x for x in lines if x["model"] == model and x["engine"] == engine and x["case"] == case), None)
+
+
+def targets(lines) -> list[dict]:
+    """The issue's floors for the Pythia-160m shape, batch 1, fp32."""
+    m, ours = "pythia-160m", "neoxrt-ort-decomposed"
+    best = min((x for x in lines if x["model"] == m and x["engine"].startswith("neoxrt") and x["case"] == "b1_c128"),
+               key=lambda x: x["decode_ms"], default=None)
+    out = []
+    if best is None:
+        return out
+    ours = best["engine"]
+    opt, sdpa = _find(lines, m, "optimum-ort", "b1_c128"), _find(lines, m, "hf-sdpa", "b1_c128")
+    long = _find(lines, m, ours, "b1_c1024")
+
+    def add(name, value, limit):
+        out.append({"target": name, "value": round(value, 3), "limit": limit, "met": value <= limit})
+
+    if opt:
+        add(f"decode {ours} / optimum-ort", best["decode_ms"] / opt["decode_ms"], 0.75)
+        add(f"prompt(128) {ours} / optimum-ort", best["prompt_ms"] / opt["prompt_ms"], 0.8)
+    if sdpa:
+        add(f"decode {ours} / hf-sdpa", best["decode_ms"] / sdpa["decode_ms"], 0.5)
+    add(f"decode {ours} / weight-bandwidth floor", best["decode_ms"] / best["floor_ms"], 1.25)
+    if long:
+        add(f"decode at context 1024 / context 128 ({ours})", long["decode_ms"] / best["decode_ms"], 1.2)
+    return out
+
+
+def _ratio(row: dict, anchor: dict | None) -> str:
+    return f"{row['decode_ms'] / anchor['decode_ms']:.2f}x" if anchor else "-"
+
+
+def markdown(result: dict, lines: list[dict]) -> str:
+    facts = result["machine"]
+    md = ["# neoxrt bench", "",
+          f"- CPU: {facts['cpu']} ({facts['cores']} cores visible, {result['threads']} threads for every engine); "
+          f"ISA: {' '.join(facts['isa'])}",
+          f"- read bandwidth (numpy sum, {result['threads']} threads): {result['bandwidth_gbs']:.1f} GB/s",
+          "- versions: " + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()),
+          "- each number: median over 5 blocks of 4 decode steps (spread = min..max of block medians); prompt "
+          "latency median of 5 runs at batch 1 / context 128, else 1 run", ""]
+    for model in result["models"]:
+        md += [f"## {model}", "",
+               "| engine | case | prompt ms | decode ms/token (spread) | tokens/s | vs optimum | vs hf-sdpa | vs floor "
+               "| peak RSS MiB |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for x in (y for y in lines if y["model"] == model):
+            opt, sdpa = _find(lines, model, "optimum-ort", x["case"]), _find(lines, model, "hf-sdpa", x["case"])
+            floor = f"{x['decode_ms'] / x['floor_ms']:.2f}x" if x["floor_ms"] else "-"
+            md.append(f"| {x['engine']} | {x['case']} | {x['prompt_ms']:.1f} | {x['decode_ms']:.2f} "
+                      f"({x['decode_spread_ms'][0]:.2f}..{x['decode_spread_ms'][1]:.2f}) | {x['tokens_per_s']:.1f} | "
+                      f"{_ratio(x, opt)} | {_ratio(x, sdpa)} | {floor} | {x['peak_rss_mib']:.0f} |")
+        floor_ms = next((x["floor_ms"] for x in lines if x["model"] == model and x["floor_ms"]), None)
+        if floor_ms:
+            md += ["", f"Weight-bandwidth floor (fp32, batch 1): {floor_ms:.2f} ms/token.", ""]
+    if result["targets"]:
+        md += ["## Targets (Pythia-160m shape, batch 1, fp32)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+        md += [f"| {t['target']} | {t['value']} | <= {t['limit']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
+    return "\n".join(md) + "\n"
+
+
+def chart(lines: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [x for x in lines if x["case"] == "b1_c128"]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
+    ax.barh([f"{x['model']} {x['engine']}" for x in rows], [x["decode_ms"] for x in rows])
+    ax.set_xlabel("decode ms/token (batch 1, context 128)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neoxrt bench")
+    parser.add_argument("--quick", action="store_true", help="Pythia-160m shape, batch 1, context 128 only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    from neoxrt.assets import DEFAULT_MODEL_DIR
+
+    root = Path("artifacts/bench")
+    root.mkdir(parents=True, exist_ok=True)
+    engines = args.engines.split(",")
+    models = {"pythia-160m": (shape_checkpoint("pythia-160m", root), [(1, 128)] if args.quick else FULL_CASES)}
+    if not args.quick:
+        models["pythia-70m"] = (shape_checkpoint("pythia-70m", root), [(1, 128)])
+        models["trained-default-14m"] = (DEFAULT_MODEL_DIR, [(1, 128)])
+    result = {"machine": machine_facts(), "threads": args.threads, "models": {}}
+    result["bandwidth_gbs"] = read_bandwidth(args.threads)
+    for name, (checkpoint, cases) in models.items():
+        result["models"][name] = bench_model(name, checkpoint, cases, engines, args.threads, root, print)
+    lines = summarise(result, result["bandwidth_gbs"])
+    result["rows"] = lines
+    result["targets"] = targets(lines)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(markdown(result, lines))
+    chart(lines, out / "bench.png")
+    print(markdown(result, lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The bench's arithmetic (no timing here: speed is measured by `make bench`, never asserted in tests)."""
+
+import torch
+
+from neoxrt.bench.run import decode_weight_bytes, markdown, summarise, targets
+from neoxrt.bench.shapes import SHAPES
+from neoxrt.model import NeoX, NeoXConfig
+
+
+def test_decode_weight_bytes_counts_every_matrix_but_the_embedding():
+    config = NeoXConfig(**SHAPES["pythia-160m"])
+    with torch.device("meta"):
+        model = NeoX(config)
+    matrices = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "embed.weight")
+    assert decode_weight_bytes(config.to_dict()) == matrices * 4
+
+
+def _result(ours_ms, optimum_ms, sdpa_ms, long_ms):
+    def engine(decode, prompt, long=None):
+        cases = {"b1_c128": {"prompt_ms": [prompt] * 5, "decode_ms_per_token": [decode] * 5, "batch": 1, "context": 128}}
+        if long:
+            cases["b1_c1024"] = {"prompt_ms": [prompt * 8], "decode_ms_per_token": [long] * 5, "batch": 1, "context": 1024}
+        return {"cases": cases, "peak_rss_mib": 100.0}
+
+    config = NeoXConfig(**SHAPES["pythia-160m"]).to_dict()
+    return {"machine": {"cpu": "x", "cores": 2, "isa": [], "versions": {}}, "threads": 2, "bandwidth_gbs": 20.0,
+            "models": {"pythia-160m": {"config": config, "engines": {
+                "neoxrt-ort-decomposed": engine(ours_ms, 100.0, long_ms),
+                "optimum-ort": engine(optimum_ms, 200.0),
+                "hf-sdpa": engine(sdpa_ms, 150.0)}}}}
+
+
+def test_targets_are_ratios_against_the_anchors_and_the_floor():
+    result = _result(ours_ms=30.0, optimum_ms=45.0, sdpa_ms=70.0, long_ms=33.0)
+    lines = summarise(result, result["bandwidth_gbs"])
+    got = {t["target"].split(" (")[0]: (t["value"], t["met"]) for t in targets(lines)}
+    floor_ms = decode_weight_bytes(result["models"]["pythia-160m"]["config"]) / 20e9 * 1e3
+    assert got["decode neoxrt-ort-decomposed / optimum-ort"] == (round(30 / 45, 3), True)
+    assert got["decode neoxrt-ort-decomposed / hf-sdpa"] == (round(30 / 70, 3), True)
+    assert got["prompt(128) neoxrt-ort-decomposed / optimum-ort"] == (0.5, True)
+    assert got["decode neoxrt-ort-decomposed / weight-bandwidth floor"] == (round(30 / floor_ms, 3), 30 / floor_ms <= 1.25)
+    assert got["decode at context 1024 / context 128"] == (1.1, True)
+    result["targets"] = targets(lines)
+    assert "| decode neoxrt-ort-decomposed / optimum-ort | 0.667 | <= 0.75 | yes |" in markdown(result, lines)
+
+
+def test_a_slow_engine_misses_its_target():
+    lines = summarise(_result(ours_ms=40.0, optimum_ms=45.0, sdpa_ms=70.0, long_ms=80.0), 20.0)
+    met = {t["target"].split(" (")[0]: t["met"] for t in targets(lines)}
+    assert not met["decode neoxrt-ort-decomposed / optimum-ort"]
+    assert not met["decode at context 1024 / context 128"]
