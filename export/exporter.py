@@ -15,7 +15,7 @@ from neoxrt.export.neox_onnx import PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION, on
 from neoxrt.export.options import ExportOptions
 from neoxrt.fsutil import atomic_dir
 from neoxrt.manifest import write_manifest
-from neoxrt.model import checkpoint_hash, load_model, resolve_checkpoint
+from neoxrt.model import checkpoint_hash, load_model, read_config, resolve_checkpoint
 
 STAGE = "export"
 
@@ -80,8 +80,6 @@ def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool =
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, tmp / name)
                 files.append(name)
-        from neoxrt.model import read_config
-
         body = {
             "checkpoint": str(folder.resolve()),
             "checkpoint_sha256": checkpoint_hash(folder),

@@ -67,6 +67,7 @@ def plots(report: dict, folder: Path) -> list[str]:
     ax2 = ax.twinx()
     ax2.plot(per_pos["top1_agreement"], color="tab:orange", label="top-1 agreement")
     ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("top-1 agreement (orange)")
     ax.set_title("Error per position (teacher-forced)")
     fig.tight_layout()
     fig.savefig(folder / "error_per_position.png", dpi=100)
