@@ -134,9 +134,8 @@ def _add_compare(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="speed against transformers and Optimum (see make bench)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: __import__("neoxrt.bench.run", fromlist=["main"]).main(args.rest))
+    # listed for --help; neoxrt.cli.main hands `neoxrt bench ...` to neoxrt.bench.run, which parses its own options
+    sub.add_parser("bench", help="speed against transformers and Optimum (see make bench; --quick, --threads)")
 
 
 ADDERS: list = [_add_export, _add_generate, _add_compare, _add_bench]
