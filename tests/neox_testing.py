@@ -100,14 +100,7 @@ def step_pairs(session, model, prompts, decode_steps: int, kv_dtype="float32"):
 
 
 def greedy(model, prompts, new_tokens):
-    """Our own greedy loop over the explicit KV cache; returns new tokens per row."""
-    ids, mask, pos = left_pad(prompts)
-    logits, past = model(ids, pos, mask, model.empty_past(len(prompts)))
-    out = []
-    for _ in range(new_tokens):
-        next_ids = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(next_ids)
-        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
-        pos = pos[:, -1:] + 1
-        logits, past = model(next_ids, pos, mask, past)
-    return torch.cat(out, dim=1)
+    """Our own greedy loop over the explicit KV cache (neoxrt.model.generate), new tokens as a tensor."""
+    from neoxrt.model.generate import greedy as model_greedy
+
+    return torch.tensor(model_greedy(model, prompts, new_tokens))
