@@ -28,7 +28,8 @@ def main(out_dir: str | None = None) -> int:
         result = generator.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
         seconds = time.perf_counter() - start
         rows = generator.encode(PROMPTS)
-        reference = [greedy(load_model(DEFAULT_MODEL_DIR), [row], NEW_TOKENS)[0] for row in rows]
+        model = load_model(DEFAULT_MODEL_DIR)
+        reference = [greedy(model, [row], NEW_TOKENS)[0] for row in rows]
     print(f"\nONNX Runtime, greedy, {NEW_TOKENS} new tokens, batch of {len(PROMPTS)} in {seconds:.2f}s:")
     for prompt, text, ids, ref in zip(PROMPTS, result.text, result.ids, reference):
         print(f"  {prompt}{text}")

@@ -35,14 +35,25 @@ class GenerationResult:
     finish_reasons: list[str]
 
 
+def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, position_ids) int64 [B, width] for a left-padded batch; positions count
+    real tokens only, as transformers makes them (padding positions are 1, never attended)."""
+    width = max(len(r) for r in rows)
+    ids = np.array([[pad_id] * (width - len(r)) + r for r in rows], np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
+    pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1).astype(np.int64)
+    return ids, mask, pos
+
+
 class Generator:
     """Runs a neoxrt artifact. Use `Generator.from_artifacts(path)`."""
 
-    def __init__(self, session: Session, config: dict, tokenizer=None, eos_token_id: int | None = None):
+    def __init__(self, session: Session, manifest: dict, tokenizer=None):
         self.session = session
-        self.config = config
+        self.manifest = manifest
+        config = self.config = manifest["config"]
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
+        self.eos_token_id = config.get("eos_token_id")
         self.max_positions = int(config["max_position_embeddings"])
 
     @classmethod
@@ -56,22 +67,17 @@ class Generator:
         path = Path(path)
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "tensorrt":
-            from neoxrt.runtime.trt_session import TrtSession
-
-            manifest = read_manifest(path, ("build",), verify_files=verify)
-            session = TrtSession.from_artifact(path, manifest)
-        else:
-            manifest = read_manifest(path, ("export", "calibrate"), verify_files=verify)
-            session = _ort_session_for(path, manifest, providers, threads)
+        if backend == "tensorrt":  # the engine build and its Session are issue #7, not built yet
+            raise ArtifactError("the tensorrt backend is not built yet; use backend='onnxruntime'")
+        manifest = read_manifest(path, ("export", "calibrate"), verify_files=verify)
+        session = _ort_session_for(path, manifest, providers, threads)
         _check_io(session, manifest, path)
         tokenizer = None
         if (path / io.TOKENIZER_FILE).is_file():
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(path / io.TOKENIZER_FILE))
-        config = manifest["config"]
-        return cls(session, config, tokenizer, config.get("eos_token_id"))
+        return cls(session, manifest, tokenizer)
 
     # -- input handling ---------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
@@ -131,10 +137,7 @@ class Generator:
 
     def _loop(self, rows: list[list[int]], options: GenerationOptions) -> Iterator[TokenEvent]:
         batch, width = len(rows), max(len(r) for r in rows)
-        pad = 0 if self.eos_token_id is None else self.eos_token_id
-        ids = np.array([[pad] * (width - len(r)) + r for r in rows], np.int64)
-        mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
-        pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1).astype(np.int64)
+        ids, mask, pos = left_pad(rows, 0 if self.eos_token_id is None else self.eos_token_id)
         decoder = self.session.decoder(batch, width + options.max_new_tokens)
         rng = np.random.default_rng(options.seed)
         stops = set(options.stop_token_ids)

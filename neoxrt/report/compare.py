@@ -12,9 +12,9 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError
-from neoxrt.manifest import read_manifest
 from neoxrt.report.metrics import TeacherForced, first_divergence, tensor_diff
 from neoxrt.report.thresholds import thresholds_for
+from neoxrt.runtime.generator import left_pad
 
 DEFAULT_PROMPTS = ["The state of the Union is", "Gentlemen of the Senate and House of Representatives:",
                    "The Secretary of the Treasury reports that the revenue"]
@@ -69,14 +69,6 @@ def _feeds(ids, mask, pos, layers: int, heads: int, head_dim: int, kv_dtype: str
     return feeds
 
 
-def _left_pad(rows: list[list[int]]):
-    width = max(len(r) for r in rows)
-    ids = np.array([[0] * (width - len(r)) + r for r in rows], np.int64)
-    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], np.int64)
-    pos = np.where(mask == 1, mask.cumsum(-1) - 1, 1).astype(np.int64)
-    return ids, mask, pos
-
-
 class Comparison:
     """Holds the reference model, the candidate session and the artifact's facts."""
 
@@ -90,7 +82,7 @@ class Comparison:
         self.artifact = Path(artifact)
         self.options = options
         self.generator = Generator.from_artifacts(self.artifact)
-        self.manifest = read_manifest(self.artifact, ("export", "calibrate"), verify_files=False)
+        self.manifest = self.generator.manifest
         self.precision = precision_of(self.manifest)
         self.reference = load_model(reference)
         cfg = self.reference.config
@@ -117,7 +109,7 @@ class Comparison:
 
     def forward(self) -> dict:
         rows = self.generator.encode(self.options.prompts)
-        ids, mask, pos = _left_pad(rows)
+        ids, mask, pos = left_pad(rows)
         out = self.generator.session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
         ref_logits, ref_presents, _ = self._reference_forward(ids, mask, pos)
         valid = mask.astype(bool)
@@ -186,7 +178,7 @@ class Comparison:
             onnx.save_model(model, str(path), save_as_external_data=big, location=io.WEIGHTS_FILE)
             session = OrtSession(path)
         rows = self.generator.encode(self.options.prompts)
-        ids, mask, pos = _left_pad(rows)
+        ids, mask, pos = left_pad(rows)
         out = session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
         _, _, ref_hidden = self._reference_forward(ids, mask, pos, hooks=True)
         valid = mask.astype(bool)[:, :, None]
