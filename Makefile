@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report bench-export bench
+.PHONY: venv demo test lint export generate report int8 bench-export bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,19 @@ report: venv
 	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp16 --dtype fp16 --force
 	$(BIN)/neoxrt compare artifacts/default-fp32 --reference $(MODEL) --report reports/fp32
 	$(BIN)/neoxrt compare artifacts/default-fp16 --reference $(MODEL) --report reports/fp16
+
+# INT8 variants of the default model against PyTorch (reports/int8/<variant>/, reports/int8/summary.md):
+# the default (percentile ranges + SmoothQuant 0.5), plain min/max without SmoothQuant, weights only, and
+# onnxruntime's quantize_dynamic as the baseline
+INT8_VARIANTS := int8:  int8-minmax:--method_minmax_--smoothquant_off  int8-weights:--weights-only  int8-dynamic:--method_ort-dynamic
+int8: venv
+	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp32 --force
+	@set -e; for v in $(INT8_VARIANTS); do \
+	  name=$${v%%:*}; args=$$(echo $${v#*:} | tr _ ' '); \
+	  $(BIN)/neoxrt calibrate artifacts/default-fp32 artifacts/default-$$name --force $$args; \
+	  $(BIN)/neoxrt compare artifacts/default-$$name --reference $(MODEL) --report reports/int8/$$name > /dev/null; \
+	done
+	$(BIN)/python -m neoxrt.report.summary reports/int8
 
 # export time and peak RSS of the Pythia-160m shape (random weights)
 bench-export: venv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -133,9 +134,55 @@ def _add_compare(sub) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+def _alpha(text: str) -> float | None:
+    if text.lower() in ("off", "none", "0"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an alpha in (0, 1] or 'off', got {text!r}") from None
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from neoxrt.calibration.calibrate import calibrate_artifact
+    from neoxrt.calibration.options import CalibrationOptions
+
+    options = CalibrationOptions(samples=args.samples, seq_len=args.seq_len, method=args.method,
+                                 percentile=args.percentile, smoothquant=None if args.weights_only else args.smoothquant,
+                                 weights_only=args.weights_only, seed=args.seed)
+    calibrate_artifact(args.artifact_dir, args.out_dir, options, data=args.data, force=args.force, cache=args.cache,
+                       recalibrate=args.recalibrate, threads=args.threads)
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    from neoxrt.calibration.options import METHODS, CalibrationOptions
+
+    d = CalibrationOptions()
+    p = sub.add_parser("calibrate", help="INT8: calibrate an fp32 export into a Q/DQ artifact (ONNX Runtime and TensorRT)")
+    p.add_argument("artifact_dir", help="fp32 artifact folder written by neoxrt export")
+    p.add_argument("out_dir", help="INT8 artifact folder to write (atomically)")
+    p.add_argument("--data", nargs="+", type=Path, metavar="FILE",
+                   help="calibration text file(s) (default: the embedded calibration slice, disjoint from the eval slice)")
+    p.add_argument("--samples", type=int, default=d.samples, help=f"windows to draw (default {d.samples})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
+    p.add_argument("--method", default=d.method, choices=METHODS,
+                   help="activation ranges; ort-dynamic = onnxruntime quantize_dynamic baseline (no data)")
+    p.add_argument("--percentile", type=float, default=d.percentile, help=f"for --method percentile (default {d.percentile})")
+    p.add_argument("--smoothquant", type=_alpha, default=d.smoothquant, metavar="ALPHA",
+                   help=f"SmoothQuant strength in (0, 1], or off (default {d.smoothquant})")
+    p.add_argument("--weights-only", action="store_true", help="int8 weights, fp32 activations (lowest risk)")
+    p.add_argument("--seed", type=int, default=d.seed, help="window sampling seed")
+    p.add_argument("--cache", type=Path, help="calibration cache file (default: OUT_DIR/calibration_cache.npz if present)")
+    p.add_argument("--recalibrate", action="store_true", help="ignore and replace an existing calibration cache")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads while collecting statistics")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.set_defaults(func=_cmd_calibrate)
+
+
 def _add_bench(sub) -> None:
     # listed for --help; neoxrt.cli.main hands `neoxrt bench ...` to neoxrt.bench.run, which parses its own options
     sub.add_parser("bench", help="speed against transformers and Optimum (see make bench; --quick, --threads)")
 
 
-ADDERS: list = [_add_export, _add_generate, _add_compare, _add_bench]
+ADDERS: list = [_add_export, _add_generate, _add_compare, _add_calibrate, _add_bench]

@@ -72,3 +72,14 @@ def io_spec(num_layers: int, num_heads: int, head_dim: int, vocab_size: int, kv_
         inputs += [TensorSpec(past_key(i), kv_dtype, kv_in), TensorSpec(past_value(i), kv_dtype, kv_in)]
         outputs += [TensorSpec(present_key(i), kv_dtype, kv_out), TensorSpec(present_value(i), kv_dtype, kv_out)]
     return inputs, outputs
+
+
+def prompt_feeds(ids, mask, pos, layers: int, heads: int, head_dim: int, kv_dtype: str) -> dict:
+    """Feeds for a prompt step (past_sequence 0): the three id inputs and empty past tensors."""
+    import numpy as np
+
+    empty = np.zeros((len(ids), heads, 0, head_dim), kv_dtype)
+    feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: pos}
+    for i in range(layers):
+        feeds[past_key(i)] = feeds[past_value(i)] = empty
+    return feeds

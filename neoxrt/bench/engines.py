@@ -3,7 +3,8 @@ JSON timings. Every engine runs greedy generation through its own generate() and
 produced token, so one call gives the prompt latency and per-token decode latencies.
 
 Engines: neoxrt-ort (our export on ONNX Runtime; any flavour), hf-eager, hf-sdpa (transformers generate()),
-optimum-ort (optimum's own export + ORTModelForCausalLM)."""
+optimum-ort (optimum's own export + ORTModelForCausalLM), optimum-ort-int8-dynamic (that export through
+onnxruntime's quantize_dynamic)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ def _hf(checkpoint: str, attn: str, threads: int):
     return _hf_like(model, torch)
 
 
-def _optimum(checkpoint: str, threads: int, export_dir: str):
+def _optimum(checkpoint: str, threads: int, export_dir: str, int8: bool = False):
+    """Optimum's own export on ORTModelForCausalLM; int8: that export through quantize_dynamic (the usual
+    recipe for INT8 on CPU with Optimum)."""
+    import shutil
     from pathlib import Path
 
     import onnxruntime as ort
@@ -72,8 +76,14 @@ def _optimum(checkpoint: str, threads: int, export_dir: str):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if not (Path(export_dir) / "model.onnx").is_file():
-        ORTModelForCausalLM.from_pretrained(checkpoint, export=True).save_pretrained(export_dir)
+    fp32_dir = Path(export_dir.removesuffix("-int8-dynamic"))
+    if not (fp32_dir / "model.onnx").is_file():
+        ORTModelForCausalLM.from_pretrained(checkpoint, export=True).save_pretrained(fp32_dir)
+    if int8 and not (Path(export_dir) / "model.onnx").is_file():
+        from neoxrt.calibration.calibrate import ort_dynamic
+
+        shutil.copytree(fp32_dir, export_dir, ignore=shutil.ignore_patterns("model.onnx*"))
+        ort_dynamic(fp32_dir / "model.onnx", Path(export_dir) / "model.onnx")
     model = ORTModelForCausalLM.from_pretrained(export_dir, session_options=options)
     return _hf_like(model, torch)
 
@@ -94,8 +104,8 @@ def main(argv: list[str]) -> int:
         run = _neoxrt(spec["artifact"], threads)
     elif engine in ("hf-eager", "hf-sdpa"):
         run = _hf(spec["checkpoint"], engine[3:], threads)
-    elif engine == "optimum-ort":
-        run = _optimum(spec["checkpoint"], threads, spec["artifact"])
+    elif engine in ("optimum-ort", "optimum-ort-int8-dynamic"):
+        run = _optimum(spec["checkpoint"], threads, spec["artifact"], int8=engine.endswith("int8-dynamic"))
     else:
         raise SystemExit(f"unknown engine {engine}")
     vocab = spec["vocab"]

@@ -18,7 +18,12 @@ import numpy as np
 
 from neoxrt.bench.shapes import shape_checkpoint
 
-ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "optimum-ort", "hf-sdpa", "hf-eager"]
+ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-int8", "neoxrt-ort-int8-dynamic", "optimum-ort",
+           "optimum-ort-int8-dynamic", "hf-sdpa", "hf-eager"]
+# neoxrt-ort-<variant> -> (export flavour, calibration options or None)
+INT8_ENGINES = {"neoxrt-ort-int8", "neoxrt-ort-int8-dynamic", "optimum-ort-int8-dynamic"}
+NEOXRT_VARIANTS = {"decomposed": ("decomposed", None), "fused": ("fused", None), "int8": ("fused", {}),
+                   "int8-dynamic": ("fused", {"method": "ort-dynamic"})}
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
 
 
@@ -77,9 +82,27 @@ def run_engine(spec: dict) -> tuple[dict, float]:
     return result["cases"], result["peak_rss_mib"]
 
 
-def bench_model(name: str, checkpoint: Path, cases, engines, threads: int, root: Path, log) -> dict:
+def neoxrt_artifact(name: str, checkpoint: Path, variant: str, root: Path) -> Path:
+    """Our artifact for a bench variant, exported (and calibrated) once under `root`."""
+    from neoxrt.calibration.calibrate import calibrate_artifact
+    from neoxrt.calibration.options import CalibrationOptions
     from neoxrt.export.exporter import export_checkpoint
     from neoxrt.export.options import ExportOptions
+
+    flavour, calibration = NEOXRT_VARIANTS[variant]
+    exported = root / f"{name}-{flavour}"
+    if not (exported / "manifest.json").is_file():
+        export_checkpoint(checkpoint, exported, ExportOptions(attention=flavour), force=True, log=lambda *_: None)
+    if calibration is None:
+        return exported
+    artifact = root / f"{name}-{variant}"
+    if not (artifact / "manifest.json").is_file():
+        calibrate_artifact(exported, artifact, CalibrationOptions(**calibration), force=True, progress=False,
+                           log=lambda *_: None)
+    return artifact
+
+
+def bench_model(name: str, checkpoint: Path, cases, engines, threads: int, root: Path, log) -> dict:
     from neoxrt.model import read_config
 
     config = read_config(checkpoint).to_dict()
@@ -89,13 +112,10 @@ def bench_model(name: str, checkpoint: Path, cases, engines, threads: int, root:
                 "cases": [{"batch": b, "context": c, "runs": 5, "block": 4, "prompt_runs": 5 if (b, c) == (1, 128) else 1}
                           for b, c in cases]}
         if engine.startswith("neoxrt-ort-"):
-            flavour = engine.rsplit("-", 1)[1]
-            artifact = root / f"{name}-{flavour}"
-            if not (artifact / "manifest.json").is_file():
-                export_checkpoint(checkpoint, artifact, ExportOptions(attention=flavour), force=True, log=lambda *_: None)
+            artifact = neoxrt_artifact(name, checkpoint, engine.removeprefix("neoxrt-ort-"), root)
             spec.update(engine="neoxrt-ort", artifact=str(artifact))
-        elif engine == "optimum-ort":
-            spec["artifact"] = str(root / f"{name}-optimum")
+        elif engine.startswith("optimum-ort"):
+            spec["artifact"] = str(root / f"{name}-optimum{engine.removeprefix('optimum-ort')}")
         log(f"  {name}: {engine} ...")
         results, rss = run_engine(spec)
         rows[engine] = {"cases": results, "peak_rss_mib": rss}
@@ -105,12 +125,14 @@ def bench_model(name: str, checkpoint: Path, cases, engines, threads: int, root:
 def summarise(result: dict, bandwidth: float) -> list[dict]:
     lines = []
     for model, data in result["models"].items():
-        floor_ms = decode_weight_bytes(data["config"]) / (bandwidth * 1e9) * 1e3
         for engine, row in data["engines"].items():
+            bytes_per_weight = 1.0 if engine in INT8_ENGINES else 4.0
+            floor_ms = decode_weight_bytes(data["config"], bytes_per_weight) / (bandwidth * 1e9) * 1e3
             for key, case in row["cases"].items():
                 decode = float(np.median(case["decode_ms_per_token"]))
                 lines.append({
-                    "model": model, "engine": engine, "case": key, "batch": case["batch"], "context": case["context"],
+                    "model": model, "engine": engine, "precision": "int8" if engine in INT8_ENGINES else "fp32",
+                    "case": key, "batch": case["batch"], "context": case["context"],
                     "prompt_ms": float(np.median(case["prompt_ms"])),
                     "decode_ms": decode,
                     "decode_spread_ms": [min(case["decode_ms_per_token"]), max(case["decode_ms_per_token"])],
@@ -126,10 +148,10 @@ def _find(lines, model, engine, case):
 
 
 def targets(lines) -> list[dict]:
-    """The issue's floors for the Pythia-160m shape, batch 1, fp32."""
-    m, ours = "pythia-160m", "neoxrt-ort-decomposed"
-    best = min((x for x in lines if x["model"] == m and x["engine"].startswith("neoxrt") and x["case"] == "b1_c128"),
-               key=lambda x: x["decode_ms"], default=None)
+    """The issues' floors for the Pythia-160m shape, batch 1 (fp32 unless named INT8)."""
+    m = "pythia-160m"
+    best = min((x for x in lines if x["model"] == m and x["engine"].startswith("neoxrt") and x["case"] == "b1_c128"
+                and x["precision"] == "fp32"), key=lambda x: x["decode_ms"], default=None)
     out = []
     if best is None:
         return out
@@ -148,6 +170,17 @@ def targets(lines) -> list[dict]:
     add(f"decode {ours} / weight-bandwidth floor", best["decode_ms"] / best["floor_ms"], 1.25)
     if long:
         add(f"decode at context 1024 / context 128 ({ours})", long["decode_ms"] / best["decode_ms"], 1.2)
+    int8 = _find(lines, m, "neoxrt-ort-int8", "b1_c128")
+    if int8:
+        fp32 = _find(lines, m, "neoxrt-ort-fused", "b1_c128")
+        for anchor, limit in (("optimum-ort-int8-dynamic", 0.6), ("neoxrt-ort-int8-dynamic", 1.0)):
+            row = _find(lines, m, anchor, "b1_c128")
+            if row:
+                add(f"INT8 decode neoxrt-ort-int8 / {anchor}", int8["decode_ms"] / row["decode_ms"], limit)
+        if fp32:
+            add("INT8 decode neoxrt-ort-int8 / fp32 neoxrt-ort-fused (1.6x faster)", int8["decode_ms"] / fp32["decode_ms"],
+                0.625)
+        add("INT8 decode neoxrt-ort-int8 / INT8 weight-bandwidth floor", int8["decode_ms"] / int8["floor_ms"], 1.25)
     return out
 
 
@@ -175,11 +208,14 @@ def markdown(result: dict, lines: list[dict]) -> str:
             md.append(f"| {x['engine']} | {x['case']} | {x['prompt_ms']:.1f} | {x['decode_ms']:.2f} "
                       f"({x['decode_spread_ms'][0]:.2f}..{x['decode_spread_ms'][1]:.2f}) | {x['tokens_per_s']:.1f} | "
                       f"{_ratio(x, opt)} | {_ratio(x, sdpa)} | {floor} | {x['peak_rss_mib']:.0f} |")
-        floor_ms = next((x["floor_ms"] for x in lines if x["model"] == model and x["floor_ms"]), None)
-        if floor_ms:
-            md += ["", f"Weight-bandwidth floor (fp32, batch 1): {floor_ms:.2f} ms/token.", ""]
+        for precision in ("fp32", "int8"):
+            floor_ms = next((x["floor_ms"] for x in lines if x["model"] == model and x["floor_ms"]
+                             and x["precision"] == precision), None)
+            if floor_ms:
+                md += ["", f"Weight-bandwidth floor ({precision}, batch 1): {floor_ms:.2f} ms/token.", ""]
     if result["targets"]:
-        md += ["## Targets (Pythia-160m shape, batch 1, fp32)", "", "| target | value | limit | met |", "|---|---|---|---|"]
+        md += ["## Targets (Pythia-160m shape, batch 1; fp32 unless INT8)", "", "| target | value | limit | met |",
+               "|---|---|---|---|"]
         md += [f"| {t['target']} | {t['value']} | <= {t['limit']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
     return "\n".join(md) + "\n"
 

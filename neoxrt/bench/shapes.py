@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 SHAPES = {
@@ -11,10 +12,13 @@ SHAPES = {
 
 
 def shape_checkpoint(name: str, root: Path) -> Path:
-    """A seeded random checkpoint of a benchmark shape, written once under `root`."""
+    """A seeded random checkpoint of a benchmark shape (with the GPT-NeoX tokenizer), written once under `root`."""
+    from neoxrt.assets import DEFAULT_TOKENIZER
     from neoxrt.model import NeoXConfig, random_model, save_checkpoint
 
     folder = Path(root) / f"{name}-random"
     if not (folder / "model.safetensors").is_file():
         save_checkpoint(random_model(NeoXConfig(**SHAPES[name]), seed=0), folder)
+    if not (folder / "tokenizer.json").is_file():  # the GPT-NeoX tokenizer, so calibration has text to read
+        shutil.copyfile(DEFAULT_TOKENIZER, folder / "tokenizer.json")
     return folder

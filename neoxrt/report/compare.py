@@ -3,7 +3,6 @@ teacher-forced text, free-running greedy -- with per-layer localisation of where
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError
+from neoxrt.progress import Progress
 from neoxrt.report.metrics import TeacherForced, first_divergence, tensor_diff
 from neoxrt.report.thresholds import thresholds_for
 from neoxrt.runtime.generator import left_pad
@@ -33,16 +33,6 @@ class CompareOptions:
     progress: bool = True
 
 
-def _progress(done: int, total: int, label: str, enabled: bool) -> None:
-    if not enabled:
-        return
-    width = 30
-    filled = int(width * done / max(total, 1))
-    end = "\n" if done >= total else ""
-    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
-    sys.stderr.flush()
-
-
 def precision_of(manifest: dict) -> str:
     if manifest.get("stage") == "calibrate":
         return "int8"
@@ -59,14 +49,6 @@ def _windows(tokenizer, texts: list[Path], seq_len: int, count: int) -> np.ndarr
     if n < 1:
         raise NeoxrtError(f"text has {len(ids)} tokens; need at least one window of {seq_len}")
     return np.array(ids[: n * seq_len], np.int64).reshape(n, seq_len)
-
-
-def _feeds(ids, mask, pos, layers: int, heads: int, head_dim: int, kv_dtype: str) -> dict:
-    empty = np.zeros((len(ids), heads, 0, head_dim), kv_dtype)
-    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos}
-    for i in range(layers):
-        feeds[io.past_key(i)] = feeds[io.past_value(i)] = empty
-    return feeds
 
 
 class Comparison:
@@ -110,7 +92,7 @@ class Comparison:
     def forward(self) -> dict:
         rows = self.generator.encode(self.options.prompts)
         ids, mask, pos = left_pad(rows)
-        out = self.generator.session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
+        out = self.generator.session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
         ref_logits, ref_presents, _ = self._reference_forward(ids, mask, pos)
         valid = mask.astype(bool)
         logits = tensor_diff(io.LOGITS, out[io.LOGITS], ref_logits, valid[:, :, None])
@@ -131,14 +113,15 @@ class Comparison:
                            self.options.windows)
         stats = TeacherForced()
         b = self.options.batch
+        bar = Progress(len(windows), "teacher-forced", self.options.progress)
         for start in range(0, len(windows), b):
             ids = windows[start: start + b]
             mask = np.ones_like(ids)
             pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int64).copy()
-            cand = self.generator.session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))[io.LOGITS]
+            cand = self.generator.session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))[io.LOGITS]
             ref, _, _ = self._reference_forward(ids, mask, pos)
             stats.add(ref, cand, ids)
-            _progress(min(start + b, len(windows)), len(windows), "teacher-forced", self.options.progress)
+            bar.update(min(start + b, len(windows)))
         return stats.summary()
 
     def free_running(self) -> dict:
@@ -179,7 +162,7 @@ class Comparison:
             session = OrtSession(path)
         rows = self.generator.encode(self.options.prompts)
         ids, mask, pos = left_pad(rows)
-        out = session.run(_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
+        out = session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
         _, _, ref_hidden = self._reference_forward(ids, mask, pos, hooks=True)
         valid = mask.astype(bool)[:, :, None]
         errors = []

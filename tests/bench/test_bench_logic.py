@@ -49,3 +49,24 @@ def test_a_slow_engine_misses_its_target():
     met = {t["target"].split(" (")[0]: t["met"] for t in targets(lines)}
     assert not met["decode neoxrt-ort-decomposed / optimum-ort"]
     assert not met["decode at context 1024 / context 128"]
+
+
+def test_int8_rows_use_the_int8_floor_and_get_their_targets():
+    result = _result(ours_ms=30.0, optimum_ms=45.0, sdpa_ms=70.0, long_ms=33.0)
+    engines = result["models"]["pythia-160m"]["engines"]
+    base = engines["neoxrt-ort-decomposed"]
+
+    def like(ms):
+        return {"cases": {"b1_c128": {**base["cases"]["b1_c128"], "decode_ms_per_token": [ms] * 5}}, "peak_rss_mib": 50.0}
+
+    engines.update({"neoxrt-ort-fused": like(32.0), "neoxrt-ort-int8": like(10.0), "neoxrt-ort-int8-dynamic": like(11.0),
+                    "optimum-ort-int8-dynamic": like(20.0)})
+    lines = summarise(result, 20.0)
+    rows = {x["engine"]: x for x in lines if x["case"] == "b1_c128"}
+    assert rows["neoxrt-ort-int8"]["floor_ms"] * 4 == rows["neoxrt-ort-fused"]["floor_ms"]
+    got = {t["target"]: (t["value"], t["met"]) for t in targets(lines)}
+    assert got["INT8 decode neoxrt-ort-int8 / optimum-ort-int8-dynamic"] == (0.5, True)
+    assert got["INT8 decode neoxrt-ort-int8 / neoxrt-ort-int8-dynamic"] == (round(10 / 11, 3), True)
+    assert got["INT8 decode neoxrt-ort-int8 / fp32 neoxrt-ort-fused (1.6x faster)"] == (round(10 / 32, 3), True)
+    # the fp32 targets still use the best fp32 engine, not the INT8 one
+    assert "decode neoxrt-ort-decomposed / optimum-ort" in got

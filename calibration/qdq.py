@@ -1,0 +1,76 @@
+"""`qdq_from_onnx`: an fp32 graph -> an explicit-quantization (Q/DQ) graph, the form TensorRT builds INT8
+engines from (TensorRT 10 deprecated and 11 removed implicit INT8 calibration) and ONNX Runtime's CPU
+provider runs with integer kernels (it fuses DQ -> MatMul into MatMulIntegerToFloat / MatMulNBits).
+
+    x --QuantizeLinear(s_x, 0)--> int8 --DequantizeLinear--+
+                                                            MatMul --> (bias Add, unchanged)
+    W_int8 [K,N] ----DequantizeLinear(s_w[N], axis=1)------+
+
+Activations: per-tensor symmetric int8 (zero point 0), s_x = T / 127 from calibration. Weights: per
+output channel symmetric int8, s_w = max|W[:, n]| / 127. Weights-only mode leaves x in float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from neoxrt.calibration.targets import Target
+
+QMAX = 127
+
+
+def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] fp32 -> (int8 [K, N], fp32 scale [N]), symmetric per output channel."""
+    absmax = np.abs(w).max(axis=0)
+    scale = np.where(absmax > 0, absmax / QMAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -QMAX, QMAX).astype(np.int8)
+    return q, scale
+
+
+def activation_scale(threshold: float) -> np.float32:
+    return np.float32(threshold / QMAX if threshold > 0 else 1.0)
+
+
+def qdq_from_onnx(model: onnx.ModelProto, targets: list[Target], thresholds: dict[str, float] | None,
+                  weights_only: bool = False) -> onnx.ModelProto:
+    """Rewrite `model` in place (and return it). `thresholds` maps each target activation to its range T."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    by_node = {t.node: t for t in targets}
+    added, quantized_acts, nodes = [], {}, []
+    for node in graph.node:
+        t = by_node.get(node.name)
+        if t is None:
+            nodes.append(node)
+            continue
+        q, scale = quantize_weight(numpy_helper.to_array(inits[t.weight]))
+        base = t.weight
+        added += [numpy_helper.from_array(q, f"{base}.int8"), numpy_helper.from_array(scale, f"{base}.scale"),
+                  numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{base}.zero_point")]
+        nodes.append(helper.make_node("DequantizeLinear", [f"{base}.int8", f"{base}.scale", f"{base}.zero_point"],
+                                      [f"{base}.dequantized"], name=f"{node.name}/weight/DequantizeLinear", axis=1))
+        node.input[1] = f"{base}.dequantized"
+        if not weights_only:
+            if t.activation not in quantized_acts:  # one Q/DQ pair per activation, however many MatMuls read it
+                a = t.activation
+                added += [numpy_helper.from_array(activation_scale(thresholds[a]), f"{a}.scale"),
+                          numpy_helper.from_array(np.array(0, np.int8), f"{a}.zero_point")]
+                nodes.append(helper.make_node("QuantizeLinear", [a, f"{a}.scale", f"{a}.zero_point"], [f"{a}.int8"],
+                                              name=f"{node.name}/input/QuantizeLinear"))
+                nodes.append(helper.make_node("DequantizeLinear", [f"{a}.int8", f"{a}.scale", f"{a}.zero_point"],
+                                              [f"{a}.dequantized"], name=f"{node.name}/input/DequantizeLinear"))
+                quantized_acts[a] = f"{a}.dequantized"
+            node.input[0] = quantized_acts[t.activation]
+        nodes.append(node)
+    replaced = {t.weight for t in targets}
+    kept = [init for init in graph.initializer if init.name not in replaced]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    opset = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset.version < 13:  # per-axis DequantizeLinear needs opset 13
+        opset.version = 13
+    return model
