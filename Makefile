@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report int8 bench-export bench
+.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,18 @@ int8: venv
 	  $(BIN)/neoxrt compare artifacts/default-$$name --reference $(MODEL) --report reports/int8/$$name > /dev/null; \
 	done
 	$(BIN)/python -m neoxrt.report.summary reports/int8
+
+# TensorRT (an NVIDIA GPU machine): the FP16 engine of the default model, and the whole GPU check
+# (FP16/INT8/plugin engines, accuracy reports, latency against PyTorch, plugin kernel against SDPA)
+ENGINE_ARGS ?= --max-batch 8 --max-context 1024
+engine: venv
+	$(BIN)/python -m pip install -q -e '.[gpu]'
+	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp16 --dtype fp16 --force
+	$(BIN)/neoxrt build artifacts/default-fp16 artifacts/default-engine-fp16 --force $(ENGINE_ARGS)
+
+gpu-check: venv
+	$(BIN)/python -m pip install -q -e '.[gpu]'
+	$(BIN)/python -m neoxrt.gpu_check
 
 # export time and peak RSS of the Pythia-160m shape (random weights)
 bench-export: venv

@@ -178,6 +178,7 @@ class _Emitter:
             [self.g._unique(f"/layers.{i}/attention/out"), io.present_key(i), io.present_value(i)],
             domain=PLUGIN_DOMAIN, num_heads=cfg.num_heads, head_size=cfg.head_dim, rotary_dim=cfg.rotary_dim,
             scale=cfg.head_dim**-0.5, plugin_namespace=PLUGIN_DOMAIN, plugin_version=PLUGIN_VERSION,
+            aot=1,  # TensorRT's parser: use the plugin's ahead-of-time (Triton PTX) implementation
         )[0]
 
     def shared_inputs(self) -> dict:

@@ -4,7 +4,7 @@ through onnxruntime-extensions' Python custom ops, so `plugin` exports run end t
     GptNeoxAttention(qkv [B,S,3*H*D], cos [B,S,R] f32, sin [B,S,R] f32, mask [B,T] int32,
                      past_key [B,H,P,D], past_value [B,H,P,D])
         -> (out [B,S,H*D], present_key [B,H,T,D], present_value [B,H,T,D]),  T = P + S
-    attributes: num_heads, head_size, rotary_dim, scale (+ plugin_namespace, plugin_version for TensorRT)
+    attributes: num_heads, head_size, rotary_dim, scale (+ plugin_namespace, plugin_version, aot for TensorRT)
 
 Rotary (rotate-half) on the first rotary_dim channels of q and k, causal + padding mask, fp32 softmax.
 """
@@ -61,7 +61,8 @@ def onnxruntime_session_options():
         @onnx_op(op_type=PLUGIN_OP, domain=CONTRIB_DOMAIN, inputs=[f32, f32, f32, i32, f32, f32], outputs=[f32, f32, f32],
                  attrs={"num_heads": PyCustomOpDef.dt_int64, "head_size": PyCustomOpDef.dt_int64,
                         "rotary_dim": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float,
-                        "plugin_namespace": PyCustomOpDef.dt_string, "plugin_version": PyCustomOpDef.dt_string})
+                        "plugin_namespace": PyCustomOpDef.dt_string, "plugin_version": PyCustomOpDef.dt_string,
+                        "aot": PyCustomOpDef.dt_int64})
         def _attention(qkv, cos, sin, mask, past_key, past_value, **attrs):
             return gpt_neox_attention(qkv, cos, sin, mask, past_key, past_value, num_heads=int(attrs["num_heads"]),
                                       head_size=int(attrs["head_size"]), scale=float(attrs["scale"]))

@@ -57,7 +57,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=tuple(args.stop_token_ids or ()),
                   stop_strings=tuple(args.stop or ()))
-    generator = Generator.from_artifacts(args.artifact_dir, threads=args.threads)
+    generator = Generator.from_artifacts(args.artifact_dir, backend=args.backend, threads=args.threads)
     if args.json:
         result = generator.generate(prompts, **kwargs)
         print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons})
@@ -75,7 +75,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from an artifact folder (ONNX Runtime)")
+    p = sub.add_parser("generate", help="generate text from an artifact folder (ONNX Runtime or TensorRT)")
     p.add_argument("artifact_dir")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--input-ids", action="append", type=_ids, help="prompt as token ids 1,2,3 (repeat for a batch)")
@@ -88,6 +88,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop-token-ids", type=_ids, default=None, help="extra stop ids 1,2 (EOS always stops)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
+                   help="auto: TensorRT for engine artifacts (neoxrt build), ONNX Runtime otherwise")
     p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (prompt excluded)')
     p.set_defaults(func=_cmd_generate)
 
@@ -180,9 +182,43 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=_cmd_calibrate)
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from neoxrt.export.engine import BuildOptions, build_engine_artifact
+
+    options = BuildOptions(max_batch=args.max_batch, max_context=args.max_context, opt_batch=args.opt_batch,
+                           opt_prompt=args.opt_prompt, opt_past=args.opt_past, timing_cache=args.timing_cache,
+                           workspace_gib=args.workspace, optimization_level=args.optimization_level,
+                           hardware_compatibility=args.hardware_compatibility,
+                           version_compatible=args.version_compatible, plugin=args.plugin)
+    build_engine_artifact(args.artifact_dir, args.out_dir, options, force=args.force)
+    return 0
+
+
+def _add_build(sub) -> None:
+    from neoxrt.export.engine import HARDWARE_COMPATIBILITY, BuildOptions
+
+    d = BuildOptions()
+    p = sub.add_parser("build", help="TensorRT engine from an export (FP16) or INT8 artifact (needs a GPU and TensorRT)")
+    p.add_argument("artifact_dir", help="artifact written by neoxrt export or neoxrt calibrate")
+    p.add_argument("out_dir", help="engine artifact folder to write (atomically)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-context", type=int, default=d.max_context, help="largest prompt + generated tokens")
+    p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
+    p.add_argument("--opt-prompt", type=int, default=None, help="prompt length TensorRT tunes for (default 128)")
+    p.add_argument("--opt-past", type=int, default=None, help="cache length TensorRT tunes decode for (default: half)")
+    p.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update")
+    p.add_argument("--workspace", type=float, default=d.workspace_gib, metavar="GIB")
+    p.add_argument("--optimization-level", type=int, default=d.optimization_level, help="builder level 0..5")
+    p.add_argument("--hardware-compatibility", default="none", choices=HARDWARE_COMPATIBILITY)
+    p.add_argument("--version-compatible", action="store_true")
+    p.add_argument("--plugin", action="store_true", help="plugin-flavour export with neoxrt's Triton attention plugin")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.set_defaults(func=_cmd_build)
+
+
 def _add_bench(sub) -> None:
     # listed for --help; neoxrt.cli.main hands `neoxrt bench ...` to neoxrt.bench.run, which parses its own options
     sub.add_parser("bench", help="speed against transformers and Optimum (see make bench; --quick, --threads)")
 
 
-ADDERS: list = [_add_export, _add_generate, _add_compare, _add_calibrate, _add_bench]
+ADDERS: list = [_add_export, _add_generate, _add_compare, _add_calibrate, _add_build, _add_bench]

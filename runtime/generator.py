@@ -15,7 +15,7 @@ from neoxrt.manifest import read_manifest
 from neoxrt.runtime.sampling import GenerationOptions, next_tokens
 from neoxrt.runtime.session import Session
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Generator:
         self.max_positions = int(config["max_position_embeddings"])
 
     @classmethod
-    def from_artifacts(cls, path, backend: str = "onnxruntime", providers=None, threads: int | None = None,
+    def from_artifacts(cls, path, backend: str = "auto", providers=None, threads: int | None = None,
                        verify: bool = True) -> Generator:
         """Load an artifact folder written by `neoxrt export` (or calibrate / build).
 
@@ -67,10 +67,17 @@ class Generator:
         path = Path(path)
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "tensorrt":  # the engine build and its Session are issue #7, not built yet
-            raise ArtifactError("the tensorrt backend is not built yet; use backend='onnxruntime'")
-        manifest = read_manifest(path, ("export", "calibrate"), verify_files=verify)
-        session = _ort_session_for(path, manifest, providers, threads)
+        manifest = read_manifest(path, ("export", "calibrate", "build"), verify_files=verify)
+        engine = manifest["stage"] == "build"
+        if backend != "auto" and engine != (backend == "tensorrt"):
+            runs = "engines (neoxrt build)" if backend == "tensorrt" else "ONNX artifacts"
+            raise ArtifactError(f"artifact {path} is stage {manifest['stage']}; backend {backend!r} runs {runs}")
+        if engine:
+            from neoxrt.runtime.trt_session import TrtSession
+
+            session = TrtSession(path, manifest)
+        else:
+            session = _ort_session_for(path, manifest, providers, threads)
         _check_io(session, manifest, path)
         tokenizer = None
         if (path / io.TOKENIZER_FILE).is_file():

@@ -1,5 +1,5 @@
 """The one session interface every backend implements, and the cache-carrying decoder the generation loop
-drives. Backends: ONNX Runtime (`neoxrt.runtime.ort_session`); TensorRT plugs in here later (issue #7).
+drives. Backends: ONNX Runtime (`neoxrt.runtime.ort_session`), TensorRT (`neoxrt.runtime.trt_session`).
 
     Session.io_spec() -> (inputs, outputs)        contract TensorSpecs
     Session.run(feeds) -> {name: array}           one forward pass, numpy in and out

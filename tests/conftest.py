@@ -1,6 +1,22 @@
 import importlib.util
+import os
 
 import pytest
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+# Triton kernels run on CUDA where there is a GPU, else in Triton's interpreter on CPU tensors; the
+# interpreter must be chosen before any kernel module is imported.
+if not _cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

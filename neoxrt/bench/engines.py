@@ -30,7 +30,8 @@ def _neoxrt(artifact: str, threads: int):
     return run
 
 
-def _hf_like(model, torch):
+def hf_like(model, torch, device: str = "cpu", sync=None):
+    """run(prompt, new_tokens) -> timestamps, over a transformers-style generate() (`sync` before each stamp)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Stamp(StoppingCriteria):
@@ -38,11 +39,13 @@ def _hf_like(model, torch):
             self.stamps = stamps
 
         def __call__(self, input_ids, scores, **kwargs):
+            if sync is not None:
+                sync()
             self.stamps.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def run(prompt: np.ndarray, new_tokens: int) -> list[float]:
-        ids = torch.tensor(prompt)
+        ids = torch.tensor(prompt, device=device)
         stamps = [time.perf_counter()]
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -59,7 +62,7 @@ def _hf(checkpoint: str, attn: str, threads: int):
 
     torch.set_num_threads(threads)
     model = GPTNeoXForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation=attn).eval()
-    return _hf_like(model, torch)
+    return hf_like(model, torch)
 
 
 def _optimum(checkpoint: str, threads: int, export_dir: str, int8: bool = False):
@@ -85,7 +88,7 @@ def _optimum(checkpoint: str, threads: int, export_dir: str, int8: bool = False)
         shutil.copytree(fp32_dir, export_dir, ignore=shutil.ignore_patterns("model.onnx*"))
         ort_dynamic(fp32_dir / "model.onnx", Path(export_dir) / "model.onnx")
     model = ORTModelForCausalLM.from_pretrained(export_dir, session_options=options)
-    return _hf_like(model, torch)
+    return hf_like(model, torch)
 
 
 def peak_rss_mib() -> float:

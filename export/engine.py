@@ -1,0 +1,167 @@
+"""`neoxrt build`: an export or INT8 artifact -> a TensorRT engine artifact (model.engine + manifest.json).
+
+    artifact --tensorrt_ready--> graph TensorRT imports --check_tensorrt_support--> profiles (prompt, decode)
+        --TensorRT (strongly typed; precision from the graph)--> model.engine, manifest.json
+
+Everything before the TensorRT call runs (and is tested) on CPU; the call itself lives in
+neoxrt.tensorrt_api. The manifest records TensorRT version, GPU and compute capability, the profiles, the
+build options and the source model's hash; `neoxrt.engine_meta.check_engine_compatible` refuses an engine
+made elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from neoxrt import contract as io
+from neoxrt import engine_meta as prof
+from neoxrt.engine_meta import ENGINE_FILE
+from neoxrt.errors import ArtifactError, BuildError
+from neoxrt.export.tensorrt_graph import check_tensorrt_support, tensorrt_ready
+from neoxrt.fsutil import atomic_dir
+from neoxrt.manifest import read_manifest, write_manifest
+
+STAGE = "build"
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Args:
+        max_batch, max_context: the largest batch and total tokens (prompt + generated) the engine serves.
+        opt_batch, opt_prompt, opt_past: the shapes TensorRT tunes for (default: max_batch, 128 / max, half).
+        timing_cache: file to read and update (tactic timings; rebuilds take seconds instead of minutes).
+        workspace_gib: TensorRT workspace limit.
+        optimization_level: builder optimisation level 0..5 (TensorRT's default is 3).
+        hardware_compatibility: none, or ampere_plus (one engine for every Ampere-or-newer GPU).
+        version_compatible: an engine later TensorRT versions of the same major can run.
+        plugin: build a plugin-flavour export with neoxrt's Triton attention plugin.
+    """
+
+    max_batch: int = 8
+    max_context: int = 2048
+    opt_batch: int | None = None
+    opt_prompt: int | None = None
+    opt_past: int | None = None
+    timing_cache: Path | None = None
+    workspace_gib: float = 4.0
+    optimization_level: int = 3
+    hardware_compatibility: str = "none"
+    version_compatible: bool = False
+    plugin: bool = False
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise BuildError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if not 0 <= self.optimization_level <= 5:
+            raise BuildError(f"--optimization-level must be in 0..5, got {self.optimization_level}")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise BuildError(f"--hardware-compatibility must be one of {', '.join(HARDWARE_COMPATIBILITY)}, "
+                             f"got {self.hardware_compatibility!r}")
+        if self.workspace_gib <= 0:
+            raise BuildError(f"--workspace must be positive (GiB), got {self.workspace_gib}")
+        defaults = {"opt_batch": self.max_batch, "opt_prompt": min(128, self.max_context),
+                    "opt_past": max(1, self.max_context // 2)}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
+        return d
+
+
+def precision(manifest: dict) -> str:
+    if manifest["stage"] == "calibrate":
+        return "int8"
+    return manifest["export_options"]["dtype"]
+
+
+def engine_profiles(manifest: dict, options: BuildOptions) -> tuple[dict, dict]:
+    """({profile: {axis: [min, opt, max]}}, {profile: {input: [min, opt, max shapes]}}), validated."""
+    limit = int(manifest["config"]["max_position_embeddings"])
+    if options.max_context > limit:
+        raise BuildError(f"--max-context {options.max_context} is past the model's max_position_embeddings {limit}")
+    ranges = prof.axis_ranges(options.max_batch, options.max_context, options.opt_batch, options.opt_prompt,
+                              options.opt_past)
+    inputs = manifest["io"]["inputs"]
+    shapes = prof.input_shapes(ranges, inputs)
+    prof.check_consistent(shapes, inputs)
+    axes = {p: {a: r.as_list() for a, r in table.items()} for p, table in ranges.items()}
+    return axes, shapes
+
+
+def prepare_graph(src: Path, manifest: dict, options: BuildOptions) -> onnx.ModelProto:
+    """The source graph in the form TensorRT imports, checked against the support table.
+
+    Raises:
+        BuildError: a plugin graph without --plugin (or the reverse), or ops TensorRT would refuse.
+    """
+    is_plugin = bool(manifest.get("plugin"))
+    if is_plugin != options.plugin:
+        raise BuildError(f"artifact {src} {'has' if is_plugin else 'has no'} plugin attention nodes; "
+                         f"{'pass --plugin' if is_plugin else '--plugin needs an export made with --attention plugin'}")
+    model = tensorrt_ready(onnx.load(str(src / io.MODEL_FILE)))
+    plugins = set()
+    if is_plugin:
+        plugins.add((manifest["plugin"]["domain"], manifest["plugin"]["op_type"]))
+    problems = check_tensorrt_support(model, plugins)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BuildError(f"TensorRT would refuse {src}: {'; '.join(problems[:3])}{more}")
+    return model
+
+
+def build_engine_artifact(src, out, options: BuildOptions, force: bool = False, log=print) -> dict:
+    """Build `src` (export or calibrate artifact) into the engine artifact `out`; returns the manifest.
+
+    Raises:
+        BuildError: bad options, an unusable source, TensorRT or a GPU missing, a failed build.
+    """
+    from neoxrt import tensorrt_api
+
+    src, out = Path(src), Path(out)
+    try:
+        manifest = read_manifest(src, ("export", "calibrate"))
+    except ArtifactError as exc:
+        raise BuildError(f"source artifact: {exc}") from None
+    axes, shapes = engine_profiles(manifest, options)
+    model = prepare_graph(src, manifest, options)
+    facts = tensorrt_api.facts()  # TensorRT and a GPU, or one line saying which is missing
+    if options.plugin:
+        from neoxrt.export import trt_plugin
+
+        trt_plugin.register()
+    start = time.perf_counter()
+    with atomic_dir(out, force, BuildError) as tmp:
+        with tempfile.TemporaryDirectory(prefix="neoxrt-trt-") as work:
+            graph = Path(work) / io.MODEL_FILE
+            onnx.save_model(model, str(graph), save_as_external_data=True, location=io.WEIGHTS_FILE, size_threshold=1024)
+            del model
+            engine, timing = tensorrt_api.build_serialized_engine(str(graph), shapes, options, log)
+        (tmp / ENGINE_FILE).write_bytes(engine)
+        if timing is not None and options.timing_cache:
+            options.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            options.timing_cache.write_bytes(timing)
+        files = [ENGINE_FILE]
+        for name in (io.TOKENIZER_FILE, io.CONFIG_FILE):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+                files.append(name)
+        body = {k: manifest[k] for k in ("config", "io", "checkpoint_sha256", "export_options", "plugin") if k in manifest}
+        body.update(source={"artifact": str(src.resolve()), "stage": manifest["stage"],
+                            "model_sha256": manifest["files"][io.MODEL_FILE]},
+                    precision=precision(manifest), build_options=options.to_dict(), profiles=axes,
+                    profile_order=list(axes), engine=facts)
+        result = write_manifest(tmp, STAGE, body, files)
+    log(f"wrote {out} ({body['precision']} engine, TensorRT {facts['tensorrt']}, {facts['gpu']}) "
+        f"in {time.perf_counter() - start:.0f}s")
+    return result

@@ -1,0 +1,51 @@
+"""TensorRT engines on a GPU (marker `gpu`: skipped with the reason where TensorRT or a GPU is missing;
+see tests/conftest.py). `make gpu-check` runs the fuller script with timings."""
+
+import pytest
+
+from neox_testing import default_checkpoint, greedy
+from neoxrt.calibration.calibrate import calibrate_artifact
+from neoxrt.calibration.options import CalibrationOptions
+from neoxrt.export.engine import BuildOptions, build_engine_artifact
+from neoxrt.export.exporter import export_checkpoint
+from neoxrt.export.options import ExportOptions
+from neoxrt.model import load_model
+from neoxrt.report.compare import CompareOptions, run_compare
+from neoxrt.runtime import Generator
+
+pytestmark = pytest.mark.gpu
+QUIET = dict(log=lambda *_: None)
+PROMPT = [[5, 17, 33, 2, 90, 41, 7]]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    export_checkpoint(default_checkpoint(), root / "fp32", ExportOptions(), **QUIET)
+    export_checkpoint(default_checkpoint(), root / "fp16", ExportOptions(dtype="fp16"), **QUIET)
+    export_checkpoint(default_checkpoint(), root / "plugin", ExportOptions(dtype="fp16", attention="plugin"), **QUIET)
+    calibrate_artifact(root / "fp32", root / "int8", CalibrationOptions(), progress=False, **QUIET)
+    out = {}
+    for name, plugin in (("fp16", False), ("int8", False), ("plugin", True)):
+        build_engine_artifact(root / name, root / f"engine-{name}", BuildOptions(max_batch=4, max_context=256, plugin=plugin),
+                              **QUIET)
+        out[name] = root / f"engine-{name}"
+    return out
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "plugin"])
+def test_engine_passes_its_accuracy_report(engines, name):
+    report = run_compare(engines[name], default_checkpoint(), CompareOptions(progress=False, windows=4, max_new_tokens=16))
+    assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+
+
+def test_fp16_engine_generates_pytorch_greedy_tokens(engines):
+    want = greedy(load_model(default_checkpoint()), PROMPT, 16)[0].tolist()
+    got = Generator.from_artifacts(engines["fp16"]).generate(PROMPT, max_new_tokens=16).ids[0]
+    assert sum(a == b for a, b in zip(got, want)) >= 12
+
+
+def test_plugin_engine_agrees_with_the_native_attention_engine(engines):
+    a = Generator.from_artifacts(engines["fp16"]).generate(PROMPT, max_new_tokens=16).ids[0]
+    b = Generator.from_artifacts(engines["plugin"]).generate(PROMPT, max_new_tokens=16).ids[0]
+    assert a == b
