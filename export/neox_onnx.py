@@ -227,6 +227,8 @@ class _Emitter:
                 mlp = self.to_f32(self.linear(self.activation(self.linear(h, f"layers.{i}.mlp_in")), f"layers.{i}.mlp_out"))
                 x = g.op("Add", [x, mlp], [hidden_state_name(i)])
         g.scope = "/lm_head"
+        if self.opt.logits == "last":  # [B,1,Hd]: the last position (left padding keeps real tokens last)
+            x = g.op("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])])
         h = self.to_compute(self.layer_norm(x, "ln_f"))
         if cfg.tie_word_embeddings:
             w = g.op("Transpose", [embed], perm=[1, 0])
@@ -238,7 +240,7 @@ class _Emitter:
         else:
             g.op("Identity", [logits], [io.LOGITS])
         inputs, outputs = io.io_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.vocab_size,
-                                     "float16" if self.fp16 else "float32")
+                                     "float16" if self.fp16 else "float32", self.opt.logits)
         return g.make_model("neoxrt_gpt_neox", inputs, outputs, self.opt.opset,
                             doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}")
 

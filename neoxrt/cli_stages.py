@@ -15,13 +15,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         attention=args.attention,
         opset=args.opset,
         external_data_threshold=TWO_GB if args.external_data_threshold is None else args.external_data_threshold,
+        logits=args.logits,
     )
     export_checkpoint(args.checkpoint, args.out_dir, options, force=args.force)
     return 0
 
 
 def _add_export(sub) -> None:
-    from neoxrt.export.options import ATTENTIONS, DTYPES
+    from neoxrt.export.options import ATTENTIONS, DTYPES, LOGITS
 
     p = sub.add_parser("export", help="export a checkpoint to an ONNX artifact folder")
     p.add_argument("checkpoint", help="checkpoint folder (Hugging Face format) or hub id")
@@ -31,6 +32,8 @@ def _add_export(sub) -> None:
                    help="fused (default, ONNX Attention-23 + RotaryEmbedding-23), decomposed (opset 17+, what optimum "
                         "loads), plugin (TensorRT plugin node)")
     p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: the flavour's lowest)")
+    p.add_argument("--logits", default="all", choices=LOGITS,
+                   help="all (optimum's contract, default) or last: [B, 1, V], faster prompts for generation")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="weights past this many bytes go to model.onnx.data (default 2 GB)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")

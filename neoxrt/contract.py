@@ -58,8 +58,9 @@ class TensorSpec:
         return cls(data["name"], data["dtype"], tuple(data["shape"]))
 
 
-def io_spec(num_layers: int, num_heads: int, head_dim: int, vocab_size: int, kv_dtype: str) -> tuple[list, list]:
-    """(inputs, outputs) of the portable decoder contract."""
+def io_spec(num_layers: int, num_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
+            logits: str = "all") -> tuple[list, list]:
+    """(inputs, outputs) of the portable decoder contract; logits "last": [B, 1, V], the last position only."""
     kv_in = (BATCH, num_heads, PAST_SEQUENCE, head_dim)
     kv_out = (BATCH, num_heads, TOTAL_SEQUENCE, head_dim)
     inputs = [
@@ -67,11 +68,16 @@ def io_spec(num_layers: int, num_heads: int, head_dim: int, vocab_size: int, kv_
         TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE)),
         TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
     ]
-    outputs = [TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE, vocab_size))]
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE if logits == "all" else 1, vocab_size))]
     for i in range(num_layers):
         inputs += [TensorSpec(past_key(i), kv_dtype, kv_in), TensorSpec(past_value(i), kv_dtype, kv_in)]
         outputs += [TensorSpec(present_key(i), kv_dtype, kv_out), TensorSpec(present_value(i), kv_dtype, kv_out)]
     return inputs, outputs
+
+
+def logits_rows(output_spec: TensorSpec, sequence: int) -> int:
+    """Positions the graph returns logits for in a step of `sequence` tokens (all, or 1 for last-only graphs)."""
+    return sequence if isinstance(output_spec.shape[1], str) else int(output_spec.shape[1])
 
 
 def prompt_feeds(ids, mask, pos, layers: int, heads: int, head_dim: int, kv_dtype: str) -> dict:

@@ -67,7 +67,8 @@ class OrtBoundDecoder:
         self.names = names
         self.buffers = [[np.zeros(size, self.dtype) for _ in names] for _ in range(2)]  # [ping|pong][tensor]
         self.current = 0
-        self.vocab = session.io_spec()[1][0].shape[-1]
+        self.logits_spec = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
+        self.vocab = self.logits_spec.shape[-1]
         self.logits: dict[tuple[int, int], np.ndarray] = {}
         self.binding = session.sess.io_binding()
 
@@ -91,7 +92,7 @@ class OrtBoundDecoder:
             raise RuntimeShapeError(f"KV cache holds {self.max_total} positions, step needs {total}")
         logits = self.logits.get((b, s))
         if logits is None:  # once for the prompt shape, once for the decode shape
-            logits = self.logits[(b, s)] = np.empty((b, s, self.vocab), np.float32)
+            logits = self.logits[(b, s)] = np.empty((b, io.logits_rows(self.logits_spec, s), self.vocab), np.float32)
         binding = self.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()

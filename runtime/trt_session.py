@@ -132,9 +132,10 @@ class TrtDecoder:
             if s == 1 and len(self.graphs) < MAX_GRAPHS:
                 self.graphs[key] = sess.stream.capture(lambda: ctx.execute_async_v3(stream))
         last = np.empty((b, self.vocab), np.float32)
-        row = self.vocab * 4
-        for r in range(b):  # logits [B, S, V]: row r's last position
-            self.logits.download(last[r], stream, offset=((r * s) + s - 1) * row)
+        spec = next(o for o in self.session.io_spec()[1] if o.name == io.LOGITS)
+        rows, row = io.logits_rows(spec, s), self.vocab * 4
+        for r in range(b):  # logits [B, rows, V]: row r's last position
+            self.logits.download(last[r], stream, offset=((r * rows) + rows - 1) * row)
         sess.stream.sync()
         self.current, self.past_len = nxt, total
         return last

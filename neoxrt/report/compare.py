@@ -95,7 +95,8 @@ class Comparison:
         out = self.generator.session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
         ref_logits, ref_presents, _ = self._reference_forward(ids, mask, pos)
         valid = mask.astype(bool)
-        logits = tensor_diff(io.LOGITS, out[io.LOGITS], ref_logits, valid[:, :, None])
+        rows = out[io.LOGITS].shape[1]  # S, or 1 for a last-position-only graph
+        logits = tensor_diff(io.LOGITS, out[io.LOGITS], ref_logits[:, -rows:], valid[:, -rows:, None])
         key_valid = valid[:, None, :, None]  # [B,1,T,1]
         worst = None
         for i, (k, v) in enumerate(ref_presents):
@@ -118,11 +119,22 @@ class Comparison:
             ids = windows[start: start + b]
             mask = np.ones_like(ids)
             pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int64).copy()
-            cand = self.generator.session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))[io.LOGITS]
+            cand = self._all_position_logits(ids, mask, pos)
             ref, _, _ = self._reference_forward(ids, mask, pos)
             stats.add(ref, cand, ids)
             bar.update(min(start + b, len(windows)))
         return stats.summary()
+
+    def _all_position_logits(self, ids, mask, pos) -> np.ndarray:
+        """[B, S, V] from one prompt step, or -- for a graph that returns the last position only -- from a
+        one-token prompt and S-1 decode steps through the artifact's own decoder."""
+        session = self.generator.session
+        spec = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
+        if io.logits_rows(spec, ids.shape[1]) == ids.shape[1]:
+            return session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))[io.LOGITS]
+        decoder = session.decoder(len(ids), ids.shape[1])
+        steps = [decoder.step(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1]).copy() for t in range(ids.shape[1])]
+        return np.stack(steps, axis=1)
 
     def free_running(self) -> dict:
         from neoxrt.model.generate import greedy
