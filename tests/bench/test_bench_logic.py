@@ -70,3 +70,15 @@ def test_int8_rows_use_the_int8_floor_and_get_their_targets():
     assert got["INT8 decode neoxrt-ort-int8 / fp32 neoxrt-ort-fused (1.6x faster)"] == (round(10 / 32, 3), True)
     # the fp32 targets still use the best fp32 engine, not the INT8 one
     assert "decode neoxrt-ort-decomposed / optimum-ort" in got
+
+
+def test_every_neoxrt_engine_names_a_valid_export_and_calibration():
+    from neoxrt.bench.run import ENGINES, NEOXRT_VARIANTS
+    from neoxrt.calibration.options import CalibrationOptions
+    from neoxrt.export.options import ExportOptions
+
+    for engine in (e for e in ENGINES if e.startswith("neoxrt-ort-")):
+        export_name, export_options, calibration = NEOXRT_VARIANTS[engine.removeprefix("neoxrt-ort-")]
+        ExportOptions(**export_options)
+        if calibration is not None:
+            CalibrationOptions(**calibration)
