@@ -185,7 +185,6 @@ def targets(lines) -> list[dict]:
         if fp32:
             add("INT8 decode neoxrt-ort-int8 / fp32 neoxrt-ort-fused (1.6x faster)", int8["decode_ms"] / fp32["decode_ms"],
                 0.625)
-        add("INT8 decode neoxrt-ort-int8 / INT8 weight-bandwidth floor", int8["decode_ms"] / int8["floor_ms"], 1.25)
     return out
 
 
