@@ -37,13 +37,15 @@ class StatsSession:
         past = next(i for i in self.sess.get_inputs() if i.name == io.past_key(0))
         self.layers = sum(1 for i in self.sess.get_inputs() if i.name.endswith(".key"))
         self.heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+        self.static = any(i.name == io.WRITE_INDICES for i in self.sess.get_inputs())
 
     def batches(self, windows: np.ndarray, batch: int, label: str, progress: bool):
         bar = Progress(len(windows), label, progress)
         for start in range(0, len(windows), batch):
             ids = windows[start: start + batch]
             pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-            feeds = io.prompt_feeds(ids, np.ones_like(ids), pos, self.layers, self.heads, self.head_dim, "float32")
+            feeds = io.prompt_feeds(ids, np.ones_like(ids), pos, self.layers, self.heads, self.head_dim, "float32",
+                                    self.static)
             yield dict(zip(self.activations, self.sess.run(self.activations, feeds)))
             bar.update(min(start + batch, len(windows)))
 

@@ -87,6 +87,9 @@ def precision(manifest: dict) -> str:
 
 def engine_profiles(manifest: dict, options: BuildOptions) -> tuple[dict, dict]:
     """({profile: {axis: [min, opt, max]}}, {profile: {input: [min, opt, max shapes]}}), validated."""
+    if manifest.get("export_options", {}).get("kv_cache") == "static":
+        raise BuildError("--kv-cache static artifacts run on ONNX Runtime only for now (the TensorRT runtime keeps "
+                         "the dynamic cache contract); export with --kv-cache dynamic")
     limit = int(manifest["config"]["max_position_embeddings"])
     if options.max_context > limit:
         raise BuildError(f"--max-context {options.max_context} is past the model's max_position_embeddings {limit}")

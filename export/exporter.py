@@ -89,7 +89,9 @@ def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool =
             "io": sections,
             "dynamic_axes": {io.BATCH: "batch size", io.SEQUENCE: "new tokens this step",
                              io.PAST_SEQUENCE: "cached tokens (0 for the prompt step)",
-                             io.TOTAL_SEQUENCE: "past_sequence + sequence"},
+                             io.TOTAL_SEQUENCE: "past_sequence + sequence",
+                             **({io.CACHE_SEQUENCE: "static cache slots (prompt + new tokens)"}
+                                if options.kv_cache == "static" else {})},
         }
         if options.attention == "plugin":
             body["plugin"] = {"domain": PLUGIN_DOMAIN, "op_type": PLUGIN_OP, "version": PLUGIN_VERSION}

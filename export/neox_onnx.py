@@ -105,6 +105,20 @@ class _Emitter:
         pad = g.op("Unsqueeze", [g.op("Cast", [io.ATTENTION_MASK], to=onnx.TensorProto.BOOL), g.const([1, 2])])  # [B,1,1,T]
         return g.op("And", [causal, pad])  # [B,1,S,T]
 
+    def static_allowed_mask(self) -> str:
+        """Boolean [B,1,S,C] over cache slots: slot j visible from query s iff j <= write_indices[b] + s and
+        attention_mask[b, j] (padding and unwritten slots are 0)."""
+        g = self.g
+        g.scope = "/mask"
+        slots = g.op("Gather", [g.op("Shape", [io.ATTENTION_MASK]), g.const(1)], axis=0)  # C (scalar)
+        seq = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), g.const(1)], axis=0)  # S (scalar)
+        key_slot = g.op("Unsqueeze", [g.op("Range", [g.const(0), slots, g.const(1)]), g.const([0, 1])])  # [1,1,C]
+        query_slot = g.op("Add", [g.op("Unsqueeze", [io.WRITE_INDICES, g.const([1])]),
+                                  g.op("Unsqueeze", [g.op("Range", [g.const(0), seq, g.const(1)]), g.const([0])])])
+        causal = g.op("LessOrEqual", [key_slot, g.op("Unsqueeze", [query_slot, g.const([2])])])  # [B,S,C]
+        pad = g.op("Unsqueeze", [g.op("Cast", [io.ATTENTION_MASK], to=onnx.TensorProto.BOOL), g.const([1, 2])])
+        return g.op("And", [g.op("Unsqueeze", [causal, g.const([1])]), pad])  # [B,1,S,C]
+
     def rope_angles(self) -> tuple[str, str]:
         """cos, sin [B,S,R] in fp32 from position_ids (as rope_cos_sin in the model)."""
         g = self.g
@@ -166,6 +180,11 @@ class _Emitter:
         cos, sin = shared["cos_cache"], shared["sin_cache"]
         q = g.op("RotaryEmbedding", [q, cos, sin, io.POSITION_IDS], rotary_embedding_dim=cfg.rotary_dim)
         k = g.op("RotaryEmbedding", [k, cos, sin, io.POSITION_IDS], rotary_embedding_dim=cfg.rotary_dim)
+        if self.opt.kv_cache == "static":  # write k, v into their slots (in place when past and present share
+            # a buffer), attend over all slots; the mask hides padding and slots not written yet
+            k_all = g.op("TensorScatter", [io.past_key(i), k, io.WRITE_INDICES], [io.present_key(i)], axis=-2)
+            v_all = g.op("TensorScatter", [io.past_value(i), v, io.WRITE_INDICES], [io.present_value(i)], axis=-2)
+            return self.merge_heads(g.op("Attention", [q, k_all, v_all, shared["bias"]], scale=cfg.head_dim**-0.5))
         y = g.op("Attention", [q, k, v, shared["bias"], io.past_key(i), io.past_value(i)],
                  [g._unique(f"/layers.{i}/attention/Y"), io.present_key(i), io.present_value(i)],
                  scale=cfg.head_dim**-0.5)[0]
@@ -193,7 +212,7 @@ class _Emitter:
             return {"cos4": cos4, "sin4": sin4, "allowed": self.allowed_mask()}
         if flavour == "fused":
             cos_cache, sin_cache = self.rope_caches()
-            allowed = self.allowed_mask()
+            allowed = self.static_allowed_mask() if self.opt.kv_cache == "static" else self.allowed_mask()
             fill = FP16_MASK if self.fp16 else F32_MIN
             dt = self.wdt
             bias = g.op("Where", [allowed, g.const(0.0, dt), g.const(fill, dt)])  # additive [B,1,S,T]
@@ -240,7 +259,7 @@ class _Emitter:
         else:
             g.op("Identity", [logits], [io.LOGITS])
         inputs, outputs = io.io_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.vocab_size,
-                                     "float16" if self.fp16 else "float32", self.opt.logits)
+                                     "float16" if self.fp16 else "float32", self.opt.logits, self.opt.kv_cache)
         return g.make_model("neoxrt_gpt_neox", inputs, outputs, self.opt.opset,
                             doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}")
 

@@ -10,8 +10,10 @@ from neoxrt.errors import ExportError
 DTYPES = ("fp32", "fp16")
 ATTENTIONS = ("decomposed", "fused", "plugin")
 LOGITS = ("all", "last")
+KV_CACHES = ("dynamic", "static")
 # opsets we emit and test, per attention flavour; the first is the default
-OPSETS = {"decomposed": (17, 18, 19, 20, 21, 22, 23), "fused": (23,), "plugin": (17, 18, 19, 20, 21, 22, 23)}
+OPSETS = {"decomposed": (17, 18, 19, 20, 21, 22, 23), "fused": (23, 24), "plugin": (17, 18, 19, 20, 21, 22, 23)}
+STATIC_OPSET = 24  # TensorScatter
 TWO_GB = 2**31 - 1
 
 
@@ -25,6 +27,8 @@ class ExportOptions:
     external_data_threshold: weight bytes past which weights go to model.onnx.data (2 GB protobuf limit).
     logits: all (logits [B, S, V], optimum's contract) or last ([B, 1, V]: the prompt step skips the LM head
         for every position but the last -- what generation needs, a third of a 128-token prompt's work).
+    kv_cache: dynamic (past [B,H,P,D] in, present [B,H,P+S,D] out: optimum's contract) or static (fixed
+        slots updated in place with TensorScatter-24: no per-step cache copy; fused attention only).
     """
 
     dtype: str = "fp32"
@@ -32,13 +36,20 @@ class ExportOptions:
     opset: int | None = None
     external_data_threshold: int = TWO_GB
     logits: str = "all"
+    kv_cache: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ATTENTIONS:
             raise ExportError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise ExportError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         allowed = OPSETS[self.attention]
+        if self.kv_cache == "static":
+            if self.attention != "fused":
+                raise ExportError(f"--kv-cache static needs --attention fused, got --attention {self.attention}")
+            allowed = (STATIC_OPSET,)
         if self.opset is None:
             object.__setattr__(self, "opset", allowed[0])
         elif self.opset not in allowed:

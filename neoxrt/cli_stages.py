@@ -16,13 +16,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         external_data_threshold=TWO_GB if args.external_data_threshold is None else args.external_data_threshold,
         logits=args.logits,
+        kv_cache=args.kv_cache,
     )
     export_checkpoint(args.checkpoint, args.out_dir, options, force=args.force)
     return 0
 
 
 def _add_export(sub) -> None:
-    from neoxrt.export.options import ATTENTIONS, DTYPES, LOGITS
+    from neoxrt.export.options import ATTENTIONS, DTYPES, KV_CACHES, LOGITS
 
     p = sub.add_parser("export", help="export a checkpoint to an ONNX artifact folder")
     p.add_argument("checkpoint", help="checkpoint folder (Hugging Face format) or hub id")
@@ -34,6 +35,9 @@ def _add_export(sub) -> None:
     p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: the flavour's lowest)")
     p.add_argument("--logits", default="all", choices=LOGITS,
                    help="all (optimum's contract, default) or last: [B, 1, V], faster prompts for generation")
+    p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHES,
+                   help="dynamic (optimum's contract, default) or static: fixed slots updated in place, no per-step "
+                        "cache copy (fused attention, opset 24)")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="weights past this many bytes go to model.onnx.data (default 2 GB)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")

@@ -2,6 +2,10 @@
 
 Names follow optimum's ONNX decoders (`add_past_key_values`), so ORTModelForCausalLM and other tools run
 our exports unchanged. One graph serves the prompt step (past_sequence = 0) and every decode step.
+
+The static KV cache variant (`--kv-cache static`) keeps the cache in fixed slots: past and present are both
+[B, H, cache_sequence, D] (the runtime binds them to one buffer, updated in place by TensorScatter),
+`attention_mask` covers the slots, and `write_indices` [B] says where this step's tokens go.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ BATCH = "batch"
 SEQUENCE = "sequence"
 PAST_SEQUENCE = "past_sequence"
 TOTAL_SEQUENCE = "total_sequence"  # = past_sequence + sequence
+CACHE_SEQUENCE = "cache_sequence"  # static KV cache: slots allocated for the whole generation
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+WRITE_INDICES = "write_indices"  # static KV cache: the slot each row's new tokens are written at
 
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
@@ -59,15 +65,19 @@ class TensorSpec:
 
 
 def io_spec(num_layers: int, num_heads: int, head_dim: int, vocab_size: int, kv_dtype: str,
-            logits: str = "all") -> tuple[list, list]:
-    """(inputs, outputs) of the portable decoder contract; logits "last": [B, 1, V], the last position only."""
-    kv_in = (BATCH, num_heads, PAST_SEQUENCE, head_dim)
-    kv_out = (BATCH, num_heads, TOTAL_SEQUENCE, head_dim)
+            logits: str = "all", kv_cache: str = "dynamic") -> tuple[list, list]:
+    """(inputs, outputs) of the decoder contract; logits "last": [B, 1, V], the last position only;
+    kv_cache "static": fixed cache slots and a write_indices input (see the module docstring)."""
+    static = kv_cache == "static"
+    kv_in = (BATCH, num_heads, CACHE_SEQUENCE if static else PAST_SEQUENCE, head_dim)
+    kv_out = (BATCH, num_heads, CACHE_SEQUENCE if static else TOTAL_SEQUENCE, head_dim)
     inputs = [
         TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
-        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_SEQUENCE)),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, CACHE_SEQUENCE if static else TOTAL_SEQUENCE)),
         TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
     ]
+    if static:
+        inputs.append(TensorSpec(WRITE_INDICES, "int64", (BATCH,)))
     outputs = [TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE if logits == "all" else 1, vocab_size))]
     for i in range(num_layers):
         inputs += [TensorSpec(past_key(i), kv_dtype, kv_in), TensorSpec(past_value(i), kv_dtype, kv_in)]
@@ -80,12 +90,15 @@ def logits_rows(output_spec: TensorSpec, sequence: int) -> int:
     return sequence if isinstance(output_spec.shape[1], str) else int(output_spec.shape[1])
 
 
-def prompt_feeds(ids, mask, pos, layers: int, heads: int, head_dim: int, kv_dtype: str) -> dict:
-    """Feeds for a prompt step (past_sequence 0): the three id inputs and empty past tensors."""
+def prompt_feeds(ids, mask, pos, layers: int, heads: int, head_dim: int, kv_dtype: str, static: bool = False) -> dict:
+    """Feeds for a prompt step (past_sequence 0): the three id inputs and empty past tensors (for a static
+    cache: S zeroed slots and write_indices 0)."""
     import numpy as np
 
-    empty = np.zeros((len(ids), heads, 0, head_dim), kv_dtype)
+    empty = np.zeros((len(ids), heads, ids.shape[1] if static else 0, head_dim), kv_dtype)
     feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: pos}
+    if static:
+        feeds[WRITE_INDICES] = np.zeros(len(ids), np.int64)
     for i in range(layers):
         feeds[past_key(i)] = feeds[past_value(i)] = empty
     return feeds

@@ -29,6 +29,7 @@ def session_options(threads: int | None = None, base: ort.SessionOptions | None 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only (TensorScatter warns on every run that is not in place)
     return options
 
 
@@ -50,37 +51,32 @@ class OrtSession:
         names = [o.name for o in self._outputs]
         return dict(zip(names, self.sess.run(names, feeds)))
 
-    def decoder(self, batch: int, max_total: int) -> OrtBoundDecoder:
+    def decoder(self, batch: int, max_total: int) -> OrtBoundDecoder | OrtStaticDecoder:
+        if any(s.name == io.WRITE_INDICES for s in self._inputs):
+            return OrtStaticDecoder(self, batch, max_total)
         return OrtBoundDecoder(self, batch, max_total)
 
 
-class OrtBoundDecoder:
-    """KV cache in two pre-allocated flat buffers per tensor, bound to ORT by pointer (ping-pong)."""
+class _Bound:
+    """What both I/O-binding decoders share: cache geometry, logits buffers, binding and the step checks."""
 
     def __init__(self, session: OrtSession, batch: int, max_total: int):
         spec = {s.name: s for s in session.io_spec()[0]}[io.past_key(0)]
         _, self.heads, _, self.head_dim = spec.shape
         self.dtype = np.dtype(spec.dtype)
         self.session, self.batch, self.max_total, self.past_len = session, batch, max_total, 0
-        size = batch * self.heads * max_total * self.head_dim
-        names = [n for i in range(session.num_layers) for n in (io.past_key(i), io.past_value(i))]
-        self.names = names
-        self.buffers = [[np.zeros(size, self.dtype) for _ in names] for _ in range(2)]  # [ping|pong][tensor]
-        self.current = 0
+        self.names = [n for i in range(session.num_layers) for n in (io.past_key(i), io.past_value(i))]
         self.logits_spec = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
         self.vocab = self.logits_spec.shape[-1]
         self.logits: dict[tuple[int, int], np.ndarray] = {}
         self.binding = session.sess.io_binding()
 
-    def _view(self, side: int, j: int, length: int) -> np.ndarray:
-        n = self.batch * self.heads * length * self.head_dim
-        return self.buffers[side][j][:n].reshape(self.batch, self.heads, length, self.head_dim)
-
     def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
         bind = self.binding.bind_output if output else self.binding.bind_input
         bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
-    def step(self, input_ids, attention_mask, position_ids):
+    def _begin(self, input_ids, attention_mask, position_ids, extra: dict | None = None) -> tuple[int, np.ndarray]:
+        """Check the step, bind the id inputs (and `extra`); returns (total, logits buffer)."""
         b, s = input_ids.shape
         total = self.past_len + s
         if b != self.batch or attention_mask.shape != (b, total):
@@ -93,21 +89,39 @@ class OrtBoundDecoder:
         logits = self.logits.get((b, s))
         if logits is None:  # once for the prompt shape, once for the decode shape
             logits = self.logits[(b, s)] = np.empty((b, io.logits_rows(self.logits_spec, s), self.vocab), np.float32)
-        binding = self.binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
         feeds = {io.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
                  io.ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
-                 io.POSITION_IDS: np.ascontiguousarray(position_ids, np.int64)}
+                 io.POSITION_IDS: np.ascontiguousarray(position_ids, np.int64), **(extra or {})}
+        self._feeds = feeds  # bound by pointer: the arrays must outlive the run
         for name, array in feeds.items():
             self._bind(name, array, output=False)
+        self._bind(io.LOGITS, logits, output=True)
+        return total, logits
+
+
+class OrtBoundDecoder(_Bound):
+    """KV cache in two pre-allocated flat buffers per tensor, bound to ORT by pointer (ping-pong)."""
+
+    def __init__(self, session: OrtSession, batch: int, max_total: int):
+        super().__init__(session, batch, max_total)
+        size = batch * self.heads * max_total * self.head_dim
+        self.buffers = [[np.zeros(size, self.dtype) for _ in self.names] for _ in range(2)]  # [ping|pong][tensor]
+        self.current = 0
+
+    def _view(self, side: int, j: int, length: int) -> np.ndarray:
+        n = self.batch * self.heads * length * self.head_dim
+        return self.buffers[side][j][:n].reshape(self.batch, self.heads, length, self.head_dim)
+
+    def step(self, input_ids, attention_mask, position_ids):
+        total, logits = self._begin(input_ids, attention_mask, position_ids)
         nxt = 1 - self.current
         for j, name in enumerate(self.names):
             self._bind(name, self._view(self.current, j, self.past_len), output=False)
             present = name.replace("past_key_values.", "present.")
             self._bind(present, self._view(nxt, j, total), output=True)
-        self._bind(io.LOGITS, logits, output=True)
-        self.session.sess.run_with_iobinding(binding)
+        self.session.sess.run_with_iobinding(self.binding)
         self.current, self.past_len = nxt, total
         return logits[:, -1]
 
@@ -121,3 +135,35 @@ class OrtBoundDecoder:
             n = src.size
             self.buffers[other][j][:n] = src.reshape(-1)
         self.batch, self.current = new_batch, other
+
+
+class OrtStaticDecoder(_Bound):
+    """Static-cache graphs (`--kv-cache static`): one buffer per cache tensor, [B, H, max_total, D], bound as
+    both past and present, so TensorScatter writes each step's keys and values in place -- no per-step cache
+    copy (ONNX Runtime skips the copy when the two buffers are the same)."""
+
+    def __init__(self, session: OrtSession, batch: int, max_total: int):
+        super().__init__(session, batch, max_total)
+        self.cache = [np.zeros((batch, self.heads, max_total, self.head_dim), self.dtype) for _ in self.names]
+        self.mask = np.zeros((batch, max_total), np.int64)
+
+    def step(self, input_ids, attention_mask, position_ids):
+        b = input_ids.shape[0]
+        if attention_mask.shape[0] == b and attention_mask.shape[1] <= self.max_total:
+            self.mask[:b, :attention_mask.shape[1]] = attention_mask
+        extra = {io.WRITE_INDICES: np.full(b, self.past_len, np.int64)}
+        total, logits = self._begin(input_ids, attention_mask, position_ids, extra)
+        self._bind(io.ATTENTION_MASK, self.mask[:b], output=False)  # over all slots
+        for name, buf in zip(self.names, self.cache):
+            self._bind(name, buf[:b], output=False)
+            self._bind(name.replace("past_key_values.", "present."), buf[:b], output=True)
+        self.session.sess.run_with_iobinding(self.binding)
+        self.past_len = total
+        return logits[:, -1]
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows)
+        for buf in self.cache:
+            buf[: len(rows)] = buf[rows]
+        self.mask[: len(rows)] = self.mask[rows]
+        self.batch = len(rows)

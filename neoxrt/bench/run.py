@@ -18,13 +18,15 @@ import numpy as np
 
 from neoxrt.bench.shapes import shape_checkpoint
 
-ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-int8",
+ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-fused-static-last",
+           "neoxrt-ort-int8",
            "neoxrt-ort-int8-dynamic", "optimum-ort", "optimum-ort-int8-dynamic", "hf-sdpa", "hf-eager"]
 INT8_ENGINES = {"neoxrt-ort-int8", "neoxrt-ort-int8-dynamic", "optimum-ort-int8-dynamic"}
 # neoxrt-ort-<variant> -> (export artifact name, its ExportOptions, calibration options or None)
 NEOXRT_VARIANTS = {"decomposed": ("decomposed", {"attention": "decomposed"}, None),
                    "fused": ("fused", {}, None),
                    "fused-last": ("fused-last", {"logits": "last"}, None),
+                   "fused-static-last": ("fused-static-last", {"logits": "last", "kv_cache": "static"}, None),
                    "int8": ("fused", {}, {}),
                    "int8-dynamic": ("fused", {}, {"method": "ort-dynamic"})}
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]

@@ -71,6 +71,7 @@ class Comparison:
         if cfg.to_dict() != self.manifest["config"]:
             raise ArtifactError(f"reference {reference} is not the model the artifact was exported from (configs differ)")
         self.kv_dtype = next(t["dtype"] for t in self.manifest["io"]["inputs"] if t["name"] == io.past_key(0))
+        self.static = any(t["name"] == io.WRITE_INDICES for t in self.manifest["io"]["inputs"])
         self.shape = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
 
     def _reference_forward(self, ids, mask, pos, hooks: bool = False):
@@ -92,7 +93,7 @@ class Comparison:
     def forward(self) -> dict:
         rows = self.generator.encode(self.options.prompts)
         ids, mask, pos = left_pad(rows)
-        out = self.generator.session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
+        out = self.generator.session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype, self.static))
         ref_logits, ref_presents, _ = self._reference_forward(ids, mask, pos)
         valid = mask.astype(bool)
         rows = out[io.LOGITS].shape[1]  # S, or 1 for a last-position-only graph
@@ -131,7 +132,7 @@ class Comparison:
         session = self.generator.session
         spec = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
         if io.logits_rows(spec, ids.shape[1]) == ids.shape[1]:
-            return session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))[io.LOGITS]
+            return session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype, self.static))[io.LOGITS]
         decoder = session.decoder(len(ids), ids.shape[1])
         steps = [decoder.step(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1]).copy() for t in range(ids.shape[1])]
         return np.stack(steps, axis=1)
@@ -174,7 +175,7 @@ class Comparison:
             session = OrtSession(path)
         rows = self.generator.encode(self.options.prompts)
         ids, mask, pos = left_pad(rows)
-        out = session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype))
+        out = session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype, self.static))
         _, _, ref_hidden = self._reference_forward(ids, mask, pos, hooks=True)
         valid = mask.astype(bool)[:, :, None]
         errors = []
