@@ -82,3 +82,16 @@ def test_every_neoxrt_engine_names_a_valid_export_and_calibration():
         ExportOptions(**export_options)
         if calibration is not None:
             CalibrationOptions(**calibration)
+
+
+def test_rounds_are_pooled_per_case():
+    from neoxrt.bench.run import merge_rounds
+
+    a = {"cases": {"b1_c128": {"prompt_ms": [1.0], "decode_ms_per_token": [10.0, 11.0], "batch": 1, "context": 128}},
+         "peak_rss_mib": 100.0}
+    b = {"cases": {"b1_c128": {"prompt_ms": [2.0], "decode_ms_per_token": [30.0], "batch": 1, "context": 128}},
+         "peak_rss_mib": 120.0}
+    merged = merge_rounds([a, b])
+    assert merged["cases"]["b1_c128"]["decode_ms_per_token"] == [10.0, 11.0, 30.0]
+    assert merged["cases"]["b1_c128"]["prompt_ms"] == [1.0, 2.0] and merged["peak_rss_mib"] == 120.0
+    assert a["cases"]["b1_c128"]["decode_ms_per_token"] == [10.0, 11.0]  # inputs untouched
