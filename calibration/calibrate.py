@@ -37,6 +37,7 @@ CACHE_FILE = "calibration_cache.npz"
 SUMMARY_FILE = "calibration.md"
 RANGES_FILE = "calibration_ranges.json"
 COPIED = ("export_options", "opset", "config", "checkpoint", "checkpoint_sha256", "dynamic_axes")
+OUTLIER_RATIO = 20  # largest / median channel max|x| past which a tensor is flagged
 
 
 def _source_manifest(src: Path) -> dict:
@@ -76,8 +77,7 @@ class CalibrationCache:
         try:
             with np.load(path, allow_pickle=False) as data:
                 key = json.loads(str(data["key"]))
-                names = [str(data[k]) for k in sorted(data.files, key=lambda k: int(k.split("_")[1]) if "_" in k else -1)
-                         if k.startswith("name_")]
+                names = [str(data[f"name_{i}"]) for i in range(sum(k.startswith("name_") for k in data.files))]
                 absmax = {n: data[f"absmax_{i}"] for i, n in enumerate(names)}
                 thresholds = {n: float(data[f"threshold_{i}"]) for i, n in enumerate(names)}
         except (OSError, ValueError, KeyError) as exc:
@@ -116,13 +116,14 @@ def summarise(absmax: dict[str, np.ndarray], factors: dict[str, np.ndarray], thr
 def summary_markdown(rows: list[dict], options: CalibrationOptions) -> str:
     sq = f"alpha {options.smoothquant}" if options.smoothquant else "off"
     lines = [f"# Calibration ranges ({options.method}, SmoothQuant {sq})", "",
-             "outlier ratio = largest channel max|x| / median channel max|x|; over 20 marks an outlier tensor.", "",
+             f"outlier ratio = largest channel max|x| / median channel max|x|; over {OUTLIER_RATIO} marks an outlier "
+             "tensor.", "",
              "| activation | max abs | outlier ratio | SmoothQuant max s | max abs after | ratio after | threshold |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         s = f"{r['smoothquant_max_factor']:.2f}" if r["smoothquant_max_factor"] is not None else "-"
         t = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
-        flag = " **outliers**" if r["outlier_ratio"] > 20 else ""
+        flag = " **outliers**" if r["outlier_ratio"] > OUTLIER_RATIO else ""
         lines.append(f"| {r['activation']} | {r['absmax']:.4g} | {r['outlier_ratio']:.1f}{flag} | {s} | "
                      f"{r['absmax_after_smoothing']:.4g} | {r['outlier_ratio_after']:.1f} | {t} |")
     return "\n".join(lines) + "\n"
@@ -145,30 +146,27 @@ def ort_dynamic(src_model: Path, out_model: Path) -> None:
         root.setLevel(level)
 
 
-
-
-def _cache_key(body: dict, texts, options: CalibrationOptions) -> dict:
-    return {"source": {"model_sha256": body["source"]["model_sha256"]},
+def _cache_key(model_sha256: str, texts, options: CalibrationOptions) -> dict:
+    return {"source": {"model_sha256": model_sha256},
             "data": {d["file"]: d["sha256"] for d in data_fingerprint(texts)},
             "options": {k: v for k, v in options.to_dict().items() if k != "batch"}}
 
 
-def _activation_ranges(model, src: Path, manifest: dict, targets, groups, texts, options: CalibrationOptions, out: Path,
-                       cache, recalibrate: bool, threads, progress: bool, log):
-    """(per-channel max|x|, thresholds, windows or None) -- from the cache when it matches, else measured."""
+def _activation_ranges(model, src: Path, manifest: dict, targets, groups, texts, options: CalibrationOptions, key: dict,
+                       cache_path: Path, recalibrate: bool, threads, progress: bool, log):
+    """(per-channel max|x|, SmoothQuant factors, thresholds, windows or None) -- from the cache when it
+    matches `key`, else measured."""
     from tokenizers import Tokenizer
 
     acts = sorted({t.activation for t in targets})
-    body = {"source": {"model_sha256": manifest["files"][io.MODEL_FILE]}}
-    key = _cache_key(body, texts, options)
-    cache_path = Path(cache) if cache else out / CACHE_FILE
     if cache_path.is_file() and not recalibrate:
         cached = CalibrationCache.load(cache_path)
         if cached.key != key:
             raise CalibrationError(f"calibration cache {cache_path} was made for other inputs "
                                    f"({_key_difference(cached.key, key)}); pass --recalibrate to replace it")
         log(f"reusing calibration cache {cache_path}")
-        return cached.absmax, cached.thresholds, None
+        factors = group_factors(model, groups, cached.absmax, options.smoothquant) if groups else {}
+        return cached.absmax, factors, cached.thresholds, None
     if not (src / io.TOKENIZER_FILE).is_file():
         raise CalibrationError(f"source artifact {src} has no {io.TOKENIZER_FILE}; calibration text needs the tokenizer")
     tokenizer = Tokenizer.from_file(str(src / io.TOKENIZER_FILE))
@@ -184,7 +182,7 @@ def _activation_ranges(model, src: Path, manifest: dict, targets, groups, texts,
         hists = abs_histograms(stats, windows, options.batch, top, factors, progress)
     thresholds = {a: choose_threshold(options.method, top[a], None if hists is None else hists[a], options.percentile)
                   for a in acts}
-    return absmax, thresholds, windows
+    return absmax, factors, thresholds, windows
 
 
 def _qdq_artifact(src: Path, out: Path, tmp: Path, manifest: dict, body: dict, files: list[str], options: CalibrationOptions,
@@ -199,28 +197,28 @@ def _qdq_artifact(src: Path, out: Path, tmp: Path, manifest: dict, body: dict, f
     if not targets:
         raise CalibrationError(f"source artifact {src}: no fp32 MatMul weights to quantize")
     groups = smooth_groups(model, targets) if options.smoothquant and not options.weights_only else []
-    texts, absmax, thresholds, factors, windows = [], {}, {}, {}, None
+    texts, absmax, thresholds, factors, windows, key = [], {}, {}, {}, None, None
+    cache_path = Path(cache) if cache else out / CACHE_FILE
     if not options.weights_only:  # weights-only needs no data: weight scales come from the weights
         texts = read_texts(data or [CALIBRATION_TEXT])
-        absmax, thresholds, windows = _activation_ranges(model, src, manifest, targets, groups, texts, options,
-                                                         out, cache, recalibrate, threads, progress, log)
-        factors = group_factors(model, groups, absmax, options.smoothquant) if groups else {}
+        key = _cache_key(body["source"]["model_sha256"], texts, options)
+        absmax, factors, thresholds, windows = _activation_ranges(model, src, manifest, targets, groups, texts, options,
+                                                                  key, cache_path, recalibrate, threads, progress, log)
     fold_factors(model, groups, factors)
     qdq_from_onnx(model, targets, thresholds, options.weights_only)
     files += save_onnx(model, tmp / io.MODEL_FILE, TWO_GB)
     if not options.weights_only:
-        cache_key = _cache_key(body, texts, options)
-        CalibrationCache(cache_key, absmax, thresholds).save(tmp / CACHE_FILE)
-        if cache and Path(cache).resolve() != (out / CACHE_FILE).resolve():
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            CalibrationCache(cache_key, absmax, thresholds).save(Path(cache))
+        CalibrationCache(key, absmax, thresholds).save(tmp / CACHE_FILE)
+        if cache_path.resolve() != (out / CACHE_FILE).resolve():
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            CalibrationCache(key, absmax, thresholds).save(cache_path)
         rows = summarise(absmax, factors, thresholds)
         (tmp / SUMMARY_FILE).write_text(summary_markdown(rows, options))
         (tmp / RANGES_FILE).write_text(json.dumps(rows, indent=1) + "\n")
         files += [CACHE_FILE, SUMMARY_FILE, RANGES_FILE]
         body["calibration"].update(
             data=data_fingerprint(texts), windows=None if windows is None else int(len(windows)),
-            outlier_tensors=[r["activation"] for r in rows if r["outlier_ratio"] > 20])
+            outlier_tensors=[r["activation"] for r in rows if r["outlier_ratio"] > OUTLIER_RATIO])
     body["quantization"] = {
         "matmuls": len(targets), "weights": "int8 symmetric per output channel",
         "activations": "fp32" if options.weights_only else "int8 symmetric per tensor",

@@ -46,9 +46,5 @@ class CalibrationOptions:
         if self.batch < 1:
             raise CalibrationError(f"batch must be at least 1, got {self.batch}")
 
-    @property
-    def needs_data(self) -> bool:
-        return self.method != "ort-dynamic" and not (self.weights_only and self.smoothquant is None)
-
     def to_dict(self) -> dict:
         return asdict(self)

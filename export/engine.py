@@ -26,7 +26,7 @@ from neoxrt.engine_meta import ENGINE_FILE
 from neoxrt.errors import ArtifactError, BuildError
 from neoxrt.export.tensorrt_graph import check_tensorrt_support, tensorrt_ready
 from neoxrt.fsutil import atomic_dir
-from neoxrt.manifest import read_manifest, write_manifest
+from neoxrt.manifest import precision_of, read_manifest, write_manifest
 
 STAGE = "build"
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus")
@@ -77,12 +77,6 @@ class BuildOptions:
         d = dataclasses.asdict(self)
         d["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
         return d
-
-
-def precision(manifest: dict) -> str:
-    if manifest["stage"] == "calibrate":
-        return "int8"
-    return manifest["export_options"]["dtype"]
 
 
 def engine_profiles(manifest: dict, options: BuildOptions) -> tuple[dict, dict]:
@@ -162,7 +156,7 @@ def build_engine_artifact(src, out, options: BuildOptions, force: bool = False, 
         body = {k: manifest[k] for k in ("config", "io", "checkpoint_sha256", "export_options", "plugin") if k in manifest}
         body.update(source={"artifact": str(src.resolve()), "stage": manifest["stage"],
                             "model_sha256": manifest["files"][io.MODEL_FILE]},
-                    precision=precision(manifest), build_options=options.to_dict(), profiles=axes,
+                    precision=precision_of(manifest), build_options=options.to_dict(), profiles=axes,
                     profile_order=list(axes), engine=facts)
         result = write_manifest(tmp, STAGE, body, files)
     log(f"wrote {out} ({body['precision']} engine, TensorRT {facts['tensorrt']}, {facts['gpu']}) "

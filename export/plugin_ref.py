@@ -44,37 +44,48 @@ def gpt_neox_attention(qkv, cos, sin, mask, past_key, past_value, *, num_heads, 
     return out, k_all, v_all
 
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()
+
+
+def register_contrib_op(op_type: str, impl) -> None:
+    """Register `impl(qkv, cos, sin, mask, past_key, past_value, num_heads, head_size, rotary_dim, scale)
+    -> (out, present_key, present_value)` as `op_type` in onnxruntime-extensions' domain (once per op type)."""
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    if op_type in _REGISTERED:
+        return
+    f32, i32 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32
+
+    @onnx_op(op_type=op_type, domain=CONTRIB_DOMAIN, inputs=[f32, f32, f32, i32, f32, f32], outputs=[f32, f32, f32],
+             attrs={"num_heads": PyCustomOpDef.dt_int64, "head_size": PyCustomOpDef.dt_int64,
+                    "rotary_dim": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float,
+                    "plugin_namespace": PyCustomOpDef.dt_string, "plugin_version": PyCustomOpDef.dt_string,
+                    "aot": PyCustomOpDef.dt_int64})
+    def _attention(qkv, cos, sin, mask, past_key, past_value, **attrs):
+        return impl(qkv, cos, sin, mask, past_key, past_value, int(attrs["num_heads"]), int(attrs["head_size"]),
+                    int(attrs["rotary_dim"]), float(attrs["scale"]))
+
+    _REGISTERED.add(op_type)
 
 
 def onnxruntime_session_options():
-    """SessionOptions with our op registered (domain ai.onnx.contrib) through onnxruntime-extensions."""
+    """SessionOptions with our op registered (domain ai.onnx.contrib) through onnxruntime-extensions, the numpy
+    reference as its implementation."""
     import onnxruntime as ort
-    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+    from onnxruntime_extensions import get_library_path
 
     from neoxrt.export.neox_onnx import PLUGIN_OP
 
-    global _REGISTERED
-    if not _REGISTERED:
-        f32, i32 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32
-
-        @onnx_op(op_type=PLUGIN_OP, domain=CONTRIB_DOMAIN, inputs=[f32, f32, f32, i32, f32, f32], outputs=[f32, f32, f32],
-                 attrs={"num_heads": PyCustomOpDef.dt_int64, "head_size": PyCustomOpDef.dt_int64,
-                        "rotary_dim": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float,
-                        "plugin_namespace": PyCustomOpDef.dt_string, "plugin_version": PyCustomOpDef.dt_string,
-                        "aot": PyCustomOpDef.dt_int64})
-        def _attention(qkv, cos, sin, mask, past_key, past_value, **attrs):
-            return gpt_neox_attention(qkv, cos, sin, mask, past_key, past_value, num_heads=int(attrs["num_heads"]),
-                                      head_size=int(attrs["head_size"]), scale=float(attrs["scale"]))
-
-        _REGISTERED = True
+    register_contrib_op(PLUGIN_OP, lambda qkv, cos, sin, mask, pk, pv, heads, head, rotary, scale: gpt_neox_attention(
+        qkv, cos, sin, mask, pk, pv, num_heads=heads, head_size=head, scale=scale))
     options = ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
     return options
 
 
-def to_contrib_domain(model):
-    """A copy of an ONNX model whose plugin nodes are in onnxruntime-extensions' domain."""
+def to_contrib_domain(model, op_type: str | None = None):
+    """A copy of an ONNX model whose plugin nodes are in onnxruntime-extensions' domain (renamed to `op_type`
+    when given, to run them with another registered implementation)."""
     import onnx
 
     from neoxrt.export.neox_onnx import PLUGIN_DOMAIN
@@ -83,6 +94,7 @@ def to_contrib_domain(model):
     for node in model.graph.node:
         if node.domain == PLUGIN_DOMAIN:
             node.domain = CONTRIB_DOMAIN
+            node.op_type = op_type or node.op_type
     for opset in model.opset_import:
         if opset.domain == PLUGIN_DOMAIN:
             opset.domain = CONTRIB_DOMAIN

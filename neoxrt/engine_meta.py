@@ -98,7 +98,7 @@ def select_profile(profiles: dict, batch: int, sequence: int, past: int) -> str:
     name = PROMPT if past == 0 else DECODE
     axes = profiles[name]
     for axis, value in ((io.BATCH, batch), (io.SEQUENCE, sequence), (io.PAST_SEQUENCE, past)):
-        r = axes[axis] if isinstance(axes[axis], Range) else Range(*axes[axis])
+        r = axes[axis]
         if not r.contains(value):
             raise RuntimeShapeError(f"engine profile {name} supports {axis} in [{r.min}, {r.max}], got {value}")
     return name

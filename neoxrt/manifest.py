@@ -63,3 +63,12 @@ def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = Tr
             if file_sha256(file) != digest:
                 raise ArtifactError(f"artifact {folder}: {name} does not match its manifest (sha256 differs)")
     return manifest
+
+
+def precision_of(manifest: dict) -> str:
+    """fp32, fp16 or int8: what an artifact computes in (an engine records it; INT8 artifacts are stage calibrate)."""
+    if "precision" in manifest:
+        return manifest["precision"]
+    if manifest.get("stage") == "calibrate":
+        return "int8"
+    return manifest.get("export_options", {}).get("dtype", "fp32")

@@ -10,7 +10,6 @@ tensorrt. Written against the TensorRT 10.x (>= 10.15) and 11.x Python API:
 """
 
 
-import sys
 import time
 
 from neoxrt.errors import BuildError
@@ -180,17 +179,6 @@ class Stream:
 
     def replay(self, graph_exec) -> None:
         check(self.rt.cudaGraphLaunch(graph_exec, self.handle), "cudaGraphLaunch")
-
-
-def tensor_names(engine) -> tuple[list[str], list[str]]:
-    trt = import_tensorrt()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    return inputs, [n for n in names if n not in inputs]
-
-
-def warn(message: str) -> None:
-    print(f"neoxrt: {message}", file=sys.stderr)
 
 
 _PLUGIN_REGISTERED = False

@@ -149,11 +149,10 @@ class OrtStaticDecoder(_Bound):
 
     def step(self, input_ids, attention_mask, position_ids):
         b = input_ids.shape[0]
-        if attention_mask.shape[0] == b and attention_mask.shape[1] <= self.max_total:
-            self.mask[:b, :attention_mask.shape[1]] = attention_mask
-        extra = {io.WRITE_INDICES: np.full(b, self.past_len, np.int64)}
+        # the graph's mask covers every slot: bind the persistent [B, max_total] mask, fill it once checked
+        extra = {io.WRITE_INDICES: np.full(b, self.past_len, np.int64), io.ATTENTION_MASK: self.mask[:b]}
         total, logits = self._begin(input_ids, attention_mask, position_ids, extra)
-        self._bind(io.ATTENTION_MASK, self.mask[:b], output=False)  # over all slots
+        self.mask[:b, :total] = attention_mask
         for name, buf in zip(self.names, self.cache):
             self._bind(name, buf[:b], output=False)
             self._bind(name.replace("past_key_values.", "present."), buf[:b], output=True)

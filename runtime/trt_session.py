@@ -98,7 +98,8 @@ class TrtDecoder:
         cache_bytes = batch * self.heads * max_total * self.head_dim * self.itemsize
         self.cache = [[api.DeviceBuffer(cache_bytes) for _ in self.names] for _ in range(2)]
         self.ids = {n: api.DeviceBuffer(batch * max_total * 8) for n in (io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS)}
-        self.vocab = session.io_spec()[1][0].shape[-1]
+        self.logits_spec = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
+        self.vocab = self.logits_spec.shape[-1]
         self.logits = api.DeviceBuffer(batch * max_total * self.vocab * 4)
         self.graphs: dict[tuple[int, int, int], object] = {}
 
@@ -132,8 +133,7 @@ class TrtDecoder:
             if s == 1 and len(self.graphs) < MAX_GRAPHS:
                 self.graphs[key] = sess.stream.capture(lambda: ctx.execute_async_v3(stream))
         last = np.empty((b, self.vocab), np.float32)
-        spec = next(o for o in self.session.io_spec()[1] if o.name == io.LOGITS)
-        rows, row = io.logits_rows(spec, s), self.vocab * 4
+        rows, row = io.logits_rows(self.logits_spec, s), self.vocab * 4
         for r in range(b):  # logits [B, rows, V]: row r's last position
             self.logits.download(last[r], stream, offset=((r * rows) + rows - 1) * row)
         sess.stream.sync()

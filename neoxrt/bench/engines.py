@@ -65,9 +65,9 @@ def _hf(checkpoint: str, attn: str, threads: int):
     return hf_like(model, torch)
 
 
-def _optimum(checkpoint: str, threads: int, export_dir: str, int8: bool = False):
-    """Optimum's own export on ORTModelForCausalLM; int8: that export through quantize_dynamic (the usual
-    recipe for INT8 on CPU with Optimum)."""
+def _optimum(checkpoint: str, threads: int, export_dir: str, int8_dir: str | None = None):
+    """Optimum's own export (in `export_dir`) on ORTModelForCausalLM; with `int8_dir`, that export through
+    quantize_dynamic (the usual recipe for INT8 on CPU with Optimum)."""
     import shutil
     from pathlib import Path
 
@@ -79,15 +79,15 @@ def _optimum(checkpoint: str, threads: int, export_dir: str, int8: bool = False)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    fp32_dir = Path(export_dir.removesuffix("-int8-dynamic"))
+    fp32_dir = Path(export_dir)
     if not (fp32_dir / "model.onnx").is_file():
         ORTModelForCausalLM.from_pretrained(checkpoint, export=True).save_pretrained(fp32_dir)
-    if int8 and not (Path(export_dir) / "model.onnx").is_file():
+    if int8_dir and not (Path(int8_dir) / "model.onnx").is_file():
         from neoxrt.calibration.calibrate import ort_dynamic
 
-        shutil.copytree(fp32_dir, export_dir, ignore=shutil.ignore_patterns("model.onnx*"))
-        ort_dynamic(fp32_dir / "model.onnx", Path(export_dir) / "model.onnx")
-    model = ORTModelForCausalLM.from_pretrained(export_dir, session_options=options)
+        shutil.copytree(fp32_dir, int8_dir, ignore=shutil.ignore_patterns("model.onnx*"))
+        ort_dynamic(fp32_dir / "model.onnx", Path(int8_dir) / "model.onnx")
+    model = ORTModelForCausalLM.from_pretrained(int8_dir or fp32_dir, session_options=options)
     return hf_like(model, torch)
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
     elif engine in ("hf-eager", "hf-sdpa"):
         run = _hf(spec["checkpoint"], engine[3:], threads)
     elif engine in ("optimum-ort", "optimum-ort-int8-dynamic"):
-        run = _optimum(spec["checkpoint"], threads, spec["artifact"], int8=engine.endswith("int8-dynamic"))
+        run = _optimum(spec["checkpoint"], threads, spec["artifact"], spec.get("int8_artifact"))
     else:
         raise SystemExit(f"unknown engine {engine}")
     vocab = spec["vocab"]

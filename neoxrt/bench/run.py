@@ -139,7 +139,9 @@ def _run_one(name, checkpoint, config, cases, engine, threads, root, log, round_
         artifact = neoxrt_artifact(name, checkpoint, engine.removeprefix("neoxrt-ort-"), root)
         spec.update(engine="neoxrt-ort", artifact=str(artifact))
     elif engine.startswith("optimum-ort"):
-        spec["artifact"] = str(root / f"{name}-optimum{engine.removeprefix('optimum-ort')}")
+        spec["artifact"] = str(root / f"{name}-optimum")
+        if engine == "optimum-ort-int8-dynamic":
+            spec["int8_artifact"] = str(root / f"{name}-optimum-int8-dynamic")
     log(f"  {name}: {engine} (round {round_ + 1}) ...")
     results, rss = run_engine(spec)
     return {"cases": results, "peak_rss_mib": rss}

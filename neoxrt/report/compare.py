@@ -11,6 +11,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError
+from neoxrt.manifest import precision_of
 from neoxrt.progress import Progress
 from neoxrt.report.metrics import TeacherForced, first_divergence, tensor_diff
 from neoxrt.report.thresholds import thresholds_for
@@ -31,12 +32,6 @@ class CompareOptions:
     batch: int = 2
     thresholds: list[str] = field(default_factory=list)
     progress: bool = True
-
-
-def precision_of(manifest: dict) -> str:
-    if manifest.get("stage") == "calibrate":
-        return "int8"
-    return manifest.get("export_options", {}).get("dtype", "fp32")
 
 
 def _windows(tokenizer, texts: list[Path], seq_len: int, count: int) -> np.ndarray:

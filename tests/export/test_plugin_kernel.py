@@ -96,39 +96,23 @@ def test_ahead_of_time_compile_gives_the_ptx_tensorrt_embeds():
 
 
 TRITON_OP = "GptNeoxAttentionTriton"
-_TRITON_REGISTERED = []
+
+
+def _triton(qkv, cos, sin, mask, past_key, past_value, heads, head, rotary, scale):
+    out = attention(*[torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE) for a in (qkv, cos, sin, mask, past_key, past_value)],
+                    heads, head, rotary, scale, block_n=16)
+    return tuple(o.cpu().numpy() for o in out)
 
 
 def _triton_session(proto):
     """The plugin-flavour graph on ONNX Runtime with the Triton kernel as the plugin node's implementation."""
     import onnxruntime as ort
-    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
-    from neoxrt.export.plugin_ref import CONTRIB_DOMAIN, to_contrib_domain
+    from neoxrt.export.plugin_ref import onnxruntime_session_options, register_contrib_op, to_contrib_domain
 
-    if not _TRITON_REGISTERED:
-        f32, i32 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32
-
-        @onnx_op(op_type=TRITON_OP, domain=CONTRIB_DOMAIN, inputs=[f32, f32, f32, i32, f32, f32], outputs=[f32, f32, f32],
-                 attrs={"num_heads": PyCustomOpDef.dt_int64, "head_size": PyCustomOpDef.dt_int64,
-                        "rotary_dim": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float,
-                        "plugin_namespace": PyCustomOpDef.dt_string, "plugin_version": PyCustomOpDef.dt_string,
-                        "aot": PyCustomOpDef.dt_int64})
-        def _run(qkv, cos, sin, mask, past_key, past_value, **attrs):
-            out = attention(*[torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)
-                              for a in (qkv, cos, sin, mask, past_key, past_value)],
-                            int(attrs["num_heads"]), int(attrs["head_size"]), int(attrs["rotary_dim"]),
-                            float(attrs["scale"]), block_n=16)
-            return tuple(o.cpu().numpy() for o in out)
-
-        _TRITON_REGISTERED.append(True)
-    model = to_contrib_domain(proto)
-    for node in model.graph.node:
-        if node.domain == CONTRIB_DOMAIN:
-            node.op_type = TRITON_OP
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(get_library_path())
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    register_contrib_op(TRITON_OP, _triton)
+    model = to_contrib_domain(proto, TRITON_OP)
+    return ort.InferenceSession(model.SerializeToString(), onnxruntime_session_options(), providers=["CPUExecutionProvider"])
 
 
 def test_the_kernel_inside_the_exported_graph_matches_pytorch():
