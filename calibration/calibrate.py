@@ -24,13 +24,13 @@ from neoxrt import contract as io
 from neoxrt.calibration.data import calibration_windows, data_fingerprint, read_texts
 from neoxrt.calibration.observe import StatsSession, abs_histograms, channel_absmax
 from neoxrt.calibration.options import CalibrationOptions
-from neoxrt.calibration.qdq import qdq_from_onnx
+from neoxrt.calibration.qdq import ORT_NBITS_BLOCK_KEY, nbits_block_size, qdq_from_onnx
 from neoxrt.calibration.ranges import choose_threshold
 from neoxrt.calibration.smoothquant import fold_factors, group_factors
 from neoxrt.calibration.targets import quant_targets, smooth_groups
 from neoxrt.errors import ArtifactError, CalibrationError
 from neoxrt.fsutil import atomic_dir
-from neoxrt.manifest import read_manifest, write_manifest
+from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest, write_manifest
 
 STAGE = "calibrate"
 CACHE_FILE = "calibration_cache.npz"
@@ -204,6 +204,11 @@ def _qdq_artifact(src: Path, out: Path, tmp: Path, manifest: dict, body: dict, f
         key = _cache_key(body["source"]["model_sha256"], texts, options)
         absmax, factors, thresholds, windows = _activation_ranges(model, src, manifest, targets, groups, texts, options,
                                                                   key, cache_path, recalibrate, threads, progress, log)
+    else:  # how ONNX Runtime should run it: the MatMulNBits block that fits every weight (see qdq.py)
+        dims = {init.name: init.dims for init in model.graph.initializer}
+        block = nbits_block_size([dims[t.weight][0] for t in targets])
+        if block is not None:
+            body[ORT_SESSION_CONFIG] = {ORT_NBITS_BLOCK_KEY: str(block)}
     fold_factors(model, groups, factors)
     qdq_from_onnx(model, targets, thresholds, options.weights_only)
     files += save_onnx(model, tmp / io.MODEL_FILE, TWO_GB)

@@ -10,6 +10,9 @@ from neoxrt import __version__
 from neoxrt.contract import MANIFEST_FILE
 from neoxrt.errors import ArtifactError
 
+# session config entries an artifact asks ONNX Runtime to use ({key: value}, both strings)
+ORT_SESSION_CONFIG = "onnxruntime_session_config"
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()

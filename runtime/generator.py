@@ -11,7 +11,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, RuntimeShapeError
-from neoxrt.manifest import read_manifest
+from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.sampling import GenerationOptions, next_tokens
 from neoxrt.runtime.session import Session
 
@@ -204,7 +204,7 @@ def _ort_session_for(path: Path, manifest: dict, providers, threads):
     if manifest.get("plugin"):
         raise ArtifactError(f"artifact {path}: plugin graphs run on TensorRT; export with --attention decomposed or fused "
                             "for ONNX Runtime")
-    return OrtSession(model, providers=providers, threads=threads)
+    return OrtSession(model, providers=providers, threads=threads, config=manifest.get(ORT_SESSION_CONFIG))
 
 
 def _check_io(session: Session, manifest: dict, path: Path) -> None:

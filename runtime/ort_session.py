@@ -24,21 +24,27 @@ from neoxrt.errors import RuntimeShapeError
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
-def session_options(threads: int | None = None, base: ort.SessionOptions | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, base: ort.SessionOptions | None = None,
+                    config: dict[str, str] | None = None) -> ort.SessionOptions:
+    """Our defaults, plus `config`: session config entries an artifact records for itself (its manifest's
+    `onnxruntime_session_config`, e.g. the MatMulNBits block of a weights-only INT8 artifact)."""
     options = base or ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only (TensorScatter warns on every run that is not in place)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
 class OrtSession:
     """`Session` over an ONNX file on ONNX Runtime."""
 
-    def __init__(self, path: Path, providers=None, threads: int | None = None, options: ort.SessionOptions | None = None):
+    def __init__(self, path: Path, providers=None, threads: int | None = None, options: ort.SessionOptions | None = None,
+                 config: dict[str, str] | None = None):
         self.path = Path(path)
-        self.sess = ort.InferenceSession(str(self.path), session_options(threads, options),
+        self.sess = ort.InferenceSession(str(self.path), session_options(threads, options, config),
                                          providers=providers or ["CPUExecutionProvider"])
         self._inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), tuple(i.shape)) for i in self.sess.get_inputs()]
         self._outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), tuple(o.shape)) for o in self.sess.get_outputs()]

@@ -19,15 +19,16 @@ import numpy as np
 from neoxrt.bench.shapes import shape_checkpoint
 
 ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-fused-static-last",
-           "neoxrt-ort-int8",
+           "neoxrt-ort-int8", "neoxrt-ort-int8-weights",
            "neoxrt-ort-int8-dynamic", "optimum-ort", "optimum-ort-int8-dynamic", "hf-sdpa", "hf-eager"]
-INT8_ENGINES = {"neoxrt-ort-int8", "neoxrt-ort-int8-dynamic", "optimum-ort-int8-dynamic"}
+INT8_ENGINES = {"neoxrt-ort-int8", "neoxrt-ort-int8-weights", "neoxrt-ort-int8-dynamic", "optimum-ort-int8-dynamic"}
 # neoxrt-ort-<variant> -> (export artifact name, its ExportOptions, calibration options or None)
 NEOXRT_VARIANTS = {"decomposed": ("decomposed", {"attention": "decomposed"}, None),
                    "fused": ("fused", {}, None),
                    "fused-last": ("fused-last", {"logits": "last"}, None),
                    "fused-static-last": ("fused-static-last", {"logits": "last", "kv_cache": "static"}, None),
                    "int8": ("fused", {}, {}),
+                   "int8-weights": ("fused", {}, {"weights_only": True}),
                    "int8-dynamic": ("fused", {}, {"method": "ort-dynamic"})}
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
 
@@ -199,15 +200,19 @@ def targets(lines) -> list[dict]:
         short, long = _find(lines, m, engine, "b1_c128"), _find(lines, m, engine, "b1_c1024")
         if short and long:
             add(f"decode at context 1024 / context 128 ({engine})", long["decode_ms"] / short["decode_ms"], 1.2)
-    int8 = _find(lines, m, "neoxrt-ort-int8", "b1_c128")
-    if int8:
-        fp32 = _find(lines, m, "neoxrt-ort-fused", "b1_c128")
+    fp32 = _find(lines, m, "neoxrt-ort-fused", "b1_c128")
+    for engine in ("neoxrt-ort-int8", "neoxrt-ort-int8-weights"):  # W8A8 (static ranges) and weights-only
+        int8 = _find(lines, m, engine, "b1_c128")
+        if int8 is None:
+            continue
         for anchor, limit in (("optimum-ort-int8-dynamic", 0.6), ("neoxrt-ort-int8-dynamic", 1.0)):
             row = _find(lines, m, anchor, "b1_c128")
             if row:
-                add(f"INT8 decode neoxrt-ort-int8 / {anchor}", int8["decode_ms"] / row["decode_ms"], limit)
+                add(f"INT8 decode {engine} / {anchor}", int8["decode_ms"] / row["decode_ms"], limit)
+                if anchor == "neoxrt-ort-int8-dynamic":  # the prompt too: a decode win must not hide a prompt loss
+                    add(f"INT8 prompt(128) {engine} / {anchor}", int8["prompt_ms"] / row["prompt_ms"], limit)
         if fp32:
-            add("INT8 decode neoxrt-ort-int8 / fp32 neoxrt-ort-fused (1.6x faster)", int8["decode_ms"] / fp32["decode_ms"],
+            add(f"INT8 decode {engine} / fp32 neoxrt-ort-fused (1.6x faster)", int8["decode_ms"] / fp32["decode_ms"],
                 0.625)
     return out
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError
-from neoxrt.manifest import precision_of
+from neoxrt.manifest import ORT_SESSION_CONFIG, precision_of
 from neoxrt.progress import Progress
 from neoxrt.report.metrics import TeacherForced, first_divergence, tensor_diff
 from neoxrt.report.thresholds import thresholds_for
@@ -167,7 +167,7 @@ class Comparison:
         with tempfile.TemporaryDirectory() as tmp:  # the artifact folder is never written to
             path = Path(tmp) / io.MODEL_FILE
             onnx.save_model(model, str(path), save_as_external_data=big, location=io.WEIGHTS_FILE)
-            session = OrtSession(path)
+            session = OrtSession(path, config=self.manifest.get(ORT_SESSION_CONFIG))
         rows = self.generator.encode(self.options.prompts)
         ids, mask, pos = left_pad(rows)
         out = session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype, self.static))

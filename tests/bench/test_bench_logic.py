@@ -56,11 +56,12 @@ def test_int8_rows_use_the_int8_floor_and_get_their_targets():
     engines = result["models"]["pythia-160m"]["engines"]
     base = engines["neoxrt-ort-decomposed"]
 
-    def like(ms):
-        return {"cases": {"b1_c128": {**base["cases"]["b1_c128"], "decode_ms_per_token": [ms] * 5}}, "peak_rss_mib": 50.0}
+    def like(ms, prompt_ms=100.0):
+        case = {**base["cases"]["b1_c128"], "decode_ms_per_token": [ms] * 5, "prompt_ms": [prompt_ms] * 5}
+        return {"cases": {"b1_c128": case}, "peak_rss_mib": 50.0}
 
     engines.update({"neoxrt-ort-fused": like(32.0), "neoxrt-ort-int8": like(10.0), "neoxrt-ort-int8-dynamic": like(11.0),
-                    "optimum-ort-int8-dynamic": like(20.0)})
+                    "neoxrt-ort-int8-weights": like(9.0, prompt_ms=150.0), "optimum-ort-int8-dynamic": like(20.0)})
     lines = summarise(result, 20.0)
     rows = {x["engine"]: x for x in lines if x["case"] == "b1_c128"}
     assert rows["neoxrt-ort-int8"]["floor_ms"] * 4 == rows["neoxrt-ort-fused"]["floor_ms"]
@@ -68,6 +69,9 @@ def test_int8_rows_use_the_int8_floor_and_get_their_targets():
     assert got["INT8 decode neoxrt-ort-int8 / optimum-ort-int8-dynamic"] == (0.5, True)
     assert got["INT8 decode neoxrt-ort-int8 / neoxrt-ort-int8-dynamic"] == (round(10 / 11, 3), True)
     assert got["INT8 decode neoxrt-ort-int8 / fp32 neoxrt-ort-fused (1.6x faster)"] == (round(10 / 32, 3), True)
+    # weights-only gets the same targets, and a faster decode does not hide a slower prompt
+    assert got["INT8 decode neoxrt-ort-int8-weights / neoxrt-ort-int8-dynamic"] == (round(9 / 11, 3), True)
+    assert got["INT8 prompt(128) neoxrt-ort-int8-weights / neoxrt-ort-int8-dynamic"] == (1.5, False)
     # the fp32 targets still use the best fp32 engine, not the INT8 one
     assert "decode neoxrt-ort-decomposed / optimum-ort" in got
 

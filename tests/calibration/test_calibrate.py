@@ -130,6 +130,27 @@ def test_weights_only_and_the_dynamic_baseline_need_no_data_and_run(fp32, tmp_pa
         assert _check(report, "top1_agreement") >= 0.95, name
 
 
+def test_weights_only_artifact_tells_onnx_runtime_its_matmulnbits_block(fp32, tmp_path):
+    """The block recorded in the manifest reaches ONNX Runtime: the optimized graph's MatMulNBits use it
+    (the default model: K = 128 and 512, so 128 rather than ONNX Runtime's default 32)."""
+    import onnxruntime as ort
+
+    from neoxrt.calibration.qdq import ORT_NBITS_BLOCK_KEY
+    from neoxrt.manifest import ORT_SESSION_CONFIG
+    from neoxrt.runtime.ort_session import OrtSession
+
+    manifest = calibrate_artifact(fp32, tmp_path / "w", CalibrationOptions(weights_only=True), **QUIET)
+    assert manifest[ORT_SESSION_CONFIG] == {ORT_NBITS_BLOCK_KEY: "128"}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    OrtSession(tmp_path / "w" / "model.onnx", options=options, config=manifest[ORT_SESSION_CONFIG])
+    blocks = {a.i for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "block_size"}
+    assert blocks == {128}
+    static = calibrate_artifact(fp32, tmp_path / "s", SMALL, **QUIET)
+    assert ORT_SESSION_CONFIG not in static  # W8A8 graphs run as MatMulIntegerToFloat: no block to choose
+
+
 @pytest.fixture(scope="module")
 def fp16(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "fp16"

@@ -6,7 +6,7 @@ import pytest
 from onnx import numpy_helper
 
 from neox_testing import default_checkpoint, ort_session
-from neoxrt.calibration.qdq import QMAX, qdq_from_onnx, quantize_weight
+from neoxrt.calibration.qdq import QMAX, nbits_block_size, qdq_from_onnx, quantize_weight
 from neoxrt.calibration.ranges import BINS, choose_threshold
 from neoxrt.calibration.smoothquant import fold_factors, group_factors, smoothing_factors
 from neoxrt.calibration.targets import quant_targets, smooth_groups
@@ -127,3 +127,11 @@ def test_weights_only_leaves_activations_in_float(fp32_model):
     ref, got = _logits(fp32_model, ids), _logits(model, ids)
     assert np.abs(got - ref).max() < 0.5
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+
+
+def test_nbits_block_is_the_largest_that_divides_every_inner_dimension():
+    assert nbits_block_size([768, 3072]) == 256  # Pythia-160m
+    assert nbits_block_size([128, 512]) == 128  # Pythia-14m
+    assert nbits_block_size([96, 768]) == 32
+    assert nbits_block_size([48]) == 16
+    assert nbits_block_size([100]) is None  # no kernel block divides it: ONNX Runtime keeps its default
