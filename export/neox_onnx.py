@@ -31,6 +31,9 @@ PLUGIN_OP = "GptNeoxAttention"
 PLUGIN_VERSION = "1"
 F32_MIN = float(np.finfo(np.float32).min)
 FP16_MASK = -30000.0  # additive mask for fp16 fused attention: exp() is 0, s + mask cannot overflow
+# our activation names -> ONNX Gelu-20's `approximate` (gelu_fast is the tanh form written another way)
+GELU_APPROXIMATE = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+GELU_OPSET = 20
 
 
 def hidden_state_name(layer: int) -> str:
@@ -78,6 +81,9 @@ class _Emitter:
             return g.op("Relu", [x])
         if act == "silu":
             return g.op("Mul", [x, g.op("Sigmoid", [x])])
+        if act in GELU_APPROXIMATE and self.opt.opset >= GELU_OPSET:  # one node, with kernels in ORT and TensorRT
+            return g.op("Gelu", [x], approximate=GELU_APPROXIMATE[act])
+        # older opsets: the formula, op by op
         half_x = g.op("Mul", [x, g.const(0.5, dt)])
         if act == "gelu":
             inner = g.op("Erf", [g.op("Mul", [x, g.const(1 / math.sqrt(2.0), dt)])])

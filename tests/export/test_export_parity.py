@@ -44,6 +44,19 @@ def test_variant_matches_pytorch(name, attention):
     _check_fp32(ort_session(onnx_from_model(model, ExportOptions(attention=attention)), attention), model)
 
 
+@pytest.mark.parametrize("name", ["gelu_parallel", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"])
+def test_gelu_is_one_node_from_opset_20(name):
+    """The parity tests above run both forms; this pins which one each opset gets."""
+    model = random_model(VARIANTS[name], seed=1)
+    layers = VARIANTS[name].num_layers
+    for opset, gelus in ((17, 0), (20, layers), (23, layers)):
+        graph = onnx_from_model(model, ExportOptions(attention="decomposed", opset=opset)).graph
+        nodes = [n for n in graph.node if n.op_type == "Gelu"]
+        assert len(nodes) == gelus, opset
+        assert all(a.s.decode() == ("none" if name == "gelu_parallel" else "tanh") for n in nodes for a in n.attribute)
+        assert any(n.op_type in ("Erf", "Tanh") for n in graph.node) == (gelus == 0)
+
+
 @pytest.mark.parametrize("attention", ["decomposed", "fused"])
 def test_fp16_is_close_to_fp32_and_finite(attention):
     model = load_model(default_checkpoint())
