@@ -153,6 +153,10 @@ def test_bad_input_is_one_line_exit_2(default_artifact, tmp_path, capsys):
         del m["files"]["tokenizer.json"]
         (f / "manifest.json").write_text(json.dumps(m))
 
+    def bad_session_config(f):
+        m = json.loads((f / "manifest.json").read_text())
+        (f / "manifest.json").write_text(json.dumps({**m, "onnxruntime_session_config": {"session.x": 1}}))
+
     art = str(default_artifact)
     cases = {
         "empty prompt": ([art, "--prompt", ""], "empty prompt"),
@@ -164,6 +168,8 @@ def test_bad_input_is_one_line_exit_2(default_artifact, tmp_path, capsys):
         "onnx mismatch": ([str(_tamper(default_artifact, onnx_changed)), "--prompt", "Hi"], "does not match its manifest"),
         "toolkit mismatch": ([str(_tamper(default_artifact, other_version)), "--prompt", "Hi"], "made by neoxrt 0.0.1"),
         "missing tokenizer": ([str(_tamper(default_artifact, no_tokenizer)), "--prompt", "Hi"], "no tokenizer.json"),
+        "session config": ([str(_tamper(default_artifact, bad_session_config)), "--prompt", "Hi"],
+                           "onnxruntime_session_config must map strings to strings"),
         "missing folder": ([str(tmp_path / "nothing"), "--prompt", "Hi"], "does not exist"),
     }
     for name, (args, fragment) in cases.items():
