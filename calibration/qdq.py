@@ -40,9 +40,9 @@ def activation_scale(threshold: float) -> np.float32:
 def nbits_block_size(ks: list[int]) -> int | None:
     """The largest MatMulNBits block that divides every K (inner dimension), or None when none does.
 
-    ONNX Runtime's default block is 32; on Pythia-160m the largest block decodes 14 % and runs the prompt
-    25 % faster (weights and their per-channel scales are the same either way; activations are quantized
-    per block of K values instead of per 32)."""
+    ONNX Runtime's default block is 32; on Pythia-160m the largest (256) takes 14 % less time per decoded
+    token and 25 % less for a 128-token prompt (weights and their per-channel scales are the same either
+    way; activations are quantized per block of 256 values instead of 32)."""
     return next((b for b in ORT_NBITS_BLOCKS if all(k % b == 0 for k in ks)), None)
 
 
