@@ -39,7 +39,8 @@ def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = Tr
     """Read and check an artifact's manifest.
 
     Raises:
-        ArtifactError: no manifest, another stage, another toolkit version, or files that do not match.
+        ArtifactError: no manifest, another stage, another toolkit version, a malformed ONNX Runtime session
+            config, or files that do not match.
     """
     folder = Path(folder)
     path = folder / MANIFEST_FILE
@@ -58,6 +59,9 @@ def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = Tr
         raise ArtifactError(
             f"artifact {folder}: made by neoxrt {version}, this is neoxrt {__version__}; export it again"
         )
+    config = manifest.get(ORT_SESSION_CONFIG, {})
+    if not isinstance(config, dict) or not all(isinstance(v, str) for kv in config.items() for v in kv):
+        raise ArtifactError(f"artifact {folder}: manifest {ORT_SESSION_CONFIG} must map strings to strings, got {config!r}")
     if verify_files:
         for name, digest in manifest.get("files", {}).items():
             file = folder / name

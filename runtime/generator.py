@@ -204,10 +204,7 @@ def _ort_session_for(path: Path, manifest: dict, providers, threads):
     if manifest.get("plugin"):
         raise ArtifactError(f"artifact {path}: plugin graphs run on TensorRT; export with --attention decomposed or fused "
                             "for ONNX Runtime")
-    config = manifest.get(ORT_SESSION_CONFIG, {})
-    if not isinstance(config, dict) or not all(isinstance(v, str) for kv in config.items() for v in kv):
-        raise ArtifactError(f"artifact {path}: manifest {ORT_SESSION_CONFIG} must map strings to strings, got {config!r}")
-    return OrtSession(model, providers=providers, threads=threads, config=config)
+    return OrtSession(model, providers=providers, threads=threads, config=manifest.get(ORT_SESSION_CONFIG))
 
 
 def _check_io(session: Session, manifest: dict, path: Path) -> None:
