@@ -1,9 +1,16 @@
-"""`OnnxFromCheckpoint`: checkpoint folder -> validated artifact folder (model.onnx, tokenizer.json,
-config.json, manifest.json), written atomically."""
+"""`OnnxFromCheckpoint`: checkpoint folder -> validated artifact folder (model.onnx, model.onnx.data past the
+threshold, tokenizer.json, config.json, manifest.json), written atomically.
+
+Streamed: the checkpoint is opened lazily (headers only), the graph is emitted with data-less initializers,
+and the weights go from the checkpoint to model.onnx.data one block at a time (`export.external_data`), so
+peak memory is one block plus the graph, whatever the model's size. The checkpoint's sha256 is computed by a
+second thread while the weights are written.
+"""
 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -11,27 +18,41 @@ import onnx
 
 from neoxrt import contract as io
 from neoxrt.errors import ExportError
-from neoxrt.export.neox_onnx import PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION, onnx_from_model
+from neoxrt.export.external_data import initializer_bytes, save_streamed
+from neoxrt.export.neox_onnx import PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION, onnx_from_weights
 from neoxrt.export.options import ExportOptions
 from neoxrt.fsutil import atomic_dir
 from neoxrt.manifest import write_manifest
-from neoxrt.model import checkpoint_hash, load_model, read_config, resolve_checkpoint
+from neoxrt.model import checkpoint_hash, read_config, resolve_checkpoint
+from neoxrt.model.weights import open_checkpoint
 
 STAGE = "export"
 
 
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
-
-
 def save_onnx(model: onnx.ModelProto, path: Path, external_data_threshold: int) -> list[str]:
-    """Save `model`; weights go to an external file when they pass the threshold. Returns the files written."""
-    if initializer_bytes(model) > external_data_threshold:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=io.WEIGHTS_FILE, size_threshold=1024)
-        return [path.name, io.WEIGHTS_FILE]
-    onnx.save_model(model, str(path))
-    return [path.name]
+    """Save an in-memory `model`; weights go to an external file when they pass the threshold. Returns the
+    files written."""
+    return list(save_streamed(model, {}, path, external_data_threshold))
+
+
+class _Hasher(threading.Thread):
+    """The checkpoint's sha256, computed beside the export (it reads the same files; stops when told)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(daemon=True)
+        self.folder, self.stop, self.digest, self.error = folder, threading.Event(), None, None
+
+    def run(self) -> None:
+        try:
+            self.digest = checkpoint_hash(self.folder, self.stop)
+        except BaseException as exc:  # re-raised in the exporting thread
+            self.error = exc
+
+    def result(self) -> str:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.digest
 
 
 def validate_onnx(path: Path) -> None:
@@ -67,35 +88,47 @@ def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool =
     out_dir = Path(out_dir)
     folder = resolve_checkpoint(checkpoint)
     start = time.perf_counter()
-    with atomic_dir(out_dir, force, ExportError) as tmp:
-        model = load_model(folder)
-        log(f"loaded {folder} ({model.num_parameters():,} parameters) in {time.perf_counter() - start:.1f}s")
-        proto = onnx_from_model(model, options)
-        del model
-        files = save_onnx(proto, tmp / io.MODEL_FILE, options.external_data_threshold)
-        sections = io_section(proto)
-        del proto
-        validate_onnx(tmp / io.MODEL_FILE)
-        for name in (io.TOKENIZER_FILE, io.CONFIG_FILE):
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, tmp / name)
-                files.append(name)
-        body = {
-            "checkpoint": str(folder.resolve()),
-            "checkpoint_sha256": checkpoint_hash(folder),
-            "config": read_config(folder).to_dict(),
-            "export_options": options.to_dict(),
-            "opset": options.opset,
-            "io": sections,
-            "dynamic_axes": {io.BATCH: "batch size", io.SEQUENCE: "new tokens this step",
-                             io.PAST_SEQUENCE: "cached tokens (0 for the prompt step)",
-                             io.TOTAL_SEQUENCE: "past_sequence + sequence",
-                             **({io.CACHE_SEQUENCE: "static cache slots (prompt + new tokens)"}
-                                if options.kv_cache == "static" else {})},
-        }
-        if options.attention == "plugin":
-            body["plugin"] = {"domain": PLUGIN_DOMAIN, "op_type": PLUGIN_OP, "version": PLUGIN_VERSION}
-        manifest = write_manifest(tmp, STAGE, body, files)
+    config = read_config(folder)
+    weights = open_checkpoint(folder, config)
+    hasher = _Hasher(folder)
+    hasher.start()
+    try:
+        with atomic_dir(out_dir, force, ExportError) as tmp:
+            proto, lazy = onnx_from_weights(config, weights, options)
+            log(f"opened {folder} ({initializer_bytes(proto, lazy) / 2**30:.2f} GiB of {options.dtype} weights to write)")
+            digests = save_streamed(proto, lazy, tmp / io.MODEL_FILE, options.external_data_threshold)
+            files = list(digests)
+            sections = io_section(proto)
+            del proto, lazy
+            validate_onnx(tmp / io.MODEL_FILE)
+            manifest = _finish(folder, tmp, files, digests, hasher.result(), config, options, sections)
+    finally:
+        hasher.stop.set()
     log(f"wrote {out_dir} ({options.dtype}, attention={options.attention}, opset {options.opset}) "
         f"in {time.perf_counter() - start:.1f}s")
     return manifest
+
+
+def _finish(folder: Path, tmp: Path, files: list[str], digests: dict[str, str], checkpoint_sha256: str,
+            config, options: ExportOptions, sections: dict) -> dict:
+    """Copy the tokenizer and config beside the graph and write the manifest."""
+    for name in (io.TOKENIZER_FILE, io.CONFIG_FILE):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, tmp / name)
+            files.append(name)
+    body = {
+        "checkpoint": str(folder.resolve()),
+        "checkpoint_sha256": checkpoint_sha256,
+        "config": config.to_dict(),
+        "export_options": options.to_dict(),
+        "opset": options.opset,
+        "io": sections,
+        "dynamic_axes": {io.BATCH: "batch size", io.SEQUENCE: "new tokens this step",
+                         io.PAST_SEQUENCE: "cached tokens (0 for the prompt step)",
+                         io.TOTAL_SEQUENCE: "past_sequence + sequence",
+                         **({io.CACHE_SEQUENCE: "static cache slots (prompt + new tokens)"}
+                            if options.kv_cache == "static" else {})},
+    }
+    if options.attention == "plugin":
+        body["plugin"] = {"domain": PLUGIN_DOMAIN, "op_type": PLUGIN_OP, "version": PLUGIN_VERSION}
+    return write_manifest(tmp, STAGE, body, files, digests)

@@ -1,5 +1,9 @@
 """A small helper over `onnx.helper` for emitting a graph node by node: unique node names under a scope,
-initializers, and value names that read like the PyTorch module path."""
+initializers, and value names that read like the PyTorch module path.
+
+Weights may be given lazily (anything with `shape`, `dtype` and `blocks()`, e.g. `neoxrt.model.weights.LazyArray`):
+the graph then holds a data-less initializer of the right shape and type, and `export.external_data`
+streams the bytes into the file when the model is saved."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class GraphBuilder:
         self._consts: dict[tuple, str] = {}
         self.scope = ""
         self.domains: dict[str, int] = {}
+        self.lazy: dict[str, object] = {}  # initializer name -> lazy array, written when the model is saved
 
     def _unique(self, base: str) -> str:
         name, i = base, 0
@@ -31,9 +36,13 @@ class GraphBuilder:
         self._names.add(name)
         return name
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """A named initializer (weights keep their checkpoint names)."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    def weight(self, name: str, array) -> str:
+        """A named initializer (weights keep their checkpoint names); `array` is numpy or lazy."""
+        if isinstance(array, np.ndarray):
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        else:  # shape and type now, bytes when saved
+            self.initializers.append(TensorProto(name=name, data_type=NP_TO_ONNX[np.dtype(array.dtype)], dims=array.shape))
+            self.lazy[name] = array
         self._names.add(name)
         return name
 

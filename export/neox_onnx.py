@@ -1,4 +1,5 @@
-"""`onnx_from_model`: the GPT-NeoX decoder graph, emitted op by op from a `NeoX` module's weights.
+"""`onnx_from_weights` / `onnx_from_model`: the GPT-NeoX decoder graph, emitted op by op from a checkpoint's
+weights (lazy: the graph holds shapes, `export.external_data` streams the bytes) or a `NeoX` module's.
 
 The graph mirrors `neoxrt.model.neox` line for line, so that ONNX Runtime reproduces the PyTorch model to
 fp32 rounding, and it keeps one contract for the prompt step and every decode step (past_sequence may be 0).
@@ -23,6 +24,7 @@ import onnx
 from neoxrt import contract as io
 from neoxrt.export.graph import GraphBuilder
 from neoxrt.export.options import ExportOptions
+from neoxrt.model.config import NeoXConfig
 from neoxrt.model.hf_names import hf_key
 from neoxrt.model.neox import NeoX, rope_inv_freq
 
@@ -42,12 +44,14 @@ def hidden_state_name(layer: int) -> str:
 
 
 class _Emitter:
-    def __init__(self, model: NeoX, options: ExportOptions):
-        self.cfg = model.config
+    """`state`: our key -> weight (numpy, or lazy with `.T` / `.astype` / `shape`)."""
+
+    def __init__(self, config: NeoXConfig, state: dict, options: ExportOptions):
+        self.cfg = config
         self.opt = options
         self.fp16 = options.dtype == "fp16"
         self.wdt = np.float16 if self.fp16 else np.float32
-        self.state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+        self.state = state
         self.inv_freq = rope_inv_freq(self.cfg).numpy()
         self.g = GraphBuilder()
 
@@ -270,6 +274,17 @@ class _Emitter:
                             doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}")
 
 
+def onnx_from_weights(config: NeoXConfig, weights: dict, options: ExportOptions) -> tuple[onnx.ModelProto, dict]:
+    """The decoder graph for `config` under `options`, and {initializer name: lazy weight} still to be written.
+
+    Args:
+        weights: our key -> numpy array or lazy array (`neoxrt.model.weights.open_checkpoint`).
+    """
+    emitter = _Emitter(config, weights, options)
+    return emitter.emit(), emitter.g.lazy
+
+
 def onnx_from_model(model: NeoX, options: ExportOptions) -> onnx.ModelProto:
     """The decoder graph for `model` under `options` (weights embedded as initializers)."""
-    return _Emitter(model, options).emit()
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return onnx_from_weights(model.config, state, options)[0]

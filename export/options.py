@@ -14,7 +14,8 @@ KV_CACHES = ("dynamic", "static")
 # opsets we emit and test, per attention flavour; the first is the default
 OPSETS = {"decomposed": (17, 18, 19, 20, 21, 22, 23), "fused": (23, 24), "plugin": (17, 18, 19, 20, 21, 22, 23)}
 STATIC_OPSET = 24  # TensorScatter
-TWO_GB = 2**31 - 1
+TWO_GB = 2**31 - 1  # protobuf's limit on one message
+INLINE_LIMIT = 256 << 20  # weights past this go to model.onnx.data, streamed (memory stays flat)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class ExportOptions:
     attention: decomposed (MatMul/Softmax), fused (ONNX Attention + RotaryEmbedding, opset 23), or
         plugin (one custom node per layer, for our TensorRT plugin).
     opset: the ai.onnx opset; None takes the flavour's default.
-    external_data_threshold: weight bytes past which weights go to model.onnx.data (2 GB protobuf limit).
+    external_data_threshold: weight bytes past which weights go to model.onnx.data, streamed tensor by tensor
+        (below it the weights stay inside model.onnx and are held in memory while it is written; at most 2 GB).
     logits: all (logits [B, S, V], optimum's contract) or last ([B, 1, V]: the prompt step skips the LM head
         for every position but the last -- what generation needs, a third of a 128-token prompt's work).
     kv_cache: dynamic (past [B,H,P,D] in, present [B,H,P+S,D] out: optimum's contract) or static (fixed
@@ -34,7 +36,7 @@ class ExportOptions:
     dtype: str = "fp32"
     attention: str = "fused"  # measured fastest on ONNX Runtime CPU (docs/BENCH.md)
     opset: int | None = None
-    external_data_threshold: int = TWO_GB
+    external_data_threshold: int = INLINE_LIMIT
     logits: str = "all"
     kv_cache: str = "dynamic"
 
@@ -58,8 +60,9 @@ class ExportOptions:
             )
         if self.logits not in LOGITS:
             raise ExportError(f"--logits must be one of {', '.join(LOGITS)}, got {self.logits!r}")
-        if self.external_data_threshold < 0:
-            raise ExportError(f"external data threshold must be >= 0, got {self.external_data_threshold}")
+        if not 0 <= self.external_data_threshold <= TWO_GB:
+            raise ExportError(f"--external-data-threshold must be in [0, {TWO_GB}] bytes (protobuf's limit), "
+                              f"got {self.external_data_threshold}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

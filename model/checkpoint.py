@@ -6,15 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import Tensor
 
 from neoxrt.errors import CheckpointError
 from neoxrt.model.config import NeoXConfig
-from neoxrt.model.hf_names import config_from_hf, config_to_hf, hf_key, our_key
+from neoxrt.model.hf_names import config_from_hf, config_to_hf, hf_key
 from neoxrt.model.neox import NeoX, rope_inv_freq
+from neoxrt.model.weights import open_checkpoint
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -64,129 +66,52 @@ def read_config(folder: Path) -> NeoXConfig:
     return config_from_hf(data)
 
 
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint: weight file {path} not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint: {path} is not a readable safetensors file ({exc})") from None
-
-
-def _load_bin(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint: weight file {path} not found")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad pickle or zip
-        raise CheckpointError(f"checkpoint: {path} is not a readable PyTorch weight file ({type(exc).__name__})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint: {path} holds a {type(state).__name__}, expected a state dict")
-    return state
-
-
-def _load_sharded(index_path: Path, loader) -> dict[str, Tensor]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint: {index_path} is not a valid shard index ({exc})") from None
-    state: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(loader(index_path.parent / shard))
-    return state
-
-
 def weight_files(folder: Path) -> list[Path]:
     """The weight files that make up the checkpoint, in load order."""
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file():
             if name.endswith(".index.json"):
-                weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map", {})
-                return [path] + [folder / s for s in sorted(set(weight_map.values()))]
+                try:
+                    shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+                    raise CheckpointError(f"checkpoint: {path} is not a valid shard index ({exc})") from None
+                return [path] + [folder / s for s in shards]
             return [path]
     raise CheckpointError(f"checkpoint: no weights in {folder}; looked for {', '.join(WEIGHT_FILES)}")
 
 
-def read_hf_state_dict(folder: Path) -> dict[str, Tensor]:
-    """The raw Hugging Face state dict of a checkpoint folder."""
-    first = weight_files(folder)[0]
-    if first.name == "model.safetensors":
-        return _load_safetensors(first)
-    if first.name == "model.safetensors.index.json":
-        return _load_sharded(first, _load_safetensors)
-    if first.name == "pytorch_model.bin":
-        return _load_bin(first)
-    return _load_sharded(first, _load_bin)
-
-
-def _fmt(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def convert_state_dict(hf_state: dict[str, Tensor], model: NeoX) -> dict[str, Tensor]:
-    """Rename Hugging Face tensors to ours and check names and shapes against `model`.
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> NeoX:
+    """Load a GPT-NeoX checkpoint (safetensors, sharded safetensors, pytorch_model.bin; fp32/fp16/bf16) into
+    memory (the PyTorch reference; the export streams instead: `neoxrt.model.weights.open_checkpoint`).
 
     Raises:
-        CheckpointError: naming every missing, unexpected or mis-shaped tensor (HF names).
+        CheckpointError: see `open_checkpoint`.
     """
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = model.config.tie_word_embeddings
-    ours: dict[str, Tensor] = {}
-    unexpected = []
-    for name, tensor in hf_state.items():
-        key = our_key(name)
-        if key is None or (key and key not in expected):
-            unexpected.append(name)
-        elif key:
-            ours[key] = tensor
-    if tied:
-        ours["lm_head.weight"] = ours.get("embed.weight", ours.get("lm_head.weight"))
-        if ours["lm_head.weight"] is None:
-            del ours["lm_head.weight"]
-    missing = [hf_key(k) for k in expected if k not in ours]
-    misshaped = [
-        f"{hf_key(k)} expected {_fmt(shape)} found {_fmt(ours[k].shape)}"
-        for k, shape in expected.items()
-        if k in ours and tuple(ours[k].shape) != tuple(shape)
-    ]
-    problems = []
-    if missing:
-        problems.append("missing tensors: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected tensors: " + ", ".join(sorted(unexpected)))
-    if misshaped:
-        problems.append("mis-shaped tensors: " + "; ".join(misshaped))
-    if problems:
-        raise CheckpointError("checkpoint: " + " | ".join(problems))
-    return ours
-
-
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> NeoX:
-    """Load a GPT-NeoX checkpoint (safetensors, sharded safetensors, pytorch_model.bin; fp32/fp16/bf16)."""
     folder = resolve_checkpoint(source)
     config = read_config(folder)
     with torch.device("meta"):
         model = NeoX(config)
-    state = convert_state_dict(read_hf_state_dict(folder), model)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v.numpy())).to(dtype)
+             for k, v in open_checkpoint(folder, config).items()}
+    model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(config)  # the meta buffer, recomputed
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()
 
 
-def checkpoint_hash(folder: Path) -> str:
-    """sha256 over config.json and the weight files (names and bytes), for manifests."""
+def checkpoint_hash(folder: Path, stop: threading.Event | None = None) -> str:
+    """sha256 over config.json and the weight files (names and bytes), for manifests; streamed in 8 MiB
+    reads, returning early (with a partial digest) once `stop` is set."""
     digest = hashlib.sha256()
     for path in [folder / "config.json", *weight_files(folder)]:
         digest.update(path.name.encode())
         with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
+            for chunk in iter(lambda: handle.read(8 << 20), b""):
                 digest.update(chunk)
+                if stop is not None and stop.is_set():
+                    return digest.hexdigest()
     return digest.hexdigest()
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from neoxrt.export.exporter import export_checkpoint
-    from neoxrt.export.options import TWO_GB, ExportOptions
+    from neoxrt.export.options import INLINE_LIMIT, ExportOptions
 
     options = ExportOptions(
         dtype=args.dtype,
         attention=args.attention,
         opset=args.opset,
-        external_data_threshold=TWO_GB if args.external_data_threshold is None else args.external_data_threshold,
+        external_data_threshold=INLINE_LIMIT if args.external_data_threshold is None else args.external_data_threshold,
         logits=args.logits,
         kv_cache=args.kv_cache,
     )
@@ -39,7 +39,8 @@ def _add_export(sub) -> None:
                    help="dynamic (optimum's contract, default) or static: fixed slots updated in place, no per-step "
                         "cache copy (fused attention, opset 24)")
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
-                   help="weights past this many bytes go to model.onnx.data (default 2 GB)")
+                   help="weights past this many bytes go to model.onnx.data, streamed tensor by tensor (default 256 MiB, "
+                        "at most 2 GB)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.set_defaults(func=_cmd_export)
 
@@ -228,4 +229,24 @@ def _add_bench(sub) -> None:
     sub.add_parser("bench", help="speed against transformers and Optimum (see make bench; --quick, --threads)")
 
 
-ADDERS: list = [_add_export, _add_generate, _add_compare, _add_calibrate, _add_build, _add_bench]
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import time
+
+    from neoxrt.manifest import read_manifest
+
+    start = time.perf_counter()
+    manifest = read_manifest(Path(args.artifact), ("export", "calibrate", "build"), full=True)
+    size = sum((Path(args.artifact) / name).stat().st_size for name in manifest["files"])
+    print(f"{args.artifact}: {len(manifest['files'])} files, {size / 2**30:.2f} GiB, every sha256 matches its manifest "
+          f"({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="re-hash every file of an artifact against its manifest (loading checks only "
+                                      "sizes and sampled digests of files past 256 MiB)")
+    p.add_argument("artifact", help="artifact folder (export, calibrate or build)")
+    p.set_defaults(func=_cmd_verify)
+
+
+ADDERS: list = [_add_export, _add_generate, _add_compare, _add_calibrate, _add_build, _add_bench, _add_verify]

@@ -32,6 +32,9 @@ def atomic_dir(out_dir: Path, force: bool, error: type[NeoxrtError]):
     check_output_dir(out_dir, force, error)
     out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
     try:
         yield tmp
     except BaseException:

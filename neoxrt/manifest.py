@@ -1,4 +1,12 @@
-"""`manifest.json`: what every artifact folder says about where it came from, checked before use."""
+"""`manifest.json`: what every artifact folder says about where it came from, checked before use.
+
+Integrity, at a cost that does not grow with the model:
+- `files` holds every file's sha256, computed while the file was written (no second read);
+- `file_checks` holds, for files past `FULL_HASH_BYTES`, their size and a sampled digest (64 blocks of
+  64 KiB spread over the file): loading checks those (milliseconds for a 41 GB file) and hashes small files in
+  full; `neoxrt verify` (`read_manifest(..., full=True)`) re-hashes everything. A changed size, a changed
+  sampled block or a changed small file is refused before it is used.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ from neoxrt.errors import ArtifactError
 
 # session config entries an artifact asks ONNX Runtime to use ({key: value}, both strings)
 ORT_SESSION_CONFIG = "onnxruntime_session_config"
+FULL_HASH_BYTES = 256 << 20  # files up to this size are hashed in full at every load
+SAMPLES, SAMPLE_BYTES = 64, 64 << 10
 
 
 def file_sha256(path: Path) -> str:
@@ -22,21 +32,46 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, stage: str, body: dict, files: list[str]) -> dict:
-    """Write folder/manifest.json with the toolkit version, the stage and the sha256 of `files`."""
+def sampled_sha256(path: Path) -> str:
+    """sha256 over the file's size and `SAMPLES` blocks at evenly spread offsets (first and last included)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    last = max(0, size - SAMPLE_BYTES)
+    with path.open("rb") as handle:
+        for i in range(SAMPLES):
+            handle.seek(last * i // (SAMPLES - 1))
+            digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, stage: str, body: dict, files: list[str], digests: dict[str, str] | None = None) -> dict:
+    """Write folder/manifest.json with the toolkit version, the stage and the integrity of `files`.
+
+    Args:
+        digests: sha256 already computed while writing ({file name: hex}); the other files are hashed here.
+    """
+    digests = digests or {}
+    large = [name for name in files if (folder / name).stat().st_size > FULL_HASH_BYTES]
     manifest = {
         "toolkit": "neoxrt",
         "toolkit_version": __version__,
         "stage": stage,
         **body,
-        "files": {name: file_sha256(folder / name) for name in files},
+        "files": {name: digests.get(name) or file_sha256(folder / name) for name in files},
+        "file_checks": {name: {"bytes": (folder / name).stat().st_size, "sampled_sha256": sampled_sha256(folder / name)}
+                        for name in large},
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
 
-def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = True) -> dict:
+def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = True, full: bool = False) -> dict:
     """Read and check an artifact's manifest.
+
+    Args:
+        verify_files: check the files against the manifest (size and sampled digest for large files, sha256
+            for the others).
+        full: sha256 of every file, large ones too (`neoxrt verify`).
 
     Raises:
         ArtifactError: no manifest, another stage, another toolkit version, a malformed ONNX Runtime session
@@ -62,14 +97,32 @@ def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = Tr
     config = manifest.get(ORT_SESSION_CONFIG, {})
     if not isinstance(config, dict) or not all(isinstance(v, str) for kv in config.items() for v in kv):
         raise ArtifactError(f"artifact {folder}: manifest {ORT_SESSION_CONFIG} must map strings to strings, got {config!r}")
-    if verify_files:
-        for name, digest in manifest.get("files", {}).items():
-            file = folder / name
-            if not file.is_file():
-                raise ArtifactError(f"artifact {folder}: {name} listed in the manifest is missing")
-            if file_sha256(file) != digest:
-                raise ArtifactError(f"artifact {folder}: {name} does not match its manifest (sha256 differs)")
+    if verify_files or full:
+        verify_manifest_files(folder, manifest, full)
     return manifest
+
+
+def verify_manifest_files(folder: Path, manifest: dict, full: bool) -> None:
+    """Check every file the manifest lists (see the module docstring for what is checked when).
+
+    Raises:
+        ArtifactError: a file is missing, or its size or digest differs, naming the file.
+    """
+    checks = manifest.get("file_checks", {})
+    for name, digest in manifest.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise ArtifactError(f"artifact {folder}: {name} listed in the manifest is missing")
+        quick = checks.get(name) if isinstance(checks, dict) and not full else None
+        if isinstance(quick, dict):  # anything else (removed, malformed): the full hash, never less
+            size = file.stat().st_size
+            if size != quick.get("bytes"):
+                raise ArtifactError(f"artifact {folder}: {name} does not match its manifest "
+                                    f"(expected {quick.get('bytes')} bytes, found {size})")
+            if sampled_sha256(file) != quick.get("sampled_sha256"):
+                raise ArtifactError(f"artifact {folder}: {name} does not match its manifest (sampled sha256 differs)")
+        elif file_sha256(file) != digest:
+            raise ArtifactError(f"artifact {folder}: {name} does not match its manifest (sha256 differs)")
 
 
 def precision_of(manifest: dict) -> str:

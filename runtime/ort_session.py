@@ -38,12 +38,38 @@ def session_options(threads: int | None = None, base: ort.SessionOptions | None 
     return options
 
 
+def mapped_weights_config(model: Path) -> dict[str, str]:
+    """Serve the weights from the memory-mapped model.onnx.data when they are over half the available memory.
+
+    ONNX Runtime maps aligned external data and, by default, copies each MatMul weight into a prepacked
+    buffer (anonymous memory, one copy of the weights; measured on the Pythia-160m shape: 0.8 s to load,
+    decode 0.87x the time of unpacked weights). Without prepacking the weights stay file pages: loaded in
+    0.03 s, shared between processes, reclaimable -- a model larger than RAM still runs (at disk speed).
+    """
+    data = model.with_name(io.WEIGHTS_FILE)
+    if not data.is_file():
+        return {}
+    return {"session.disable_prepacking": "1"} if data.stat().st_size > available_memory() // 2 else {}
+
+
+def available_memory() -> int:
+    """MemAvailable (free plus reclaimable page cache), or free pages where /proc/meminfo is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class OrtSession:
     """`Session` over an ONNX file on ONNX Runtime."""
 
     def __init__(self, path: Path, providers=None, threads: int | None = None, options: ort.SessionOptions | None = None,
                  config: dict[str, str] | None = None):
         self.path = Path(path)
+        config = {**mapped_weights_config(self.path), **(config or {})}
         self.sess = ort.InferenceSession(str(self.path), session_options(threads, options, config),
                                          providers=providers or ["CPUExecutionProvider"])
         self._inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), tuple(i.shape)) for i in self.sess.get_inputs()]

@@ -95,7 +95,7 @@ def _corrupt_cases(tmp_path):
 
     cases["malformed config"] = (variant("bad_json", bad_json), "not valid JSON")
     cases["not neox"] = (variant("llama", not_neox), "model_type must be 'gpt_neox', found 'llama'")
-    cases["truncated safetensors"] = (variant("trunc", truncated), "not a readable safetensors")
+    cases["truncated safetensors"] = (variant("trunc", truncated), "model.safetensors is truncated: ")
     cases["missing tensor"] = (variant("missing", missing_tensor), "missing tensors: gpt_neox.layers.1.mlp.dense_4h_to_h.weight")
     cases["mis-shaped tensor"] = (
         variant("shape", misshaped),
