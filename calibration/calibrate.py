@@ -24,7 +24,7 @@ from neoxrt import contract as io
 from neoxrt.calibration.data import calibration_windows, data_fingerprint, read_texts
 from neoxrt.calibration.observe import StatsSession, abs_histograms, channel_absmax
 from neoxrt.calibration.options import CalibrationOptions
-from neoxrt.calibration.qdq import ORT_NBITS_BLOCK_KEY, nbits_block_size, qdq_from_onnx
+from neoxrt.calibration.qdq import ORT_NBITS_BLOCK_KEY, QMAX, REDUCED_QMAX, nbits_block_size, qdq_from_onnx
 from neoxrt.calibration.ranges import choose_threshold
 from neoxrt.calibration.smoothquant import fold_factors, group_factors
 from neoxrt.calibration.targets import quant_targets, smooth_groups
@@ -210,7 +210,8 @@ def _qdq_artifact(src: Path, out: Path, tmp: Path, manifest: dict, body: dict, f
         if block is not None:
             body[ORT_SESSION_CONFIG] = {ORT_NBITS_BLOCK_KEY: str(block)}
     fold_factors(model, groups, factors)
-    qdq_from_onnx(model, targets, thresholds, options.weights_only)
+    qdq_from_onnx(model, targets, thresholds, options.weights_only,
+                  REDUCED_QMAX if options.weight_range == "reduced" else QMAX)
     files += save_onnx(model, tmp / io.MODEL_FILE, TWO_GB)
     if not options.weights_only:
         CalibrationCache(key, absmax, thresholds).save(tmp / CACHE_FILE)

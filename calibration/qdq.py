@@ -19,17 +19,18 @@ from onnx import helper, numpy_helper
 from neoxrt.calibration.targets import Target
 
 QMAX = 127
+REDUCED_QMAX = 63  # 7-bit weights: u8 x s8 pair sums stay inside int16 on x86 without VNNI (options.weight_range)
 # ONNX Runtime (CPU) turns a weights-only DequantizeLinear -> MatMul into MatMulNBits (8-bit weights, int8
 # products on activations it quantizes per block inside the kernel); the block is a session setting.
 ORT_NBITS_BLOCK_KEY = "session.qdq_matmulnbits_block_size"
 ORT_NBITS_BLOCKS = (256, 128, 64, 32, 16)  # what its kernels take, largest first
 
 
-def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] fp32 -> (int8 [K, N], fp32 scale [N]), symmetric per output channel."""
+def quantize_weight(w: np.ndarray, qmax: int = QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] fp32 -> (int8 [K, N] in [-qmax, qmax], fp32 scale [N]), symmetric per output channel."""
     absmax = np.abs(w).max(axis=0)
-    scale = np.where(absmax > 0, absmax / QMAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -QMAX, QMAX).astype(np.int8)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -47,8 +48,9 @@ def nbits_block_size(ks: list[int]) -> int | None:
 
 
 def qdq_from_onnx(model: onnx.ModelProto, targets: list[Target], thresholds: dict[str, float] | None,
-                  weights_only: bool = False) -> onnx.ModelProto:
-    """Rewrite `model` in place (and return it). `thresholds` maps each target activation to its range T."""
+                  weights_only: bool = False, weight_qmax: int = QMAX) -> onnx.ModelProto:
+    """Rewrite `model` in place (and return it). `thresholds` maps each target activation to its range T;
+    W8A8 weights use [-weight_qmax, weight_qmax] (weights-only: always the full range)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     by_node = {t.node: t for t in targets}
@@ -58,7 +60,7 @@ def qdq_from_onnx(model: onnx.ModelProto, targets: list[Target], thresholds: dic
         if t is None:
             nodes.append(node)
             continue
-        q, scale = quantize_weight(numpy_helper.to_array(inits[t.weight]))
+        q, scale = quantize_weight(numpy_helper.to_array(inits[t.weight]), QMAX if weights_only else weight_qmax)
         base = t.weight
         added += [numpy_helper.from_array(q, f"{base}.int8"), numpy_helper.from_array(scale, f"{base}.scale"),
                   numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{base}.zero_point")]

@@ -159,7 +159,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     options = CalibrationOptions(samples=args.samples, seq_len=args.seq_len, method=args.method,
                                  percentile=args.percentile, smoothquant=None if args.weights_only else args.smoothquant,
-                                 weights_only=args.weights_only, seed=args.seed)
+                                 weights_only=args.weights_only, weight_range=args.weight_range, seed=args.seed)
     calibrate_artifact(args.artifact_dir, args.out_dir, options, data=args.data, force=args.force, cache=args.cache,
                        recalibrate=args.recalibrate, threads=args.threads)
     return 0
@@ -182,6 +182,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--smoothquant", type=_alpha, default=d.smoothquant, metavar="ALPHA",
                    help=f"SmoothQuant strength in (0, 1], or off (default {d.smoothquant})")
     p.add_argument("--weights-only", action="store_true", help="int8 weights, fp32 activations (lowest risk)")
+    p.add_argument("--weight-range", default=d.weight_range, choices=("reduced", "full"),
+                   help="W8A8 weights in [-63, 63] (reduced, default: exact on x86 CPUs without VNNI, where ONNX "
+                        "Runtime's int16 pair sums saturate) or [-127, 127] (full: TensorRT, VNNI CPUs)")
     p.add_argument("--seed", type=int, default=d.seed, help="window sampling seed")
     p.add_argument("--cache", type=Path, help="calibration cache file (default: OUT_DIR/calibration_cache.npz if present)")
     p.add_argument("--recalibrate", action="store_true", help="ignore and replace an existing calibration cache")
