@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench
+.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench bench-large
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -71,6 +71,12 @@ gpu-check: venv
 # export time and peak RSS of the Pythia-160m shape (random weights)
 bench-export: venv
 	$(BIN)/python -m neoxrt.bench.export_bench
+
+# the NeoX-20B shape (random fp16 checkpoint, sharded) exported to fp16 inside a 3 GiB memory cgroup, against
+# a plain copy of the checkpoint on the same disk; the deepest model that fits the free disk (needs root for
+# the cgroup); artifacts/bench-large/bench-large.json
+bench-large: venv
+	$(BIN)/python -m neoxrt.bench.large
 
 # neoxrt against transformers (eager, sdpa) and Optimum + ONNX Runtime; bench-results/bench.{md,json,png}
 bench: venv
