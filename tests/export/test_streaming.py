@@ -107,6 +107,10 @@ def _shard_cases(tmp_path):
     state = load_file(str(nan / "model.safetensors"))
     state["gpt_neox.layers.1.mlp.dense_h_to_4h.weight"][5, 3] = float("nan")
     save_file(state, str(nan / "model.safetensors"))
+    inf16 = write_variant("gelu_parallel", tmp_path / "inf16", dtype="fp16")
+    state = load_file(str(inf16 / "model.safetensors"))
+    state["embed_out.weight"][100, 63] = -float("inf")
+    save_file(state, str(inf16 / "model.safetensors"))
     ints = write_variant("gelu_parallel", tmp_path / "ints")
     state = load_file(str(ints / "model.safetensors"))
     state["gpt_neox.layers.0.attention.dense.weight"] = torch.zeros(64, 64, dtype=torch.int8)
@@ -116,6 +120,7 @@ def _shard_cases(tmp_path):
         "truncated shard": (truncated, "model-00001-of-00002.safetensors is truncated"),
         "index names a tensor no shard has": (phantom, "names tensors no shard has: gpt_neox.layers.7.mlp.dense_4h_to_h.weight"),
         "NaN weight": (nan, "gpt_neox.layers.1.mlp.dense_h_to_4h.weight has a non-finite value (nan) at index [5, 3]"),
+        "inf fp16 weight (transposed when written)": (inf16, "embed_out.weight has a non-finite value (-inf) at index [100, 63]"),
         "int8 weight": (ints, "gpt_neox.layers.0.attention.dense.weight in model.safetensors has dtype I8; expected a float"),
     }
 
