@@ -1,0 +1,262 @@
+"""`make bench-large`: the NeoX-20B shape exported to fp16 inside a memory limit.
+
+    1. a seeded random checkpoint of the NeoX-20B shape, fp16, sharded like the Hub's (~1 GB shards), written
+       tensor by tensor (each tensor a seeded window of a 64 MiB random pool: the export's cost does not
+       depend on the values);
+    2. a plain copy of part of it (`cp`, page cache dropped first): the disk's throughput in this run;
+    3. `neoxrt export --dtype fp16` in a fresh process inside a memory cgroup (limit 3 GiB by default; it
+       counts page cache too), page cache dropped first; its peak anonymous RSS polled from /proc every 20 ms
+       by this (separate) process, the cgroup's own peak usage, time, and whether the kernel killed it;
+    4. the 1-layer artifact loaded by ONNX Runtime in a fresh process: load time and RSS.
+
+The same for a 1-layer checkpoint of that width, so the peak can be compared across depth. The full
+44 layers need 2 x 41 GB of disk (checkpoint + artifact); where the disk has less, the deepest model that
+fits is run and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+NEOX_20B = dict(vocab_size=50432, hidden_size=6144, num_layers=44, num_heads=64, intermediate_size=24576,
+                max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5,
+                use_parallel_residual=True, hidden_act="gelu_fast", tie_word_embeddings=False)
+SHARD_BYTES = 1 << 30
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def hf_config(layers: int) -> dict:
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "bos_token_id": 0, "eos_token_id": 0,
+            "num_attention_heads": NEOX_20B["num_heads"], "num_hidden_layers": layers,
+            **{k: v for k, v in NEOX_20B.items() if k not in ("num_heads", "num_layers")}}
+
+
+def tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Hugging Face names and shapes in the Hub's order."""
+    h, i, v = NEOX_20B["hidden_size"], NEOX_20B["intermediate_size"], NEOX_20B["vocab_size"]
+    out = [("gpt_neox.embed_in.weight", (v, h))]
+    for n in range(layers):
+        p = f"gpt_neox.layers.{n}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "input_layernorm.bias", (h,)),
+                (p + "post_attention_layernorm.weight", (h,)), (p + "post_attention_layernorm.bias", (h,)),
+                (p + "attention.query_key_value.weight", (3 * h, h)), (p + "attention.query_key_value.bias", (3 * h,)),
+                (p + "attention.dense.weight", (h, h)), (p + "attention.dense.bias", (h,)),
+                (p + "mlp.dense_h_to_4h.weight", (i, h)), (p + "mlp.dense_h_to_4h.bias", (i,)),
+                (p + "mlp.dense_4h_to_h.weight", (h, i)), (p + "mlp.dense_4h_to_h.bias", (h,))]
+    return out + [("gpt_neox.final_layer_norm.weight", (h,)), ("gpt_neox.final_layer_norm.bias", (h,)),
+                  ("embed_out.weight", (v, h))]
+
+
+def checkpoint_bytes(layers: int) -> int:
+    return sum(math.prod(s) * 2 for _, s in tensor_shapes(layers))
+
+
+def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> Path:
+    """A sharded fp16 safetensors checkpoint, written tensor by tensor (memory: the pool and one tensor)."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    pool = (rng.standard_normal(32 << 20, dtype=np.float32) * 0.02).astype(np.float16)
+    shards, current, size = [], [], 0
+    for name, shape in tensor_shapes(layers):
+        nbytes = math.prod(shape) * 2
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for k, tensors in enumerate(shards):
+        shard = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in tensors:
+            nbytes = math.prod(shape) * 2
+            header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = shard
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with (tmp / shard).open("wb") as handle:
+            handle.write(struct.pack("<Q", len(raw)) + raw)
+            for name, shape in tensors:
+                n = math.prod(shape)
+                if name.endswith("layernorm.weight"):
+                    handle.write((1.0 + pool[:n].astype(np.float32) * 5).astype(np.float16).tobytes())
+                    continue
+                start = int(rng.integers(0, pool.size))
+                reps = np.resize(np.roll(pool, -start), n) if n > pool.size else np.roll(pool, -start)[:n]
+                handle.write(reps.tobytes())
+    (tmp / "config.json").write_text(json.dumps(hf_config(layers), indent=2))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    os.replace(tmp, folder)
+    return folder
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def copy_throughput(folder: Path, scratch: Path, limit_bytes: int) -> dict:
+    """`cp` of the first shards (up to `limit_bytes`) to `scratch`: bytes per second of a plain copy here."""
+    files, total = [], 0
+    for path in sorted(folder.glob("*.safetensors")):
+        if total >= limit_bytes:
+            break
+        files.append(path)
+        total += path.stat().st_size
+    scratch.mkdir(parents=True, exist_ok=True)
+    drop_caches()
+    start = time.perf_counter()
+    subprocess.run(["cp", *map(str, files), str(scratch)], check=True)
+    subprocess.run(["sync"], check=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch)
+    return {"bytes": total, "seconds": round(seconds, 2), "gb_per_s": round(total / seconds / 1e9, 3)}
+
+
+class Poller(threading.Thread):
+    """Peak RssAnon / VmRSS of one pid, polled from /proc."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_anon, self.peak_rss, self.done = pid, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.pid}/status").read_text().splitlines())
+                self.peak_anon = max(self.peak_anon, int(fields["RssAnon"].split()[0]) * 1024)
+                self.peak_rss = max(self.peak_rss, int(fields["VmRSS"].split()[0]) * 1024)
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.02)
+
+
+def run_limited(cmd: list[str], limit_bytes: int | None, name: str) -> dict:
+    """Run `cmd` in a fresh memory cgroup of `limit_bytes` (if cgroup v1 is writable), polling its memory."""
+    group = CGROUP_ROOT / f"neoxrt-{name}-{os.getpid()}"
+    use_group = limit_bytes is not None and CGROUP_ROOT.is_dir() and os.access(CGROUP_ROOT, os.W_OK)
+    prefix = []
+    if use_group:
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        prefix = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+    drop_caches()
+    start = time.perf_counter()
+    child = subprocess.Popen(prefix + cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    poller = Poller(child.pid)
+    poller.start()
+    output, _ = child.communicate()
+    seconds = time.perf_counter() - start
+    poller.done.set()
+    poller.join()
+    result = {"returncode": child.returncode, "seconds": round(seconds, 1), "peak_anon_bytes": poller.peak_anon,
+              "peak_rss_bytes": poller.peak_rss, "tail": output.strip().splitlines()[-3:]}
+    if use_group:
+        result["cgroup_limit_bytes"] = limit_bytes
+        result["cgroup_peak_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
+        result["cgroup_oom_kills"] = _oom_kills(group)
+        group.rmdir()
+    return result
+
+
+def _oom_kills(group: Path) -> int:
+    try:
+        return int(dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines()).get("oom_kill", 0))
+    except (OSError, ValueError):
+        return -1
+
+
+ORT_LOAD = """
+import json, sys, time
+import onnxruntime as ort
+start = time.perf_counter()
+options = ort.SessionOptions()
+options.intra_op_num_threads = 2
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+fields = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+print(json.dumps({"load_seconds": round(time.perf_counter() - start, 2),
+                  **{k: int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "RssAnon", "RssFile")}}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neoxrt.bench.large", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="artifacts/bench-large", help="where checkpoints and artifacts go")
+    parser.add_argument("--layers", type=int, default=None, help="depth of the deep run (default: 44, or the most "
+                        "that fits on the disk)")
+    parser.add_argument("--limit-gib", type=float, default=3.0, help="memory cgroup limit for the export")
+    parser.add_argument("--copy-gib", type=float, default=8.0, help="bytes copied for the throughput reference")
+    parser.add_argument("--keep", action="store_true", help="keep the deep checkpoint and artifact")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    per_layer = checkpoint_bytes(1) - checkpoint_bytes(0)
+    fits = int((free - (4 << 30) - 2 * checkpoint_bytes(0)) // (2 * per_layer))
+    layers = args.layers or min(NEOX_20B["num_layers"], fits)
+    print(f"disk: {free / 1e9:.1f} GB free; 44 layers need {2 * checkpoint_bytes(44) / 1e9:.1f} GB "
+          f"(checkpoint + fp16 artifact); running 1 and {layers} layers", flush=True)
+    rows = []
+    for depth in sorted({1, layers}):
+        ckpt = root / f"neox20b-shape-{depth}l"
+        start = time.perf_counter()
+        write_checkpoint(ckpt, depth)
+        written = time.perf_counter() - start
+        copy = copy_throughput(ckpt, root / "copy-scratch", int(args.copy_gib * 2**30))
+        out = root / f"neox20b-shape-{depth}l-fp16"
+        export = run_limited([sys.executable, "-m", "neoxrt", "export", str(ckpt), str(out), "--dtype", "fp16", "--force"],
+                             int(args.limit_gib * 2**30), f"export{depth}")
+        row = {"layers": depth, "checkpoint_bytes": checkpoint_bytes(depth), "checkpoint_write_seconds": round(written, 1),
+               "copy": copy, "export": export}
+        if export["returncode"] == 0:
+            row["artifact_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+            row["export_over_copy"] = round(export["seconds"] / (row["checkpoint_bytes"] / (copy["gb_per_s"] * 1e9)), 2)
+            if depth == 1:
+                done = subprocess.run([sys.executable, "-c", ORT_LOAD, str(out / "model.onnx")], capture_output=True,
+                                      text=True, timeout=600)
+                row["ort_load"] = json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-300:]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if depth != 1 and not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    (root / "bench-large.json").write_text(json.dumps(rows, indent=2))
+    print(render(rows, args.limit_gib))
+    return 0 if all(r["export"]["returncode"] == 0 for r in rows) else 1
+
+
+def render(rows: list[dict], limit_gib: float) -> str:
+    lines = [f"| layers | checkpoint GB | export s | plain copy GB/s | export / copy time | peak RssAnon GiB | "
+             f"cgroup peak GiB (limit {limit_gib:g}) | OOM kills |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["export"]
+        lines.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | {e['seconds']} | {r['copy']['gb_per_s']} | "
+                     f"{r.get('export_over_copy', '-')} | {e['peak_anon_bytes'] / 2**30:.2f} | "
+                     f"{e.get('cgroup_peak_bytes', 0) / 2**30:.2f} | {e.get('cgroup_oom_kills', '-')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
