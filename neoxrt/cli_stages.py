@@ -64,8 +64,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise RuntimeShapeError("give --prompt TEXT or --input-ids 1,2,3")
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=tuple(args.stop_token_ids or ()),
-                  stop_strings=tuple(args.stop or ()))
-    generator = Generator.from_artifacts(args.artifact_dir, backend=args.backend, threads=args.threads)
+                  stop_strings=tuple(args.stop or ()), prompt_lookup_tokens=args.prompt_lookup_tokens,
+                  **({"num_draft_tokens": args.num_draft_tokens} if args.num_draft_tokens else {}))
+    generator = Generator.from_artifacts(args.artifact_dir, backend=args.backend, threads=args.threads, draft=args.draft)
     if args.json:
         result = generator.generate(prompts, **kwargs)
         print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons})
@@ -98,6 +99,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
                    help="auto: TensorRT for engine artifacts (neoxrt build), ONNX Runtime otherwise")
+    p.add_argument("--draft", default=None, metavar="DRAFT_DIR",
+                   help="speculative decoding: an artifact with the same tokenizer (e.g. this model's --weights-only INT8) "
+                        "guesses tokens, this model checks them in one step (same tokens as without it)")
+    p.add_argument("--num-draft-tokens", type=int, default=None, metavar="K",
+                   help="with --draft: the most tokens guessed per step (default 4, adapts to the acceptance)")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=0, metavar="N",
+                   help="speculative decoding without a draft: guess up to N tokens from an n-gram match in the text so far")
     p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (prompt excluded)')
     p.set_defaults(func=_cmd_generate)
 

@@ -14,6 +14,9 @@ from neoxrt.errors import ArtifactError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.sampling import GenerationOptions, next_tokens
 from neoxrt.runtime.session import Session
+from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
+
+SPECULATIVE_KEYS = ("num_draft_tokens", "prompt_lookup_tokens", "max_ngram")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -53,17 +56,56 @@ class Generator:
         self.manifest = manifest
         config = self.config = manifest["config"]
         self.tokenizer = tokenizer
+        self.draft: Generator | None = None
+        self.spec_stats: dict | None = None  # rounds / drafted / accepted of the last speculative generation
         self.eos_token_id = config.get("eos_token_id")
         self.max_positions = int(config["max_position_embeddings"])
 
     @classmethod
     def from_artifacts(cls, path, backend: str = "auto", providers=None, threads: int | None = None,
-                       verify: bool = True) -> Generator:
+                       verify: bool = True, draft=None) -> Generator:
         """Load an artifact folder written by `neoxrt export` (or calibrate / build).
 
+        Args:
+            draft: an artifact folder (or a loaded `Generator`) with the same tokenizer and vocabulary, e.g. the
+                INT8 artifact of the same model: generation then guesses tokens with it and checks them with
+                this model (speculative decoding; the tokens are this model's own).
+
         Raises:
-            ArtifactError: missing folder or files, manifest mismatch (files, toolkit version, I/O).
+            ArtifactError: missing folder or files, manifest mismatch (files, toolkit version, I/O), a draft
+                with another vocabulary or tokenizer.
         """
+        generator = cls._load(path, backend, providers, threads, verify)
+        if draft is not None:
+            generator.attach_draft(draft if isinstance(draft, Generator) else
+                                   cls._load(draft, backend, providers, threads, verify))
+        return generator
+
+    def attach_draft(self, draft: Generator) -> None:
+        """Use `draft` to guess tokens (speculative decoding).
+
+        Raises:
+            ArtifactError: its vocabulary or tokenizer differs from this model's, or this model's graph returns
+                the last position's logits only (the verify step needs every position's).
+        """
+        if int(draft.config["vocab_size"]) != int(self.config["vocab_size"]):
+            raise ArtifactError(f"draft vocabulary has {draft.config['vocab_size']} tokens, the model's has "
+                                f"{self.config['vocab_size']}; a draft needs the same tokenizer and vocabulary")
+        mine, theirs = (m.get("files", {}).get(io.TOKENIZER_FILE) for m in (self.manifest, draft.manifest))
+        if mine != theirs:
+            raise ArtifactError(f"draft tokenizer.json differs from the model's (sha256 {str(theirs)[:12]} vs "
+                                f"{str(mine)[:12]}); a draft needs the same tokenizer")
+        self._check_all_logits()
+        self.draft = draft
+
+    def _check_all_logits(self) -> None:
+        spec = next(o for o in self.session.io_spec()[1] if o.name == io.LOGITS)
+        if io.logits_rows(spec, 2) != 2:
+            raise ArtifactError("speculative decoding verifies every guessed token: export the model with "
+                                "--logits all (this artifact returns the last position's logits only)")
+
+    @classmethod
+    def _load(cls, path, backend: str, providers, threads: int | None, verify: bool) -> Generator:
         path = Path(path)
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -111,7 +153,9 @@ class Generator:
 
     # -- generation -----------------------------------------------------------------------------------
     def stream(self, prompts, **kwargs) -> Iterator[TokenEvent]:
-        """Yield tokens as they are produced (all rows interleaved). Keywords: `GenerationOptions`."""
+        """Yield tokens as they are produced (all rows interleaved). Keywords: `GenerationOptions`, and
+        `SpeculativeOptions` (`num_draft_tokens` with a draft, `prompt_lookup_tokens`)."""
+        spec = SpeculativeOptions(**{k: kwargs.pop(k) for k in SPECULATIVE_KEYS if k in kwargs})
         options = GenerationOptions(**kwargs)
         rows = self.encode(prompts)
         longest = max(len(r) for r in rows)
@@ -120,7 +164,12 @@ class Generator:
                 f"prompt ({longest} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the model's "
                 f"context of {self.max_positions} positions"
             )
-        yield from self._loop(rows, options)
+        if self.draft is not None or spec.prompt_lookup_tokens:
+            self._check_all_logits()
+            draft = self.draft.session if self.draft is not None else None
+            yield from speculative_loop(self, rows, options, spec, draft)
+        else:
+            yield from self._loop(rows, options)
 
     def generate(self, prompts, **kwargs) -> GenerationResult:
         """Generate for one prompt or a batch; returns new ids (and text when there is a tokenizer)."""

@@ -147,6 +147,10 @@ class OrtBoundDecoder(_Bound):
         return self.buffers[side][j][:n].reshape(self.batch, self.heads, length, self.head_dim)
 
     def step(self, input_ids, attention_mask, position_ids):
+        return self.step_all(input_ids, attention_mask, position_ids)[:, -1]
+
+    def step_all(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        """Every position's logits [B, S, V] (the bound buffer: valid until the next step of that shape)."""
         total, logits = self._begin(input_ids, attention_mask, position_ids)
         nxt = 1 - self.current
         for j, name in enumerate(self.names):
@@ -155,7 +159,18 @@ class OrtBoundDecoder(_Bound):
             self._bind(present, self._view(nxt, j, total), output=True)
         self.session.sess.run_with_iobinding(self.binding)
         self.current, self.past_len = nxt, total
-        return logits[:, -1]
+        return logits
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` cached positions (speculative decoding's rollback): one repack, since the
+        buffer's layout [B, H, length, D] depends on the length."""
+        if length >= self.past_len:
+            return
+        other = 1 - self.current
+        for j in range(len(self.names)):
+            src = self._view(self.current, j, self.past_len)[:, :, :length]
+            self._view(other, j, length)[...] = src
+        self.current, self.past_len = other, length
 
     def keep_rows(self, rows: np.ndarray) -> None:
         """Compact the batch to `rows` (one copy of the cache, then every later step is smaller)."""
@@ -180,6 +195,13 @@ class OrtStaticDecoder(_Bound):
         self.mask = np.zeros((batch, max_total), np.int64)
 
     def step(self, input_ids, attention_mask, position_ids):
+        return self.step_all(input_ids, attention_mask, position_ids)[:, -1]
+
+    def truncate(self, length: int) -> None:
+        """Rollback: later steps write from slot `length` on; the mask and causality hide what lies beyond."""
+        self.past_len = min(self.past_len, length)
+
+    def step_all(self, input_ids, attention_mask, position_ids) -> np.ndarray:
         b = input_ids.shape[0]
         # the graph's mask covers every slot: bind the persistent [B, max_total] mask, fill it once checked
         extra = {io.WRITE_INDICES: np.full(b, self.past_len, np.int64), io.ATTENTION_MASK: self.mask[:b]}
@@ -190,7 +212,7 @@ class OrtStaticDecoder(_Bound):
             self._bind(name.replace("past_key_values.", "present."), buf[:b], output=True)
         self.session.sess.run_with_iobinding(self.binding)
         self.past_len = total
-        return logits[:, -1]
+        return logits
 
     def keep_rows(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows)

@@ -87,14 +87,21 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def token_probs(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions) -> np.ndarray:
+    """The distribution [B, V] that sampling draws from (greedy: the softmax of the penalised logits, whose
+    argmax is the greedy token); speculative decoding compares the target's and the draft's."""
+    logits = apply_repetition_penalty(np.asarray(logits, np.float64), seen, options.repetition_penalty)
+    if options.greedy:
+        return softmax(logits)
+    return softmax(apply_top_p(apply_top_k(logits / options.temperature, options.top_k), options.top_p))
+
+
 def next_tokens(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions,
                 rng: np.random.Generator) -> np.ndarray:
     """One token per row from last-position logits [B, V]."""
-    logits = apply_repetition_penalty(np.asarray(logits, np.float64), seen, options.repetition_penalty)
     if options.greedy:
-        return logits.argmax(axis=-1)
-    logits = apply_top_p(apply_top_k(logits / options.temperature, options.top_k), options.top_p)
-    probs = softmax(logits)
+        return apply_repetition_penalty(np.asarray(logits, np.float64), seen, options.repetition_penalty).argmax(axis=-1)
+    probs = token_probs(logits, seen, options)
     cdf = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs))[:, None] * cdf[:, -1:]
     return np.minimum((cdf <= draws).sum(axis=-1), probs.shape[-1] - 1)

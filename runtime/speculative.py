@@ -1,0 +1,242 @@
+"""Speculative decoding: the generation loop when a cheap guess is at hand -- a draft artifact (the INT8/INT4
+artifact of the same model, or a smaller one with the same tokenizer) or an n-gram match in the text so far
+(prompt lookup) -- checked by the target in one step over all the guessed tokens.
+
+    round:  x = last emitted token (in no cache yet)
+            draft:   d1..dK  (K draft steps, or the tokens that followed the last n-gram match)
+            verify:  target.step_all([x, d1..dK]) -> logits [B, K+1, V]     (one weight read for K+1 tokens)
+            accept:  greedy: the longest prefix where d_i == argmax; sampling: accept d_i with min(1, p/q),
+                     else draw from normalise((p - q)+); all accepted: draw the bonus from p_K
+            emit n+1 tokens; both caches cut back to the accepted length (static cache: the write position;
+            dynamic: one repack), n = the batch's smallest acceptance (every emitted token is one the target
+            itself would have produced: greedy tokens are identical to the target's, sampled ones are
+            distributed as the target's)
+
+K adapts: up by one when a round accepts everything, down when it accepts less than K - 1; prompt lookup
+takes K = 0 (a plain decode step) when no row's n-gram matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from neoxrt.errors import RuntimeShapeError
+from neoxrt.runtime.sampling import GenerationOptions, next_tokens, token_probs
+
+
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """Args:
+        num_draft_tokens: the most tokens guessed per round (K's ceiling; K starts here).
+        prompt_lookup_tokens: with no draft artifact, guess up to this many tokens from an n-gram match.
+        max_ngram: the longest n-gram looked up (then shorter ones, down to 1), as transformers' prompt lookup.
+    """
+
+    num_draft_tokens: int = 4
+    prompt_lookup_tokens: int = 0
+    max_ngram: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_draft_tokens", "prompt_lookup_tokens", "max_ngram"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name != "prompt_lookup_tokens" else 0):
+                raise RuntimeShapeError(f"{name} must be an integer >= {1 if name != 'prompt_lookup_tokens' else 0}, "
+                                        f"got {value!r}")
+
+    @property
+    def max_tokens(self) -> int:
+        return self.prompt_lookup_tokens or self.num_draft_tokens
+
+
+def lookup_draft(sequence: np.ndarray, max_tokens: int, max_ngram: int) -> np.ndarray:
+    """Tokens that followed the latest earlier occurrence of the sequence's last n-gram (n = max_ngram..1)."""
+    for n in range(min(max_ngram, len(sequence) - 1), 0, -1):
+        tail = sequence[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
+        hits = np.flatnonzero((windows == tail).all(axis=1))
+        if len(hits):
+            start = hits[-1] + n
+            return sequence[start:start + max_tokens]
+    return sequence[:0]
+
+
+class _Draft:
+    """The draft model's decoder, kept holding exactly the tokens the target's cache holds (plus `pending`)."""
+
+    def __init__(self, session, batch: int, max_total: int, ids, mask, pos):
+        self.decoder = session.decoder(batch, max_total)
+        self.decoder.step(ids, mask, pos)
+        self.pending = np.zeros((batch, 0), np.int64)  # accepted tokens the draft has not seen yet
+
+    def propose(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, k: int, options, seen, rng):
+        """K tokens per row, and the draft's probabilities for them (sampling) or None (greedy)."""
+        feed = np.concatenate([self.pending, x[:, None]], axis=1)  # the pending tokens' slots are in `mask`
+        step_mask = np.concatenate([mask, np.ones((len(x), 1), np.int64)], axis=1)
+        step_pos = pos[:, None] + np.arange(-feed.shape[1] + 1, 1)
+        tokens, probs = [], []
+        logits = self.decoder.step(feed, step_mask, step_pos)
+        for i in range(k):
+            row_seen = seen
+            if options.repetition_penalty != 1.0 and tokens:
+                drafted = np.stack(tokens, axis=1)
+                row_seen = [np.concatenate([s, drafted[j]]) for j, s in enumerate(seen)]
+            if options.greedy:
+                token = next_tokens(logits, row_seen, options, rng)
+            else:
+                q = token_probs(logits, row_seen, options)
+                probs.append(q)
+                token = _draw(q, rng)
+            tokens.append(token)
+            if i + 1 < k:
+                step_mask = np.concatenate([step_mask, np.ones((len(x), 1), np.int64)], axis=1)
+                logits = self.decoder.step(token[:, None].astype(np.int64), step_mask, pos[:, None] + i + 1)
+        return np.stack(tokens, axis=1).astype(np.int64), (np.stack(probs, axis=1) if probs else None)
+
+    def accept(self, length: int, drafts: np.ndarray, n: int, x_next: np.ndarray) -> None:
+        """Cut the draft's cache to `length` tokens (the target's) and note what it still has to read."""
+        k = drafts.shape[1]
+        if n < k:
+            self.decoder.truncate(length)
+            self.pending = np.zeros((len(x_next), 0), np.int64)
+        else:  # every guess accepted: the draft never read its own last guess
+            self.pending = drafts[:, -1:]
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    cdf = np.cumsum(probs, axis=-1)
+    draws = rng.random(len(probs))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= draws).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def accept_greedy(target_logits: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row accepted count, target tokens [B, K+1]) for greedy verification."""
+    tokens = target_logits.argmax(axis=-1)
+    match = drafts == tokens[:, :-1]
+    accepted = np.cumprod(match, axis=1).sum(axis=1)
+    return accepted, tokens
+
+
+def accept_sampled(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Speculative sampling (Leviathan et al., Chen et al.): p [B, K+1, V] target, q [B, K, V] draft
+    probabilities; returns (per-row accepted count n_r, tokens [B, K+1]) where tokens[:, :n_r] are the accepted
+    drafts and tokens[:, n_r] is drawn from normalise((p - q)+) (or p_K when all were accepted)."""
+    b, k = drafts.shape
+    rows = np.arange(b)
+    p_d = p[rows[:, None], np.arange(k)[None, :], drafts]
+    q_d = q[rows[:, None], np.arange(k)[None, :], drafts]
+    ok = rng.random((b, k)) < np.minimum(1.0, p_d / np.maximum(q_d, 1e-30))
+    accepted = np.cumprod(ok, axis=1).sum(axis=1)
+    tokens = np.concatenate([drafts, np.zeros((b, 1), np.int64)], axis=1)
+    for r in range(b):
+        n = accepted[r]
+        if n < k:
+            residual = np.maximum(p[r, n] - q[r, n], 0.0)
+            total = residual.sum()
+            residual = residual / total if total > 0 else p[r, n]
+        else:
+            residual = p[r, k]
+        tokens[r, n] = _draw(residual[None], rng)[0]
+    return accepted, tokens
+
+
+def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spec: SpeculativeOptions,
+                     draft_session=None) -> Iterator:
+    """The generation loop with guessed tokens; yields `TokenEvent`s like `Generator._loop`."""
+    from neoxrt.runtime.generator import TokenEvent, left_pad
+
+    batch, width = len(rows), max(len(r) for r in rows)
+    kmax = spec.max_tokens
+    ids, mask, pos = left_pad(rows, 0 if gen.eos_token_id is None else gen.eos_token_id)
+    max_total = width + options.max_new_tokens + kmax + 2
+    target = gen.session.decoder(batch, max_total)
+    draft = _Draft(draft_session, batch, max_total, ids, mask, pos) if draft_session is not None else None
+    rng = np.random.default_rng(options.seed)
+    stops = set(options.stop_token_ids)
+    if gen.eos_token_id is not None and not options.ignore_eos:
+        stops.add(gen.eos_token_id)
+    seen = [np.array(r, np.int64) for r in rows]
+    generated: list[list[int]] = [[] for _ in rows]
+    emitted = [""] * batch
+    live = np.arange(batch)
+    logits = target.step(ids, mask, pos)
+    x = next_tokens(logits, seen, options, rng).astype(np.int64)
+    pos = pos[:, -1] + 1  # the next token's position, per row
+    k = kmax
+    gen.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
+    pending_out = [[int(t)] for t in x]  # tokens to emit this round, per live row
+    while True:
+        finished = np.zeros(len(live), bool)
+        for j, row in enumerate(live):
+            for token in pending_out[j]:
+                generated[row].append(token)
+                seen[row] = np.append(seen[row], token)
+                piece, reason = gen._piece(row, generated[row], emitted, options)
+                if token in stops:
+                    reason = "stop_token"
+                elif len(generated[row]) >= options.max_new_tokens:
+                    reason = reason or "length"
+                yield TokenEvent(int(row), token, piece, reason)
+                if reason is not None:
+                    finished[j] = True
+                    break
+        if finished.all():
+            return
+        if finished.any():
+            keep = np.flatnonzero(~finished)
+            target.keep_rows(keep)
+            if draft is not None:
+                draft.decoder.keep_rows(keep)
+                draft.pending = draft.pending[keep]
+            mask, pos, x, live = mask[keep], pos[keep], x[keep], live[keep]
+        room = min(options.max_new_tokens - len(generated[r]) for r in live)
+        length = mask.shape[1]
+        if draft is not None:
+            k_now = max(1, min(k, room - 1)) if room > 1 else 0
+            drafts, q = draft.propose(x, mask, pos, k_now, options, [seen[r] for r in live], rng) if k_now else (None, None)
+        else:
+            guesses = [lookup_draft(seen[r], kmax, spec.max_ngram) for r in live]
+            k_now = min(min(len(g) for g in guesses), max(room - 1, 0))
+            drafts, q = (np.stack([g[:k_now] for g in guesses]).astype(np.int64), None) if k_now else (None, None)
+        if not k_now:  # a plain decode step
+            mask = np.concatenate([mask, np.ones((len(live), 1), np.int64)], axis=1)
+            logits = target.step(x[:, None], mask, pos[:, None])
+            if draft is not None:  # the draft reads x next round
+                draft.pending = np.concatenate([draft.pending, x[:, None]], axis=1)
+            x = next_tokens(logits, [seen[r] for r in live], options, rng).astype(np.int64)
+            pos = pos + 1
+            pending_out = [[int(t)] for t in x]
+            continue
+        feed = np.concatenate([x[:, None], drafts], axis=1)  # [B, K+1]
+        step_mask = np.concatenate([mask, np.ones((len(live), k_now + 1), np.int64)], axis=1)
+        verify = target.step_all(feed, step_mask, pos[:, None] + np.arange(k_now + 1))  # [B, K+1, V]
+        if options.greedy and options.repetition_penalty == 1.0:
+            accepted, tokens = accept_greedy(verify, drafts)
+        else:
+            p = np.stack([token_probs(verify[:, i], [np.concatenate([seen[r], feed[j, 1:i + 1]])
+                                                       for j, r in enumerate(live)], options)
+                          for i in range(k_now + 1)], axis=1)
+            if options.greedy:  # repetition penalty: the argmax of the penalised logits
+                tokens = p.argmax(axis=-1)
+                accepted = np.cumprod(drafts == tokens[:, :-1], axis=1).sum(axis=1)
+            elif q is None:  # prompt lookup while sampling: the guess is a point mass
+                q = np.zeros_like(p[:, :-1])
+                q[np.arange(len(live))[:, None], np.arange(k_now)[None, :], drafts] = 1.0
+                accepted, tokens = accept_sampled(p, q, drafts, rng)
+            else:
+                accepted, tokens = accept_sampled(p, q, drafts, rng)
+        n = int(accepted.min())
+        gen.spec_stats["rounds"] += 1
+        gen.spec_stats["drafted"] += k_now * len(live)
+        gen.spec_stats["accepted"] += int(accepted.sum())
+        out = np.where(accepted[:, None] > n, drafts[:, n:n + 1], tokens[:, n:n + 1])[:, 0] if n < k_now else tokens[:, n]
+        pending_out = [[*map(int, drafts[j, :n]), int(out[j])] for j in range(len(live))]
+        mask = step_mask[:, :length + n + 1]
+        target.truncate(length + n + 1)
+        if draft is not None:
+            draft.accept(length + n + 1, drafts, n, out)
+        x, pos = out.astype(np.int64), pos + n + 1
+        if spec.prompt_lookup_tokens == 0:
+            k = min(k + 1, kmax) if n == k_now else (max(k - 1, 1) if n < k_now - 1 else k)
