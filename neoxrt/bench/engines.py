@@ -15,14 +15,14 @@ import time
 import numpy as np
 
 
-def _neoxrt(artifact: str, threads: int):
+def _neoxrt(artifact: str, threads: int, draft: str | None = None, kwargs: dict | None = None):
     from neoxrt.runtime import Generator
 
-    gen = Generator.from_artifacts(artifact, threads=threads, verify=False)
+    gen = Generator.from_artifacts(artifact, threads=threads, verify=False, draft=draft)
 
     def run(prompt: np.ndarray, new_tokens: int) -> list[float]:
         stamps = [time.perf_counter()]
-        for event in gen.stream(prompt.tolist(), max_new_tokens=new_tokens, ignore_eos=True):
+        for event in gen.stream(prompt.tolist(), max_new_tokens=new_tokens, ignore_eos=True, **(kwargs or {})):
             if event.row == len(prompt) - 1:
                 stamps.append(time.perf_counter())
         return stamps
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     threads = spec["threads"]
     engine = spec["engine"]
     if engine == "neoxrt-ort":
-        run = _neoxrt(spec["artifact"], threads)
+        run = _neoxrt(spec["artifact"], threads, spec.get("draft"), spec.get("generate"))
     elif engine in ("hf-eager", "hf-sdpa"):
         run = _hf(spec["checkpoint"], engine[3:], threads)
     elif engine in ("optimum-ort", "optimum-ort-int8-dynamic"):
@@ -124,7 +124,10 @@ def main(argv: list[str]) -> int:
             prompt_runs.append((stamps[1] - stamps[0]) * 1e3)
         stamps = run(prompt, 1 + blocks * block + 1)
         steps = np.diff(stamps[2:])  # decode steps only, after the first decode (warm-up of the decode shape)
-        per_block = [float(np.median(steps[i * block:(i + 1) * block]) * 1e3) for i in range(blocks)]
+        if spec.get("mean_blocks"):  # speculative: tokens come in bursts, so a block's mean, not its median
+            per_block = [float(np.mean(steps[i * block:(i + 1) * block]) * 1e3) for i in range(blocks)]
+        else:
+            per_block = [float(np.median(steps[i * block:(i + 1) * block]) * 1e3) for i in range(blocks)]
         results[f"b{batch}_c{context}"] = {"prompt_ms": prompt_runs, "decode_ms_per_token": per_block,
                                            "batch": batch, "context": context}
     print("RESULT " + json.dumps({"cases": results, "peak_rss_mib": peak_rss_mib()}))

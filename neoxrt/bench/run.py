@@ -20,7 +20,8 @@ from neoxrt.bench.shapes import shape_checkpoint
 
 ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-fused-static-last",
            "neoxrt-ort-int8", "neoxrt-ort-int8-weights",
-           "neoxrt-ort-int8-dynamic", "optimum-ort", "optimum-ort-int8-dynamic", "hf-sdpa", "hf-eager"]
+           "neoxrt-ort-int8-dynamic", "neoxrt-spec-int8", "neoxrt-spec-lookup", "optimum-ort", "optimum-ort-int8-dynamic",
+           "hf-sdpa", "hf-eager"]
 INT8_ENGINES = {"neoxrt-ort-int8", "neoxrt-ort-int8-weights", "neoxrt-ort-int8-dynamic", "optimum-ort-int8-dynamic"}
 # neoxrt-ort-<variant> -> (export artifact name, its ExportOptions, calibration options or None)
 NEOXRT_VARIANTS = {"decomposed": ("decomposed", {"attention": "decomposed"}, None),
@@ -30,6 +31,8 @@ NEOXRT_VARIANTS = {"decomposed": ("decomposed", {"attention": "decomposed"}, Non
                    "int8": ("fused", {}, {}),
                    "int8-weights": ("fused", {}, {"weights_only": True}),
                    "int8-dynamic": ("fused", {}, {"method": "ort-dynamic"})}
+# speculative decoding on the fp32 fused export: neoxrt-spec-<name> -> (draft variant or None, generate() keywords)
+SPEC_ENGINES = {"int8": ("int8-weights", {"num_draft_tokens": 4}), "lookup": (None, {"prompt_lookup_tokens": 5})}
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
 
 
@@ -139,6 +142,13 @@ def _run_one(name, checkpoint, config, cases, engine, threads, root, log, round_
     if engine.startswith("neoxrt-ort-"):
         artifact = neoxrt_artifact(name, checkpoint, engine.removeprefix("neoxrt-ort-"), root)
         spec.update(engine="neoxrt-ort", artifact=str(artifact))
+    elif engine.startswith("neoxrt-spec-"):  # tokens arrive in bursts: time whole blocks of 16 tokens
+        draft, kwargs = SPEC_ENGINES[engine.removeprefix("neoxrt-spec-")]
+        spec.update(engine="neoxrt-ort", artifact=str(neoxrt_artifact(name, checkpoint, "fused", root)),
+                    draft=str(neoxrt_artifact(name, checkpoint, draft, root)) if draft else None, generate=kwargs,
+                    mean_blocks=True)
+        for case in spec["cases"]:
+            case.update(runs=4, block=16)
     elif engine.startswith("optimum-ort"):
         spec["artifact"] = str(root / f"{name}-optimum")
         if engine == "optimum-ort-int8-dynamic":
@@ -153,11 +163,12 @@ def summarise(result: dict, bandwidth: float) -> list[dict]:
     for model, data in result["models"].items():
         for engine, row in data["engines"].items():
             bytes_per_weight = 1.0 if engine in INT8_ENGINES else 4.0
+            precision = "int8" if engine in INT8_ENGINES else "fp32-speculative" if "-spec-" in engine else "fp32"
             floor_ms = decode_weight_bytes(data["config"], bytes_per_weight) / (bandwidth * 1e9) * 1e3
             for key, case in row["cases"].items():
                 decode = float(np.median(case["decode_ms_per_token"]))
                 lines.append({
-                    "model": model, "engine": engine, "precision": "int8" if engine in INT8_ENGINES else "fp32",
+                    "model": model, "engine": engine, "precision": precision,
                     "case": key, "batch": case["batch"], "context": case["context"],
                     "prompt_ms": float(np.median(case["prompt_ms"])),
                     "decode_ms": decode,
@@ -214,6 +225,10 @@ def targets(lines) -> list[dict]:
         if fp32:
             add(f"INT8 decode {engine} / fp32 neoxrt-ort-fused (1.6x faster)", int8["decode_ms"] / fp32["decode_ms"],
                 0.625)
+    for engine, limit in (("neoxrt-spec-int8", 0.55), ("neoxrt-spec-lookup", 1.05)):  # fp32-exact tokens
+        row = _find(lines, m, engine, "b1_c128")
+        if row and fp32:
+            add(f"speculative decode {engine} / fp32 neoxrt-ort-fused", row["decode_ms"] / fp32["decode_ms"], limit)
     return out
 
 
