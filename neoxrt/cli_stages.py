@@ -127,7 +127,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     options = CompareOptions(texts=args.text or [], prompts=prompts, max_new_tokens=args.max_new_tokens,
                              seq_len=args.seq_len, windows=args.windows, thresholds=args.threshold or [],
                              progress=not args.json)
-    report = run_compare(args.artifact_dir, args.reference, options)
+    if (args.reference is None) == (args.against is None):
+        raise NeoxrtError("give --reference CHECKPOINT (the PyTorch model) or --against ARTIFACT (another artifact), "
+                          "one of the two")
+    report = run_compare(args.artifact_dir, args.reference, options, against=args.against,
+                         allow_modified=args.allow_modified)
     if args.report:
         write_report(report, args.report)
     if args.json:
@@ -138,9 +142,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="prove an artifact against the PyTorch reference (exit 1 over threshold)")
-    p.add_argument("artifact_dir")
-    p.add_argument("--reference", required=True, help="the checkpoint the artifact came from")
+    p = sub.add_parser("compare", help="prove a graph against the PyTorch reference or another artifact "
+                                       "(exit 1 over threshold)")
+    p.add_argument("artifact_dir", metavar="PATH", help="our artifact folder, a folder with model.onnx (e.g. Optimum's "
+                                                       "export) or a .onnx file with optimum's tensor names")
+    p.add_argument("--reference", help="the checkpoint the graph came from (PyTorch reference)")
+    p.add_argument("--against", metavar="ARTIFACT", help="compare against another artifact instead (e.g. fp16 or INT8 "
+                                                        "against fp32), when no checkpoint is at hand")
+    p.add_argument("--allow-modified", action="store_true",
+                   help="compare our artifact even if its files no longer match its manifest (the report lists them)")
     p.add_argument("--text", action="append", help="text file(s) for teacher-forced checks (default: embedded held-out slice)")
     p.add_argument("--prompts", help="file with one prompt per line for forward and free-running checks")
     p.add_argument("--max-new-tokens", type=int, default=32)

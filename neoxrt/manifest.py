@@ -102,6 +102,17 @@ def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = Tr
     return manifest
 
 
+def changed_files(folder: Path, manifest: dict) -> list[dict]:
+    """Every file whose sha256 differs from the manifest's (or that is missing), with both hashes."""
+    changed = []
+    for name, digest in manifest.get("files", {}).items():
+        file = folder / name
+        found = file_sha256(file) if file.is_file() else "missing"
+        if found != digest:
+            changed.append({"file": name, "manifest_sha256": digest, "found_sha256": found})
+    return changed
+
+
 def verify_manifest_files(folder: Path, manifest: dict, full: bool) -> None:
     """Check every file the manifest lists (see the module docstring for what is checked when).
 

@@ -244,12 +244,12 @@ class Generator:
         return piece, None
 
 
-def _ort_session_for(path: Path, manifest: dict, providers, threads):
+def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file: str = io.MODEL_FILE):
     from neoxrt.runtime.ort_session import OrtSession
 
-    model = path / io.MODEL_FILE
+    model = path / model_file
     if not model.is_file():
-        raise ArtifactError(f"artifact {path}: {io.MODEL_FILE} is missing")
+        raise ArtifactError(f"artifact {path}: {model_file} is missing")
     if manifest.get("plugin"):
         raise ArtifactError(f"artifact {path}: plugin graphs run on TensorRT; export with --attention decomposed or fused "
                             "for ONNX Runtime")

@@ -21,6 +21,7 @@ from neoxrt import contract as io
 from neoxrt.contract import TensorSpec
 from neoxrt.errors import RuntimeShapeError
 
+USE_CACHE_BRANCH = "use_cache_branch"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
@@ -75,12 +76,17 @@ class OrtSession:
         self._inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), tuple(i.shape)) for i in self.sess.get_inputs()]
         self._outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), tuple(o.shape)) for o in self.sess.get_outputs()]
         self.num_layers = sum(1 for s in self._inputs if s.name.endswith(".key"))
+        # Optimum's merged decoders take a bool `use_cache_branch` (False for the prompt step): fed here, so
+        # the rest of neoxrt sees the plain contract
+        self.cache_branch = any(s.name == USE_CACHE_BRANCH for s in self._inputs)
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return self._inputs, self._outputs
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self._outputs]
+        if self.cache_branch and USE_CACHE_BRANCH not in feeds:
+            feeds = {**feeds, USE_CACHE_BRANCH: np.array([feeds[io.past_key(0)].shape[2] > 0])}
         return dict(zip(names, self.sess.run(names, feeds)))
 
     def decoder(self, batch: int, max_total: int) -> OrtBoundDecoder | OrtStaticDecoder:
@@ -126,6 +132,8 @@ class _Bound:
         feeds = {io.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
                  io.ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
                  io.POSITION_IDS: np.ascontiguousarray(position_ids, np.int64), **(extra or {})}
+        if self.session.cache_branch:
+            feeds[USE_CACHE_BRANCH] = np.array([self.past_len > 0])
         self._feeds = feeds  # bound by pointer: the arrays must outlive the run
         for name, array in feeds.items():
             self._bind(name, array, output=False)

@@ -1,5 +1,7 @@
-"""`neoxrt compare`: an artifact against the PyTorch reference on the same inputs -- forward pass,
-teacher-forced text, free-running greedy -- with per-layer localisation of where the error starts."""
+"""`neoxrt compare`: a graph against a reference on the same inputs -- forward pass, teacher-forced text,
+free-running greedy -- with per-layer localisation of where the error starts. The graph: our artifact, Optimum's
+export folder or a bare .onnx with optimum's names; the reference: the PyTorch checkpoint, or another artifact
+(`--against`)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError
-from neoxrt.manifest import ORT_SESSION_CONFIG, precision_of
+from neoxrt.manifest import ORT_SESSION_CONFIG
 from neoxrt.progress import Progress
 from neoxrt.report.metrics import TeacherForced, first_divergence, tensor_diff
+from neoxrt.report.sources import Candidate, first_layer_with_other_weights, hidden_state_names, open_candidate
 from neoxrt.report.thresholds import thresholds_for
 from neoxrt.runtime.generator import left_pad
 
@@ -46,32 +49,25 @@ def _windows(tokenizer, texts: list[Path], seq_len: int, count: int) -> np.ndarr
     return np.array(ids[: n * seq_len], np.int64).reshape(n, seq_len)
 
 
-class Comparison:
-    """Holds the reference model, the candidate session and the artifact's facts."""
+class TorchReference:
+    """The PyTorch model of a checkpoint: logits, presents and (with hooks) each layer's output."""
 
-    def __init__(self, artifact: Path, reference, options: CompareOptions):
+    name = "PyTorch"
+
+    def __init__(self, checkpoint):
         import torch
 
-        from neoxrt.model import load_model
-        from neoxrt.runtime import Generator
+        from neoxrt.model import load_model, resolve_checkpoint
 
         self.torch = torch
-        self.artifact = Path(artifact)
-        self.options = options
-        self.generator = Generator.from_artifacts(self.artifact)
-        self.manifest = self.generator.manifest
-        self.precision = precision_of(self.manifest)
-        self.reference = load_model(reference)
-        cfg = self.reference.config
-        if cfg.to_dict() != self.manifest["config"]:
-            raise ArtifactError(f"reference {reference} is not the model the artifact was exported from (configs differ)")
-        self.kv_dtype = next(t["dtype"] for t in self.manifest["io"]["inputs"] if t["name"] == io.past_key(0))
-        self.static = any(t["name"] == io.WRITE_INDICES for t in self.manifest["io"]["inputs"])
-        self.shape = (cfg.num_layers, cfg.num_heads, cfg.head_dim)
+        self.folder = resolve_checkpoint(checkpoint)
+        self.model = load_model(self.folder)
+        self.config = self.model.config.to_dict()
 
-    def _reference_forward(self, ids, mask, pos, hooks: bool = False):
-        torch, model = self.torch, self.reference
+    def forward(self, ids, mask, pos, hooks: bool = False):
+        torch, model = self.torch, self.model
         captured = []
+
         def keep(_module, _inputs, out):
             captured.append(out[0].numpy())
 
@@ -84,6 +80,98 @@ class Comparison:
             for h in handles:
                 h.remove()
         return logits.numpy(), [(k.numpy(), v.numpy()) for k, v in presents], captured
+
+    def greedy(self, rows, n):
+        from neoxrt.model.generate import greedy
+
+        return greedy(self.model, rows, n)
+
+    def layer_weights(self):
+        state = {k: v.numpy() for k, v in self.model.state_dict().items()}
+        return [[state[k] for k in sorted(state) if k.startswith(f"layers.{i}.") and state[k].ndim == 2]
+                for i in range(self.model.config.num_layers)]
+
+
+class ArtifactReference:
+    """Another artifact as the reference (`--against`): its logits, presents and named hidden states."""
+
+    name = "artifact"
+
+    def __init__(self, path, allow_modified: bool):
+        from neoxrt.manifest import read_manifest
+
+        self.folder = Path(path)
+        manifest = read_manifest(self.folder, ("export", "calibrate", "build"), verify_files=not allow_modified)
+        self.config = manifest["config"]
+        self.candidate = open_candidate(self.folder, self.config, None, allow_modified)
+        self.shape = (self.config["num_layers"], self.config["num_heads"],
+                      self.config["hidden_size"] // self.config["num_heads"])
+        self.kv_dtype = next(t["dtype"] for t in manifest["io"]["inputs"] if t["name"] == io.past_key(0))
+        self.static = any(t["name"] == io.WRITE_INDICES for t in manifest["io"]["inputs"])
+        logits = next(t for t in manifest["io"]["outputs"] if t["name"] == io.LOGITS)
+        if not isinstance(logits["shape"][1], str):
+            raise ArtifactError(f"--against {path}: a reference must return every position's logits "
+                                "(export it with --logits all)")
+
+    def forward(self, ids, mask, pos, hooks: bool = False):
+        feeds = io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype, self.static)
+        if hooks:
+            out, hidden = run_with_hidden(self.candidate, feeds, self.shape[0])
+        else:
+            out, hidden = self.candidate.generator.session.run(feeds), []
+        presents = [(np.asarray(out[io.present_key(i)], np.float32), np.asarray(out[io.present_value(i)], np.float32))
+                    for i in range(self.shape[0])]
+        return np.asarray(out[io.LOGITS], np.float32), presents, hidden
+
+    def greedy(self, rows, n):
+        return self.candidate.generator.generate(rows, max_new_tokens=n, ignore_eos=True).ids
+
+
+def run_with_hidden(candidate: Candidate, feeds: dict, layers: int) -> tuple[dict, list]:
+    """One run of the candidate's graph with each layer's output added as a graph output (the graph is
+    re-saved in a temporary folder; the artifact is never written to). Returns (outputs, hidden or [])."""
+    import onnx
+
+    from neoxrt.runtime.ort_session import OrtSession
+
+    model = onnx.load(str(candidate.model_path))
+    names, method = hidden_state_names(model, layers)
+    if not names:
+        return candidate.generator.session.run(feeds), []
+    existing = {o.name for o in model.graph.output}
+    for name in names.values():
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > 2**31 - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / io.MODEL_FILE
+        onnx.save_model(model, str(path), save_as_external_data=big, location=io.WEIGHTS_FILE)
+        session = OrtSession(path, config=candidate.manifest.get(ORT_SESSION_CONFIG))
+    out = session.run(feeds)
+    return out, [np.asarray(out[names[i]], np.float32) for i in range(layers)]
+
+
+class Comparison:
+    """Holds the reference (PyTorch, or another artifact), the candidate session and the artifact's facts."""
+
+    def __init__(self, artifact: Path, reference, options: CompareOptions, against=None, allow_modified: bool = False):
+        self.artifact = Path(artifact)
+        self.options = options
+        self.ref = ArtifactReference(against, allow_modified) if against is not None else TorchReference(reference)
+        self.candidate = open_candidate(self.artifact, self.ref.config, self.ref.folder, allow_modified)
+        self.generator = self.candidate.generator
+        self.manifest = self.candidate.manifest
+        self.precision = self.candidate.precision
+        if self.candidate.kind == "neoxrt artifact" and self.ref.config != self.manifest["config"]:
+            raise ArtifactError(f"reference {against or reference} is not the model the artifact was exported from "
+                                "(configs differ)")
+        cfg = self.ref.config
+        self.kv_dtype = next(t["dtype"] for t in self.manifest["io"]["inputs"] if t["name"] == io.past_key(0))
+        self.static = any(t["name"] == io.WRITE_INDICES for t in self.manifest["io"]["inputs"])
+        self.shape = (cfg["num_layers"], cfg["num_heads"], cfg["hidden_size"] // cfg["num_heads"])
+
+    def _reference_forward(self, ids, mask, pos, hooks: bool = False):
+        return self.ref.forward(ids, mask, pos, hooks)
 
     def forward(self) -> dict:
         rows = self.generator.encode(self.options.prompts)
@@ -133,12 +221,10 @@ class Comparison:
         return np.stack(steps, axis=1)
 
     def free_running(self) -> dict:
-        from neoxrt.model.generate import greedy
-
         rows = self.generator.encode(self.options.prompts)
         n = self.options.max_new_tokens
         cand = self.generator.generate(rows, max_new_tokens=n, stop_token_ids=()).ids
-        ref = greedy(self.reference, rows, n)
+        ref = self.ref.greedy(rows, n)
         per_prompt = []
         for prompt, c, r in zip(self.options.prompts, cand, ref):
             r = r[: len(c)] if len(c) < n else r  # a candidate that stopped on EOS is compared as far as it went
@@ -148,34 +234,29 @@ class Comparison:
         return {"greedy_match_fraction": fraction, "prompts": per_prompt}
 
     def per_layer(self) -> dict:
-        """Hidden state after each layer, candidate (extra graph outputs) vs reference (forward hooks)."""
-        import onnx
-
-        from neoxrt.runtime.ort_session import OrtSession
-
-        model = onnx.load(str(self.artifact / io.MODEL_FILE))
-        layers = self.shape[0]
-        names = [f"hidden_states.{i}" for i in range(layers)]
-        produced = {o for n in model.graph.node for o in n.output}
-        if not all(n in produced for n in names):
-            return {"available": False}
-        existing = {o.name for o in model.graph.output}
-        for name in names:
-            if name not in existing:
-                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        big = sum(len(t.raw_data) for t in model.graph.initializer) > 2**31 - 1
-        with tempfile.TemporaryDirectory() as tmp:  # the artifact folder is never written to
-            path = Path(tmp) / io.MODEL_FILE
-            onnx.save_model(model, str(path), save_as_external_data=big, location=io.WEIGHTS_FILE)
-            session = OrtSession(path, config=self.manifest.get(ORT_SESSION_CONFIG))
+        """Each layer's output, candidate (extra graph outputs, found by exporter naming) against the reference;
+        where no naming matches, the first layer whose weights differ from the reference's."""
         rows = self.generator.encode(self.options.prompts)
         ids, mask, pos = left_pad(rows)
-        out = session.run(io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype, self.static))
+        feeds = io.prompt_feeds(ids, mask, pos, *self.shape, self.kv_dtype, self.static)
+        import onnx
+
+        names, method = hidden_state_names(onnx.load(str(self.candidate.model_path), load_external_data=False),
+                                           self.shape[0])
+        if not names:
+            if isinstance(self.ref, TorchReference):
+                layer = first_layer_with_other_weights(self.candidate.model_path, self.ref)
+                return {"available": False, "method": "weights compared with the checkpoint's",
+                        "first_layer_with_other_weights": layer}
+            return {"available": False, "method": None}
+        out, hidden = run_with_hidden(self.candidate, feeds, self.shape[0])
         _, _, ref_hidden = self._reference_forward(ids, mask, pos, hooks=True)
+        if not ref_hidden:
+            return {"available": False, "method": method, "reason": "the reference graph has no per-layer outputs"}
         valid = mask.astype(bool)[:, :, None]
         errors = []
-        for i, name in enumerate(names):
-            d = tensor_diff(f"layer {i}", out[name], ref_hidden[i], valid)
+        for i in range(self.shape[0]):
+            d = tensor_diff(f"layer {i}", hidden[i], ref_hidden[i], valid)
             scale = float(np.abs(ref_hidden[i]).max())
             errors.append({"layer": i, "max_abs": d.max_abs, "rel": d.max_abs / max(scale, 1e-12)})
         floor = JUMP_FLOOR[self.precision]
@@ -185,12 +266,18 @@ class Comparison:
                 jump = e["layer"]
                 break
             previous = e["rel"]
-        return {"available": True, "layers": errors, "first_jump_layer": jump}
+        return {"available": True, "method": method, "layers": errors, "first_jump_layer": jump}
 
 
-def run_compare(artifact, reference, options: CompareOptions) -> dict:
-    """All checks; returns the report dict (see render.write_report for the files)."""
-    cmp = Comparison(artifact, reference, options)
+def run_compare(artifact, reference, options: CompareOptions, against=None, allow_modified: bool = False) -> dict:
+    """All checks; returns the report dict (see render.write_report for the files).
+
+    Args:
+        artifact: our artifact folder, a folder with model.onnx (Optimum's export), or a .onnx file.
+        reference: the checkpoint (PyTorch reference); ignored when `against` names another artifact.
+        allow_modified: compare our artifact even if files differ from its manifest (listed in the report).
+    """
+    cmp = Comparison(artifact, reference, options, against, allow_modified)
     table = thresholds_for(cmp.precision, options.thresholds)
     forward = cmp.forward()
     teacher = cmp.teacher_forced()
@@ -212,11 +299,20 @@ def run_compare(artifact, reference, options: CompareOptions) -> dict:
     localisation = None
     if not passed and per_layer.get("available"):
         jump = per_layer["first_jump_layer"]
-        localisation = {"first_layer": jump, "message": f"error first jumps at layer {jump}" if jump is not None
+        localisation = {"first_layer": jump, "method": per_layer["method"],
+                        "message": f"error first jumps at layer {jump}" if jump is not None
                         else "no single layer stands out; the error grows gradually"}
+    elif not passed and per_layer.get("method"):
+        layer = per_layer.get("first_layer_with_other_weights")
+        localisation = {"first_layer": layer, "method": per_layer["method"],
+                        "message": f"layer {layer} is the first whose weights differ from the checkpoint's"
+                        if layer is not None else "every layer's weights are the checkpoint's"}
     return {
         "artifact": str(Path(artifact).resolve()),
-        "reference": str(reference),
+        "artifact_kind": cmp.candidate.kind,
+        "reference": str(against) if against is not None else str(reference),
+        "reference_kind": cmp.ref.name,
+        "modified_files": cmp.candidate.modified,
         "precision": cmp.precision,
         "passed": passed,
         "checks": checks,

@@ -16,8 +16,11 @@ def markdown(report: dict) -> str:
     lines = [
         f"# neoxrt compare: {status}",
         "",
-        f"- artifact: `{report['artifact']}` ({report['precision']})",
-        f"- reference: `{report['reference']}` (PyTorch, fp32)",
+        f"- artifact: `{report['artifact']}` ({report.get('artifact_kind', 'neoxrt artifact')}, {report['precision']})",
+        f"- reference: `{report['reference']}` "
+        f"({'PyTorch, fp32' if report.get('reference_kind', 'PyTorch') == 'PyTorch' else 'artifact'})",
+        *[f"- **modified since export:** `{m['file']}` sha256 {m['found_sha256'][:16]}… (manifest {m['manifest_sha256'][:16]}…)"
+          for m in report.get("modified_files", [])],
         "",
         "| check | value | threshold | result |",
         "|---|---|---|---|",
@@ -43,7 +46,7 @@ def markdown(report: dict) -> str:
         first = "-" if p["first_divergence"] is None else str(p["first_divergence"])
         lines.append(f"| {p['prompt'][:48]} | {p['match_length']}/{p['tokens']} | {first} |")
     if report["localisation"]:
-        lines += ["", f"**Localisation:** {report['localisation']['message']}."]
+        lines += ["", f"**Localisation:** {report['localisation']['message']} (by {report['localisation']['method']})."]
     if report["per_layer"].get("available"):
         lines += ["", "Per-layer hidden-state error (max abs / relative): " + ", ".join(
             f"layer {e['layer']} {_fmt(e['max_abs'])}/{_fmt(e['rel'])}" for e in report["per_layer"]["layers"]) + "."]
