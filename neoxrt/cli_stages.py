@@ -65,13 +65,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=tuple(args.stop_token_ids or ()),
                   stop_strings=tuple(args.stop or ()), prompt_lookup_tokens=args.prompt_lookup_tokens,
+                  **({"num_beams": args.num_beams, "length_penalty": args.length_penalty,
+                      "early_stopping": {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)}
+                     if args.num_beams != 1 else {}),
+                  **({"num_return_sequences": args.num_return_sequences} if args.num_return_sequences != 1 else {}),
                   **({"num_draft_tokens": args.num_draft_tokens} if args.num_draft_tokens else {}))
     generator = Generator.from_artifacts(args.artifact_dir, backend=args.backend, threads=args.threads, draft=args.draft)
     if args.json:
         result = generator.generate(prompts, **kwargs)
         print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons})
         return 0
-    if len(prompts) == 1:  # stream to the terminal
+    if len(prompts) == 1 and args.num_beams == 1 and args.num_return_sequences == 1:  # stream to the terminal
         for event in generator.stream(prompts, **kwargs):
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -99,6 +103,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
                    help="auto: TensorRT for engine artifacts (neoxrt build), ONNX Runtime otherwise")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = sum log p / length**this")
+    p.add_argument("--early-stopping", default="false", choices=("true", "false", "never"),
+                   help="beam search: transformers' early_stopping")
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="sequences per prompt (beams, or samples when sampling)")
     p.add_argument("--draft", default=None, metavar="DRAFT_DIR",
                    help="speculative decoding: an artifact with the same tokenizer (e.g. this model's --weights-only INT8) "
                         "guesses tokens, this model checks them in one step (same tokens as without it)")

@@ -12,11 +12,13 @@ import numpy as np
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
+from neoxrt.runtime.beam import BeamOptions, beam_search
 from neoxrt.runtime.sampling import GenerationOptions, next_tokens
 from neoxrt.runtime.session import Session
 from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
 
 SPECULATIVE_KEYS = ("num_draft_tokens", "prompt_lookup_tokens", "max_ngram")
+BEAM_KEYS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -158,12 +160,7 @@ class Generator:
         spec = SpeculativeOptions(**{k: kwargs.pop(k) for k in SPECULATIVE_KEYS if k in kwargs})
         options = GenerationOptions(**kwargs)
         rows = self.encode(prompts)
-        longest = max(len(r) for r in rows)
-        if longest + options.max_new_tokens > self.max_positions:
-            raise RuntimeShapeError(
-                f"prompt ({longest} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the model's "
-                f"context of {self.max_positions} positions"
-            )
+        self._check_length(rows, options)
         if self.draft is not None or spec.prompt_lookup_tokens:
             self._check_all_logits()
             draft = self.draft.session if self.draft is not None else None
@@ -172,8 +169,28 @@ class Generator:
             yield from self._loop(rows, options)
 
     def generate(self, prompts, **kwargs) -> GenerationResult:
-        """Generate for one prompt or a batch; returns new ids (and text when there is a tokenizer)."""
+        """Generate for one prompt or a batch; returns new ids (and text when there is a tokenizer).
+
+        Keywords: `GenerationOptions`, `SpeculativeOptions`, and beam search's `num_beams`, `length_penalty`,
+        `early_stopping`, `num_return_sequences` (transformers' names and meaning; with sampling,
+        `num_return_sequences` draws that many samples per prompt). Rows: prompt-major, `num_return_sequences`
+        per prompt.
+        """
+        beam = BeamOptions(**{k: kwargs.pop(k) for k in BEAM_KEYS if k in kwargs})
         rows = self.encode(prompts)
+        if beam.num_beams > 1:
+            if kwargs.pop("prompt_lookup_tokens", 0) or self.draft is not None:
+                raise RuntimeShapeError("beam search does not combine with speculative decoding (a draft or prompt lookup)")
+            options = GenerationOptions(**{k: v for k, v in kwargs.items() if k not in SPECULATIVE_KEYS})
+            self._check_length(rows, options)
+            ids = [seq for per_prompt in beam_search(self, rows, options, beam) for seq in per_prompt]
+            text = [self.tokenizer.decode(r) for r in ids] if self.tokenizer is not None else None
+            return GenerationResult(ids, text, ["beam"] * len(ids))
+        if beam.num_return_sequences > 1:
+            if GenerationOptions(**{k: v for k, v in kwargs.items() if k not in SPECULATIVE_KEYS}).greedy:
+                raise RuntimeShapeError("num_return_sequences > 1 needs sampling (temperature > 0) or num_beams > 1: "
+                                        "greedy decoding returns one sequence per prompt")
+            rows = [r for r in rows for _ in range(beam.num_return_sequences)]
         ids: list[list[int]] = [[] for _ in rows]
         reasons = ["length"] * len(rows)
         for event in self.stream(rows, **kwargs):
@@ -185,6 +202,14 @@ class Generator:
         if self.tokenizer is not None:
             text = [self._truncate(self.tokenizer.decode(r), stop_strings) for r in ids]
         return GenerationResult(ids, text, reasons)
+
+    def _check_length(self, rows, options: GenerationOptions) -> None:
+        longest = max(len(r) for r in rows)
+        if longest + options.max_new_tokens > self.max_positions:
+            raise RuntimeShapeError(
+                f"prompt ({longest} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the model's "
+                f"context of {self.max_positions} positions"
+            )
 
     @staticmethod
     def _truncate(text: str, stop_strings: tuple[str, ...]) -> str:
