@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neoxrt.runtime.sampling import GenerationOptions, apply_repetition_penalty
+from neoxrt.runtime.sampling import GenerationOptions, process
 
 NEG = np.float32(-1.0e9)
 
@@ -87,7 +87,7 @@ def beam_search(gen, rows: list[list[int]], options: GenerationOptions, beam: Be
     while True:
         log_probs = _log_softmax(np.asarray(logits, np.float32))
         seen = [r[:cur] for r in running.reshape(batch * n, max_length)]
-        log_probs = process(log_probs, seen, options, cur - width).astype(np.float32)
+        log_probs = process(log_probs, seen, options, [cur - width] * len(seen), eos).astype(np.float32)
         vocab = log_probs.shape[-1]
         flat = (log_probs.reshape(batch, n, vocab) + running_scores[:, :, None]).reshape(batch, n * vocab)
         idx = _top(flat, k)
@@ -128,8 +128,3 @@ def beam_search(gen, rows: list[list[int]], options: GenerationOptions, beam: Be
         out.append([sequences[b, j, width:width + lengths[b, j]].tolist() if finished[b, j] or lengths[b, j]
                     else [] for j in range(beam.num_return_sequences)])
     return out
-
-
-def process(log_probs: np.ndarray, seen: list[np.ndarray], options: GenerationOptions, generated: int) -> np.ndarray:
-    """The logits processors beam search applies to log-probabilities (transformers' order)."""
-    return apply_repetition_penalty(log_probs, seen, options.repetition_penalty)

@@ -162,6 +162,9 @@ class Generator:
         rows = self.encode(prompts)
         self._check_length(rows, options)
         if self.draft is not None or spec.prompt_lookup_tokens:
+            if options.no_repeat_ngram_size or options.bad_words_ids or options.min_new_tokens or options.typical_p < 1:
+                raise RuntimeShapeError("speculative decoding takes temperature, top_k, top_p and repetition_penalty; "
+                                        "not no_repeat_ngram_size, bad_words_ids, min_new_tokens or typical_p")
             self._check_all_logits()
             draft = self.draft.session if self.draft is not None else None
             yield from speculative_loop(self, rows, options, spec, draft)
@@ -230,7 +233,8 @@ class Generator:
         live = np.arange(batch)  # original row index of each decoder row
         logits = decoder.step(ids, mask, pos)
         for _ in range(options.max_new_tokens):
-            chosen = next_tokens(logits, [seen[r] for r in live], options, rng)
+            chosen = next_tokens(logits, [seen[r] for r in live], options, rng, [len(generated[r]) for r in live],
+                                 sorted(stops))
             finished = np.zeros(len(live), bool)
             for j, row in enumerate(live):
                 token = int(chosen[j])

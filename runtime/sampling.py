@@ -16,7 +16,7 @@ class GenerationOptions:
     """Keyword names follow transformers' `generate()`."""
 
     max_new_tokens: int = 32
-    temperature: float = 0.0
+    temperature: float | None = None  # None: 1.0 when do_sample, else greedy; 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -24,8 +24,35 @@ class GenerationOptions:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: run the full max_new_tokens even past EOS
+    do_sample: bool | None = None  # None: sample iff temperature > 0 (neoxrt's rule); False: greedy whatever else
+    min_new_tokens: int = 0  # EOS and stop ids banned until this many tokens are out
+    no_repeat_ngram_size: int = 0  # no n-gram of this size occurs twice
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # never produce these token sequences
+    typical_p: float = 1.0  # locally typical sampling (transformers' TypicalLogitsWarper)
 
     def __post_init__(self) -> None:
+        if self.do_sample not in (None, True, False):
+            raise RuntimeShapeError(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.temperature is None:
+            object.__setattr__(self, "temperature", 1.0 if self.do_sample else 0.0)
+        if self.do_sample is True and isinstance(self.temperature, (int, float)) and self.temperature == 0:
+            raise RuntimeShapeError("do_sample=True needs temperature > 0 (temperature 0 is greedy decoding)")
+        for name in ("min_new_tokens", "no_repeat_ngram_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RuntimeShapeError(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.typical_p, (int, float)) or not 0.0 < self.typical_p <= 1.0:
+            raise RuntimeShapeError(f"typical_p must be in (0, 1], got {self.typical_p!r}")
+        try:
+            words = tuple(tuple(int(t) for t in w) for w in self.bad_words_ids)
+        except (TypeError, ValueError):
+            raise RuntimeShapeError(f"bad_words_ids must be lists of token ids, got {self.bad_words_ids!r}") from None
+        if any(not w for w in words):
+            raise RuntimeShapeError("bad_words_ids must not contain an empty list")
+        object.__setattr__(self, "bad_words_ids", words)
+        self._check_basic()
+
+    def _check_basic(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise RuntimeShapeError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
@@ -43,7 +70,7 @@ class GenerationOptions:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.do_sample is False or self.temperature == 0
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
@@ -87,21 +114,78 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def token_probs(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions) -> np.ndarray:
-    """The distribution [B, V] that sampling draws from (greedy: the softmax of the penalised logits, whose
-    argmax is the greedy token); speculative decoding compares the target's and the draft's."""
+def apply_no_repeat_ngram(logits: np.ndarray, seen: list[np.ndarray], n: int) -> np.ndarray:
+    """transformers' NoRepeatNGramLogitsProcessor: ban every token that would repeat an n-gram of the row."""
+    if n <= 0:
+        return logits
+    for row, tokens in enumerate(seen):
+        tokens = [int(t) for t in tokens]
+        if len(tokens) + 1 < n:
+            continue
+        prefix = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+        banned = [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix]
+        logits[row, banned] = -np.inf
+    return logits
+
+
+def apply_bad_words(logits: np.ndarray, seen: list[np.ndarray], words: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """transformers' NoBadWordsLogitsProcessor: ban a word's last token when the row ends with the rest of it."""
+    for row, tokens in enumerate(seen):
+        tail = [int(t) for t in tokens]
+        for word in words:
+            if len(word) == 1 or (len(tail) >= len(word) - 1 and tuple(tail[len(tail) - len(word) + 1:]) == word[:-1]):
+                logits[row, word[-1]] = -np.inf
+    return logits
+
+
+def apply_typical_p(logits: np.ndarray, mass: float) -> np.ndarray:
+    """transformers' TypicalLogitsWarper (min_tokens_to_keep 1)."""
+    if mass >= 1.0:
+        return logits
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    p = np.exp(logp)
+    entropy = -np.nansum(logp * p, axis=-1, keepdims=True)
+    shifted = np.abs(-logp - entropy)
+    order = np.argsort(shifted, axis=-1, kind="stable")
+    cum = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1)
+    last = np.minimum((cum < mass).sum(axis=-1), logits.shape[-1] - 1)
+    cutoff = np.take_along_axis(np.take_along_axis(shifted, order, axis=-1), last[:, None], axis=-1)
+    return np.where(shifted > cutoff, -np.inf, logits)
+
+
+def process(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions,
+            generated: list[int] | None = None, stop_ids=()) -> np.ndarray:
+    """The logits processors, in transformers' order: repetition penalty, no-repeat n-grams, bad words, minimum
+    new tokens (stop ids banned while a row has fewer than `min_new_tokens` new tokens)."""
     logits = apply_repetition_penalty(np.asarray(logits, np.float64), seen, options.repetition_penalty)
+    if options.no_repeat_ngram_size or options.bad_words_ids or (options.min_new_tokens and generated is not None):
+        logits = logits.copy()
+    logits = apply_no_repeat_ngram(logits, seen, options.no_repeat_ngram_size)
+    logits = apply_bad_words(logits, seen, options.bad_words_ids)
+    if options.min_new_tokens and generated is not None and stop_ids:
+        short = np.array([g < options.min_new_tokens for g in generated])
+        logits[np.ix_(short, list(stop_ids))] = -np.inf
+    return logits
+
+
+def token_probs(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions,
+                generated: list[int] | None = None, stop_ids=()) -> np.ndarray:
+    """The distribution [B, V] that sampling draws from (greedy: the softmax of the processed logits, whose
+    argmax is the greedy token); speculative decoding compares the target's and the draft's."""
+    logits = process(logits, seen, options, generated, stop_ids)
     if options.greedy:
         return softmax(logits)
-    return softmax(apply_top_p(apply_top_k(logits / options.temperature, options.top_k), options.top_p))
+    logits = apply_top_p(apply_top_k(logits / options.temperature, options.top_k), options.top_p)
+    return softmax(apply_typical_p(logits, options.typical_p))
 
 
 def next_tokens(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions,
-                rng: np.random.Generator) -> np.ndarray:
-    """One token per row from last-position logits [B, V]."""
+                rng: np.random.Generator, generated: list[int] | None = None, stop_ids=()) -> np.ndarray:
+    """One token per row from last-position logits [B, V]; `generated` (new tokens per row so far) and
+    `stop_ids` serve `min_new_tokens`."""
     if options.greedy:
-        return apply_repetition_penalty(np.asarray(logits, np.float64), seen, options.repetition_penalty).argmax(axis=-1)
-    probs = token_probs(logits, seen, options)
+        return process(logits, seen, options, generated, stop_ids).argmax(axis=-1)
+    probs = token_probs(logits, seen, options, generated, stop_ids)
     cdf = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs))[:, None] * cdf[:, -1:]
     return np.minimum((cdf <= draws).sum(axis=-1), probs.shape[-1] - 1)
