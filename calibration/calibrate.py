@@ -260,7 +260,7 @@ def calibrate_artifact(src, out, options: CalibrationOptions, data: list[Path] |
                                   progress, log)
         validate_onnx(tmp / io.MODEL_FILE)
         body["io"] = io_section(model)
-        for name in (io.TOKENIZER_FILE, io.CONFIG_FILE):
+        for name in io.COMPANION_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
                 files.append(name)

@@ -149,7 +149,7 @@ def build_engine_artifact(src, out, options: BuildOptions, force: bool = False, 
             options.timing_cache.parent.mkdir(parents=True, exist_ok=True)
             options.timing_cache.write_bytes(timing)
         files = [ENGINE_FILE]
-        for name in (io.TOKENIZER_FILE, io.CONFIG_FILE):
+        for name in io.COMPANION_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
                 files.append(name)

@@ -112,7 +112,7 @@ def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool =
 def _finish(folder: Path, tmp: Path, files: list[str], digests: dict[str, str], checkpoint_sha256: str,
             config, options: ExportOptions, sections: dict) -> dict:
     """Copy the tokenizer and config beside the graph and write the manifest."""
-    for name in (io.TOKENIZER_FILE, io.CONFIG_FILE):
+    for name in io.COMPANION_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, tmp / name)
             files.append(name)

@@ -30,6 +30,8 @@ WEIGHTS_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"  # the checkpoint's generation defaults, carried along
+COMPANION_FILES = (TOKENIZER_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE)  # copied from stage to stage
 
 
 def past_key(layer: int) -> str:

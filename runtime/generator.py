@@ -59,6 +59,7 @@ class Generator:
         config = self.config = manifest["config"]
         self.tokenizer = tokenizer
         self.draft: Generator | None = None
+        self.defaults: dict = {}  # from the artifact's generation_config.json (transformers' keys), see load
         self.spec_stats: dict | None = None  # rounds / drafted / accepted of the last speculative generation
         self.eos_token_id = config.get("eos_token_id")
         self.max_positions = int(config["max_position_embeddings"])
@@ -128,7 +129,9 @@ class Generator:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(str(path / io.TOKENIZER_FILE))
-        return cls(session, manifest, tokenizer)
+        generator = cls(session, manifest, tokenizer)
+        generator.defaults = generation_defaults(path / io.GENERATION_CONFIG_FILE)
+        return generator
 
     # -- input handling ---------------------------------------------------------------------------------
     def encode(self, prompts) -> list[list[int]]:
@@ -157,9 +160,14 @@ class Generator:
     def stream(self, prompts, **kwargs) -> Iterator[TokenEvent]:
         """Yield tokens as they are produced (all rows interleaved). Keywords: `GenerationOptions`, and
         `SpeculativeOptions` (`num_draft_tokens` with a draft, `prompt_lookup_tokens`)."""
+        rows = self.encode(prompts)
+        kwargs = self._with_defaults(rows, kwargs, beams=False)
+        for key in BEAM_KEYS:  # generate() has taken them; streaming is one sequence per prompt
+            if key in kwargs and kwargs.pop(key) not in (1, 1.0, False):
+                raise RuntimeShapeError(f"{key} needs generate() (beam search returns whole sequences); stream() "
+                                        "produces one sequence per prompt")
         spec = SpeculativeOptions(**{k: kwargs.pop(k) for k in SPECULATIVE_KEYS if k in kwargs})
         options = GenerationOptions(**kwargs)
-        rows = self.encode(prompts)
         self._check_length(rows, options)
         if self.draft is not None or spec.prompt_lookup_tokens:
             if options.no_repeat_ngram_size or options.bad_words_ids or options.min_new_tokens or options.typical_p < 1:
@@ -179,8 +187,9 @@ class Generator:
         `num_return_sequences` draws that many samples per prompt). Rows: prompt-major, `num_return_sequences`
         per prompt.
         """
-        beam = BeamOptions(**{k: kwargs.pop(k) for k in BEAM_KEYS if k in kwargs})
         rows = self.encode(prompts)
+        kwargs = self._with_defaults(rows, kwargs)
+        beam = BeamOptions(**{k: kwargs.pop(k) for k in BEAM_KEYS if k in kwargs})
         if beam.num_beams > 1:
             if kwargs.pop("prompt_lookup_tokens", 0) or self.draft is not None:
                 raise RuntimeShapeError("beam search does not combine with speculative decoding (a draft or prompt lookup)")
@@ -205,6 +214,21 @@ class Generator:
         if self.tokenizer is not None:
             text = [self._truncate(self.tokenizer.decode(r), stop_strings) for r in ids]
         return GenerationResult(ids, text, reasons)
+
+    def _with_defaults(self, rows, kwargs: dict, beams: bool = True) -> dict:
+        """The artifact's generation_config.json defaults under the caller's keywords; `max_length` (prompt +
+        new tokens, transformers' meaning) becomes max_new_tokens for the longest prompt. A caller's temperature
+        without do_sample keeps neoxrt's rule (temperature > 0 samples); stream() takes no beam defaults."""
+        defaults = {k: v for k, v in self.defaults.items()
+                    if not (k == "max_new_tokens" and "max_length" in kwargs)
+                    and not (k == "do_sample" and "temperature" in kwargs)
+                    and (beams or k not in BEAM_KEYS)}
+        kwargs = {**defaults, **kwargs}
+        if "max_length" in kwargs:
+            max_length = kwargs.pop("max_length")
+            if "max_new_tokens" not in kwargs or "max_new_tokens" in self.defaults:
+                kwargs["max_new_tokens"] = int(max_length) - max(len(r) for r in rows)
+        return kwargs
 
     def _check_length(self, rows, options: GenerationOptions) -> None:
         longest = max(len(r) for r in rows)
@@ -271,6 +295,41 @@ class Generator:
         piece = text[len(emitted[row]):] if text.startswith(emitted[row]) else text
         emitted[row] = text
         return piece, None
+
+
+# generation_config.json keys (transformers) -> generate() keywords; others (pad/bos ids, flags) are not ours
+_GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+                    "no_repeat_ngram_size", "bad_words_ids", "min_new_tokens", "max_new_tokens", "max_length",
+                    "num_beams", "length_penalty", "early_stopping", "num_return_sequences")
+
+
+def generation_defaults(path: Path) -> dict:
+    """generate() defaults from a generation_config.json (transformers' names); {} when there is none.
+
+    Raises:
+        ArtifactError: the file is not a JSON object.
+    """
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    defaults = {k: data[k] for k in _GENERATION_KEYS if data.get(k) is not None}
+    if not data.get("do_sample"):  # transformers ignores the sampling knobs when do_sample is false
+        for key in ("temperature", "top_k", "top_p", "typical_p"):
+            defaults.pop(key, None)
+    if data.get("max_length") == 20 and "max_new_tokens" not in data:  # transformers' placeholder default
+        defaults.pop("max_length", None)
+    eos = data.get("eos_token_id")
+    extra = [eos] if isinstance(eos, int) else list(eos or [])
+    if extra:
+        defaults["stop_token_ids"] = tuple(int(t) for t in extra)
+    return defaults
 
 
 def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file: str = io.MODEL_FILE):
