@@ -130,7 +130,9 @@ class Generator:
 
             tokenizer = Tokenizer.from_file(str(path / io.TOKENIZER_FILE))
         generator = cls(session, manifest, tokenizer)
-        generator.defaults = generation_defaults(path / io.GENERATION_CONFIG_FILE)
+        defaults = generation_defaults(path / io.GENERATION_CONFIG_FILE)
+        stops = tuple(t for t in defaults.pop("stop_token_ids", ()) if t != generator.eos_token_id)
+        generator.defaults = {**defaults, **({"stop_token_ids": stops} if stops else {})}
         return generator
 
     # -- input handling ---------------------------------------------------------------------------------
@@ -222,6 +224,7 @@ class Generator:
         defaults = {k: v for k, v in self.defaults.items()
                     if not (k == "max_new_tokens" and "max_length" in kwargs)
                     and not (k == "do_sample" and "temperature" in kwargs)
+                    and not (k == "stop_token_ids" and kwargs.get("ignore_eos"))
                     and (beams or k not in BEAM_KEYS)}
         kwargs = {**defaults, **kwargs}
         if "max_length" in kwargs:

@@ -30,7 +30,7 @@ def default_artifact(tmp_path_factory):
 
 def test_artifact_contents_and_manifest(default_artifact):
     names = sorted(p.name for p in default_artifact.iterdir())
-    assert names == sorted([io.MODEL_FILE, io.TOKENIZER_FILE, io.CONFIG_FILE, io.MANIFEST_FILE])
+    assert names == sorted([io.MODEL_FILE, io.TOKENIZER_FILE, io.CONFIG_FILE, io.GENERATION_CONFIG_FILE, io.MANIFEST_FILE])
     manifest = json.loads((default_artifact / io.MANIFEST_FILE).read_text())
     assert manifest["stage"] == "export" and manifest["opset"] == 17
     assert manifest["config"]["num_layers"] == 6

@@ -22,7 +22,7 @@ def artifact(tmp_path_factory):
     ckpt = root / "ckpt"
     shutil.copytree(default_checkpoint(), ckpt)
     (ckpt / io.GENERATION_CONFIG_FILE).write_text(json.dumps(
-        {"do_sample": False, "no_repeat_ngram_size": 2, "max_new_tokens": 7, "eos_token_id": 0, "top_k": 5}))
+        {"do_sample": False, "no_repeat_ngram_size": 2, "max_new_tokens": 7, "eos_token_id": [0, 187], "top_k": 5}))
     export_checkpoint(ckpt, root / "art", ExportOptions(), log=lambda *_: None)
     return root / "art"
 
@@ -31,9 +31,11 @@ def test_defaults_come_from_the_checkpoint(artifact):
     manifest = json.loads((artifact / io.MANIFEST_FILE).read_text())
     assert io.GENERATION_CONFIG_FILE in manifest["files"]
     gen = Generator.from_artifacts(artifact)
-    assert gen.defaults == {"do_sample": False, "no_repeat_ngram_size": 2, "max_new_tokens": 7, "stop_token_ids": (0,)}
+    # eos 0 is the model's own; 187 becomes an extra stop id; top_k is ignored as do_sample is false
+    assert gen.defaults == {"do_sample": False, "no_repeat_ngram_size": 2, "max_new_tokens": 7, "stop_token_ids": (187,)}
     got = gen.generate([PROMPT]).ids[0]
-    assert got == gen.generate([PROMPT], do_sample=False, no_repeat_ngram_size=2, max_new_tokens=7).ids[0]
+    assert got == gen.generate([PROMPT], do_sample=False, no_repeat_ngram_size=2, max_new_tokens=7,
+                               stop_token_ids=(187,)).ids[0]
     assert len(got) == 7
     bigrams = list(zip(got, got[1:]))
     assert len(bigrams) == len(set(bigrams))
