@@ -62,9 +62,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or []) + list(args.input_ids or [])
     if not prompts:
         raise RuntimeShapeError("give --prompt TEXT or --input-ids 1,2,3")
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    kwargs = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
+                  **({"temperature": args.temperature} if args.temperature is not None else {}),
                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=tuple(args.stop_token_ids or ()),
                   stop_strings=tuple(args.stop or ()), prompt_lookup_tokens=args.prompt_lookup_tokens,
+                  min_new_tokens=args.min_new_tokens, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                  typical_p=args.typical_p, bad_words_ids=tuple(args.bad_words_ids or ()), logprobs=args.logprobs,
+                  **({"do_sample": True} if args.do_sample else {}),
                   **({"num_beams": args.num_beams, "length_penalty": args.length_penalty,
                       "early_stopping": {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)}
                      if args.num_beams != 1 else {}),
@@ -73,7 +77,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     generator = Generator.from_artifacts(args.artifact_dir, backend=args.backend, threads=args.threads, draft=args.draft)
     if args.json:
         result = generator.generate(prompts, **kwargs)
-        print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons})
+        print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons,
+                    **({"logprobs": result.logprobs} if result.logprobs is not None else {})})
         return 0
     if len(prompts) == 1 and args.num_beams == 1 and args.num_return_sequences == 1:  # stream to the terminal
         for event in generator.stream(prompts, **kwargs):
@@ -93,7 +98,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--input-ids", action="append", type=_ids, help="prompt as token ids 1,2,3 (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default without --do-sample)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -103,6 +108,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
                    help="auto: TensorRT for engine artifacts (neoxrt build), ONNX Runtime otherwise")
+    p.add_argument("--do-sample", action="store_true", help="sample (temperature 1 unless given), as transformers")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS or stop id before this many new tokens")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
+    p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass")
+    p.add_argument("--bad-words-ids", type=_ids, action="append", metavar="1,2",
+                   help="a token sequence never to produce (repeatable)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: each token's log-probability and the N most likely alternatives")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = sum log p / length**this")
     p.add_argument("--early-stopping", default="false", choices=("true", "false", "never"),

@@ -31,6 +31,8 @@ class TokenEvent:
     token_id: int
     text: str
     finish_reason: str | None  # None while the row goes on; else length, stop_token or stop_string
+    logprob: float | None = None  # with logprobs=N: log p(token) under the model (log_softmax of its logits)
+    top_logprobs: list[tuple[int, float]] | None = None  # and the N most likely tokens with theirs
 
 
 @dataclass
@@ -38,6 +40,21 @@ class GenerationResult:
     ids: list[list[int]]  # new tokens per row (prompt excluded)
     text: list[str] | None  # decoded new text per row, None without a tokenizer
     finish_reasons: list[str]
+    logprobs: list[list[dict]] | None = None  # with logprobs=N: per row, per token {token, logprob, top}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def token_logprobs(logits: np.ndarray, chosen: np.ndarray, top: int | None) -> list | None:
+    """Per row (log p(chosen), [(token, log p)] of the `top` most likely), from raw logits [B, V]; None when off."""
+    if top is None:
+        return None
+    logp = log_softmax(np.asarray(logits, np.float64))
+    best = np.argsort(-logp, axis=-1, kind="stable")[:, :top]
+    return [(float(logp[j, chosen[j]]), [(int(t), float(logp[j, t])) for t in best[j]]) for j in range(len(chosen))]
 
 
 def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,9 +189,10 @@ class Generator:
         options = GenerationOptions(**kwargs)
         self._check_length(rows, options)
         if self.draft is not None or spec.prompt_lookup_tokens:
-            if options.no_repeat_ngram_size or options.bad_words_ids or options.min_new_tokens or options.typical_p < 1:
+            if (options.no_repeat_ngram_size or options.bad_words_ids or options.min_new_tokens or options.typical_p < 1
+                    or options.logprobs is not None):
                 raise RuntimeShapeError("speculative decoding takes temperature, top_k, top_p and repetition_penalty; "
-                                        "not no_repeat_ngram_size, bad_words_ids, min_new_tokens or typical_p")
+                                        "not no_repeat_ngram_size, bad_words_ids, min_new_tokens, typical_p or logprobs")
             self._check_all_logits()
             draft = self.draft.session if self.draft is not None else None
             yield from speculative_loop(self, rows, options, spec, draft)
@@ -196,6 +214,8 @@ class Generator:
             if kwargs.pop("prompt_lookup_tokens", 0) or self.draft is not None:
                 raise RuntimeShapeError("beam search does not combine with speculative decoding (a draft or prompt lookup)")
             options = GenerationOptions(**{k: v for k, v in kwargs.items() if k not in SPECULATIVE_KEYS})
+            if options.logprobs is not None:
+                raise RuntimeShapeError("logprobs are reported for greedy and sampled generation, not beam search")
             self._check_length(rows, options)
             ids = [seq for per_prompt in beam_search(self, rows, options, beam) for seq in per_prompt]
             text = [self.tokenizer.decode(r) for r in ids] if self.tokenizer is not None else None
@@ -207,15 +227,18 @@ class Generator:
             rows = [r for r in rows for _ in range(beam.num_return_sequences)]
         ids: list[list[int]] = [[] for _ in rows]
         reasons = ["length"] * len(rows)
+        logprobs: list[list[dict]] | None = [[] for _ in rows] if kwargs.get("logprobs") is not None else None
         for event in self.stream(rows, **kwargs):
             ids[event.row].append(event.token_id)
+            if logprobs is not None:
+                logprobs[event.row].append({"token": event.token_id, "logprob": event.logprob, "top": event.top_logprobs})
             if event.finish_reason:
                 reasons[event.row] = event.finish_reason
         stop_strings = tuple(kwargs.get("stop_strings", ()))
         text = None
         if self.tokenizer is not None:
             text = [self._truncate(self.tokenizer.decode(r), stop_strings) for r in ids]
-        return GenerationResult(ids, text, reasons)
+        return GenerationResult(ids, text, reasons, logprobs)
 
     def _with_defaults(self, rows, kwargs: dict, beams: bool = True) -> dict:
         """The artifact's generation_config.json defaults under the caller's keywords; `max_length` (prompt +
@@ -263,6 +286,7 @@ class Generator:
             chosen = next_tokens(logits, [seen[r] for r in live], options, rng, [len(generated[r]) for r in live],
                                  sorted(stops))
             finished = np.zeros(len(live), bool)
+            scored = token_logprobs(logits, chosen, options.logprobs)
             for j, row in enumerate(live):
                 token = int(chosen[j])
                 generated[row].append(token)
@@ -273,7 +297,7 @@ class Generator:
                 elif len(generated[row]) >= options.max_new_tokens:
                     reason = reason or "length"
                 finished[j] = reason is not None
-                yield TokenEvent(int(row), token, piece, reason)
+                yield TokenEvent(int(row), token, piece, reason, *(scored[j] if scored else (None, None)))
             if finished.all():
                 return
             keep = np.flatnonzero(~finished)
@@ -284,6 +308,24 @@ class Generator:
             mask = np.concatenate([mask, np.ones((len(live), 1), np.int64)], axis=1)
             pos = pos[:, -1:] + 1
             logits = decoder.step(nxt, mask, pos)
+
+    def prompt_logprobs(self, prompts) -> list[list[float | None]]:
+        """log p(token | the tokens before it) for every prompt token (None for the first): what evaluation
+        harnesses score continuations with (OpenAI's `echo`). Needs a graph with every position's logits.
+
+        Raises:
+            ArtifactError: the graph returns the last position's logits only.
+        """
+        self._check_all_logits()
+        rows = self.encode(prompts)
+        ids, mask, pos = left_pad(rows, 0 if self.eos_token_id is None else self.eos_token_id)
+        logits = self.session.decoder(len(rows), ids.shape[1]).step_all(ids, mask, pos)
+        out = []
+        for b, row in enumerate(rows):
+            start = ids.shape[1] - len(row)
+            logp = log_softmax(np.asarray(logits[b, start:-1], np.float64))
+            out.append([None] + [float(logp[t, tok]) for t, tok in enumerate(row[1:])])
+        return out
 
     def _piece(self, row, tokens, emitted, options) -> tuple[str, str | None]:
         """The new text of `row` (held back while a character is incomplete) and 'stop_string' if one

@@ -29,6 +29,7 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0  # no n-gram of this size occurs twice
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # never produce these token sequences
     typical_p: float = 1.0  # locally typical sampling (transformers' TypicalLogitsWarper)
+    logprobs: int | None = None  # report each token's log-probability and the N most likely alternatives
 
     def __post_init__(self) -> None:
         if self.do_sample not in (None, True, False):
@@ -50,6 +51,9 @@ class GenerationOptions:
         if any(not w for w in words):
             raise RuntimeShapeError("bad_words_ids must not contain an empty list")
         object.__setattr__(self, "bad_words_ids", words)
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= 20):
+            raise RuntimeShapeError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         self._check_basic()
 
     def _check_basic(self) -> None:

@@ -75,3 +75,34 @@ def test_do_sample_rules():
                          (dict(top_p=1.5), "top_p must be in (0, 1]")):
         with pytest.raises(RuntimeShapeError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             GenerationOptions(**kw)
+
+
+def test_logprobs_equal_transformers(pair):
+    gen, hf = pair
+    ids = gen.encode([PROMPT])[0]
+    result = gen.generate([ids], max_new_tokens=8, logprobs=3, ignore_eos=True)
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+                          return_dict_in_generate=True)
+    for step, entry in enumerate(result.logprobs[0]):
+        want = torch.log_softmax(out.logits[step][0].double(), -1)
+        assert abs(entry["logprob"] - float(want[entry["token"]])) < 1e-4
+        assert [t for t, _ in entry["top"]] == torch.topk(want, 3).indices.tolist()
+        assert entry["token"] == entry["top"][0][0]  # greedy: the chosen token is the most likely
+
+
+def test_prompt_logprobs_equal_pytorch(pair):
+    from neoxrt.model import load_model
+
+    gen, _ = pair
+    rows = gen.encode([PROMPT, "We the people"])
+    got = gen.prompt_logprobs(rows)
+    model = load_model(default_checkpoint())
+    for row, scores in zip(rows, got):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([row]), torch.arange(len(row))[None], torch.ones(1, len(row), dtype=torch.long),
+                              model.empty_past(1))
+        want = torch.log_softmax(logits[0].double(), -1)
+        assert scores[0] is None
+        assert max(abs(s - float(want[t, tok])) for t, (s, tok) in enumerate(zip(scores[1:], row[1:]))) < 1e-4
