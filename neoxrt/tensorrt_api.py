@@ -142,9 +142,8 @@ def build_serialized_engine(onnx_path: str, profiles: dict, options, log=print) 
     logger = _logger(trt)
     builder = trt.Builder(logger)
     flags = 0
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly is not None and version_tuple(trt.__version__)[0] < 11:
-        flags |= 1 << int(strongly)
+    if version_tuple(trt.__version__)[0] < 11:  # strongly typed is the default (and only) mode from 11
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
