@@ -225,3 +225,117 @@ def test_a_plugin_engine_runs_on_a_runtime_only_install(exports, tmp_path):
     ids, modules = done.stdout.strip().splitlines()[-2:]
     want = Generator.from_artifacts(exports["static"]).generate([[5, 17, 33]], max_new_tokens=3, ignore_eos=True).ids
     assert ids == str(want) and modules == "[]"
+
+
+class FakeTrt:
+    """The tensorrt surface of build_serialized_engine and deserialize, recording what it is asked."""
+
+    __version__ = "10.15.1.29"
+    Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity=2: None})
+    NetworkDefinitionCreationFlag = type("Flag", (), {"STRONGLY_TYPED": 1})
+    MemoryPoolType = type("Pool", (), {"WORKSPACE": 0})
+    HardwareCompatibilityLevel = type("Level", (), {"AMPERE_PLUS": 1})
+    BuilderFlag = type("BuilderFlag", (), {"VERSION_COMPATIBLE": 9})
+    IProgressMonitor = type("IProgressMonitor", (), {"__init__": lambda self: None})
+
+    def __init__(self, foreign_cache: bytes):
+        self.foreign, self.config, trt = foreign_cache, None, self
+
+        class Cache:
+            def __init__(self, data):
+                self.data = data
+
+            def serialize(self):
+                return b"timings:" + self.data
+
+        class Config:
+            def __init__(self):
+                self.flags, self.cache, self.attempts = [], None, []
+
+            def set_memory_pool_limit(self, pool, size):
+                pass
+
+            def set_flag(self, flag):
+                self.flags.append(flag)
+
+            def create_timing_cache(self, data):
+                return Cache(bytes(data))
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.attempts.append(cache.data)
+                ok = cache.data != trt.foreign
+                self.cache = cache if ok else None
+                return ok
+
+            def get_timing_cache(self):
+                return self.cache
+
+            def add_optimization_profile(self, profile):
+                return 0
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                trt.config = Config()
+                return trt.config
+
+            def create_optimization_profile(self):
+                return type("Profile", (), {"set_shape": lambda self, *a: None})()
+
+            def build_serialized_network(self, network, config):
+                return b"engine"
+
+        class Runtime:
+            def __init__(self, logger):
+                self.engine_host_code_allowed = False
+                trt.runtime = self
+
+            def deserialize_cuda_engine(self, data):
+                return "engine" if data == b"engine" else None
+
+        self.Builder, self.Runtime = Builder, Runtime
+        self.OnnxParser = lambda network, logger: type("Parser", (), {"parse_from_file": lambda self, p: True})()
+
+
+@pytest.mark.parametrize("cache", [b"", b"ours", b"another GPU's"])
+def test_a_timing_cache_from_elsewhere_is_replaced_not_crashed_on(monkeypatch, tmp_path, cache):
+    trt = FakeTrt(foreign_cache=b"another GPU's")
+    monkeypatch.setattr(tensorrt_api, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_api, "gpu_facts", lambda: {})
+    path = tmp_path / "timing.cache"
+    path.write_bytes(cache)
+    logged = []
+    options = BuildOptions(max_context=64, timing_cache=path, version_compatible=True)
+    engine, timing = tensorrt_api.build_serialized_engine("m.onnx", {"prompt": {}}, options, logged.append)
+    assert engine == b"engine" and FakeTrt.BuilderFlag.VERSION_COMPATIBLE in trt.config.flags
+    if cache == b"another GPU's":
+        assert trt.config.attempts == [cache, b""] and timing == b"timings:"
+        assert any("made by another GPU or TensorRT version: starting a new one" in line for line in logged)
+    else:
+        assert trt.config.attempts == [cache] and timing == b"timings:" + cache
+
+
+def test_deserialize_allows_host_code_for_version_compatible_engines_only(monkeypatch):
+    trt = FakeTrt(foreign_cache=b"")
+    monkeypatch.setattr(tensorrt_api, "import_tensorrt", lambda: trt)
+    assert tensorrt_api.deserialize(b"engine", version_compatible=True) == "engine"
+    assert trt.runtime.engine_host_code_allowed is True
+    tensorrt_api.deserialize(b"engine")
+    assert trt.runtime.engine_host_code_allowed is False
+    with pytest.raises(BuildError, match="could not deserialize"):
+        tensorrt_api.deserialize(b"garbage")
+
+
+def test_a_tensorrt_older_than_supported_is_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.8.0.43"))
+    with pytest.raises(BuildError, match=r"neoxrt needs TensorRT >= 10.15, found 10.8.0.43"):
+        tensorrt_api.import_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="11.4.0.106"))
+    assert tensorrt_api.import_tensorrt().__version__ == "11.4.0.106"
