@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test trt-wheels lint export generate report int8 engine gpu-check bench-export bench
+.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,7 @@ $(TRT_STAMP): | venv
 	mkdir -p $(TRT_WHEELS_DIR)
 	for w in $(TRT_WHEELS); do $(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d $(TRT_WHEELS_DIR) $$w || exit 1; done
 	touch $(TRT_STAMP)
+.PHONY: trt-wheels
 trt-wheels: $(TRT_STAMP)
 
 test: venv trt-wheels
