@@ -24,8 +24,20 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/python -m neoxrt.demo
 
-test: venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+# the real TensorRT Python bindings (compiled module + tensorrt.plugin, ~1.2 MB each; the libraries are not
+# needed) of the oldest and newest TensorRT we support, for the conformance tests; downloaded once, cached
+TRT_WHEELS_DIR ?= .cache/tensorrt-wheels
+TRT_WHEELS ?= tensorrt-cu12-bindings==10.15.1.29 tensorrt-cu12-bindings==11.4.0.106 tensorrt-stubs==10.13.0.35.1
+TRT_STAMP := $(TRT_WHEELS_DIR)/.stamp-$(shell echo $(TRT_WHEELS) | cksum | cut -d' ' -f1)
+$(TRT_STAMP): | venv
+	mkdir -p $(TRT_WHEELS_DIR)
+	for w in $(TRT_WHEELS); do $(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d $(TRT_WHEELS_DIR) $$w || exit 1; done
+	touch $(TRT_STAMP)
+.PHONY: trt-wheels
+trt-wheels: $(TRT_STAMP)
+
+test: venv trt-wheels
+	NEOXRT_TRT_WHEELS=$(TRT_WHEELS_DIR) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: venv
 	$(BIN)/ruff check .

@@ -30,13 +30,17 @@ from neoxrt.manifest import precision_of, read_manifest, write_manifest
 
 STAGE = "build"
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus")
+DEFAULT_MAX_CONTEXT = 2048  # or the model's max_position_embeddings when smaller
+AMPERE = (8, 0)  # what --hardware-compatibility ampere_plus engines (and their plugin PTX) target
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     """Args:
-        max_batch, max_context: the largest batch and total tokens (prompt + generated) the engine serves.
-        opt_batch, opt_prompt, opt_past: the shapes TensorRT tunes for (default: max_batch, 128 / max, half).
+        max_batch, max_context: the largest batch and total tokens (prompt + generated) the engine serves;
+            max_context None: min(2048, the model's max_position_embeddings), set by `for_model`.
+        opt_batch, opt_prompt, opt_past: the shapes TensorRT tunes for (default: max_batch, 128 / max, half),
+            derived from max_context once it is known.
         timing_cache: file to read and update (tactic timings; rebuilds take seconds instead of minutes).
         workspace_gib: TensorRT workspace limit.
         optimization_level: builder optimisation level 0..5 (TensorRT's default is 3).
@@ -46,7 +50,7 @@ class BuildOptions:
     """
 
     max_batch: int = 8
-    max_context: int = 2048
+    max_context: int | None = None
     opt_batch: int | None = None
     opt_prompt: int | None = None
     opt_past: int | None = None
@@ -67,11 +71,26 @@ class BuildOptions:
                              f"got {self.hardware_compatibility!r}")
         if self.workspace_gib <= 0:
             raise BuildError(f"--workspace must be positive (GiB), got {self.workspace_gib}")
-        defaults = {"opt_batch": self.max_batch, "opt_prompt": min(128, self.max_context),
-                    "opt_past": max(1, self.max_context // 2)}
+        if self.opt_batch is None:
+            object.__setattr__(self, "opt_batch", self.max_batch)
+        if self.max_context is None:
+            return
+        defaults = {"opt_prompt": min(128, self.max_context), "opt_past": max(1, self.max_context // 2)}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+
+    def for_model(self, max_positions: int) -> BuildOptions:
+        """These options with every default that depends on the model derived from it.
+
+        Raises:
+            BuildError: an explicit --max-context past the model's max_position_embeddings.
+        """
+        if self.max_context is None:
+            return dataclasses.replace(self, max_context=min(DEFAULT_MAX_CONTEXT, max_positions))
+        if self.max_context > max_positions:
+            raise BuildError(f"--max-context {self.max_context} is past the model's max_position_embeddings {max_positions}")
+        return self
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -80,15 +99,12 @@ class BuildOptions:
 
 
 def engine_profiles(manifest: dict, options: BuildOptions) -> tuple[dict, dict]:
-    """({profile: {axis: [min, opt, max]}}, {profile: {input: [min, opt, max shapes]}}), validated."""
-    if manifest.get("export_options", {}).get("kv_cache") == "static":
-        raise BuildError("--kv-cache static artifacts run on ONNX Runtime only for now (the TensorRT runtime keeps "
-                         "the dynamic cache contract); export with --kv-cache dynamic")
-    limit = int(manifest["config"]["max_position_embeddings"])
-    if options.max_context > limit:
-        raise BuildError(f"--max-context {options.max_context} is past the model's max_position_embeddings {limit}")
+    """({profile: {axis: [min, opt, max]}}, {profile: {input: [min, opt, max shapes]}}), validated, for the
+    dynamic-cache contract (past_sequence / total_sequence axes) or the static one (cache_sequence)."""
+    options = options.for_model(int(manifest["config"]["max_position_embeddings"]))
+    static = manifest.get("export_options", {}).get("kv_cache") == "static"
     ranges = prof.axis_ranges(options.max_batch, options.max_context, options.opt_batch, options.opt_prompt,
-                              options.opt_past)
+                              options.opt_past, static=static)
     inputs = manifest["io"]["inputs"]
     shapes = prof.input_shapes(ranges, inputs)
     prof.check_consistent(shapes, inputs)
@@ -130,13 +146,14 @@ def build_engine_artifact(src, out, options: BuildOptions, force: bool = False, 
         manifest = read_manifest(src, ("export", "calibrate"))
     except ArtifactError as exc:
         raise BuildError(f"source artifact: {exc}") from None
+    options = options.for_model(int(manifest["config"]["max_position_embeddings"]))
     axes, shapes = engine_profiles(manifest, options)
     model = prepare_graph(src, manifest, options)
     facts = tensorrt_api.facts()  # TensorRT and a GPU, or one line saying which is missing
     if options.plugin:
-        from neoxrt.export import trt_plugin
-
-        trt_plugin.register()
+        here = tuple(int(p) for p in facts["compute_capability"].split("."))
+        target = AMPERE if options.hardware_compatibility == "ampere_plus" else here
+        tensorrt_api.register_attention_plugin(target, tensorrt_api.driver_ptx_isa())
     start = time.perf_counter()
     with atomic_dir(out, force, BuildError) as tmp:
         with tempfile.TemporaryDirectory(prefix="neoxrt-trt-") as work:

@@ -134,22 +134,45 @@ def kernel_signature(dtype: str, cache_dtype: str | None = None) -> dict:
 
 
 def compile_ptx(dtype: str, num_heads: int, head_size: int, rotary_dim: int, scale: float, target=None,
-                block_n: int = 64) -> dict:
+                block_n: int = 64, ptx_isa: int | None = None) -> dict:
     """Ahead-of-time compile for TensorRT: {"name", "ptx", "num_warps", "shared", "global_scratch_size"}.
 
-    `target` is a triton GPUTarget (default: the current GPU); needs a process without TRITON_INTERPRET (the
-    interpreter patches triton.language). Triton appends scratch-pointer parameters
-    after ours; TensorRT does not pass them, which is valid only while both scratch sizes are 0 (checked).
+    Args:
+        target: a triton GPUTarget or ("cuda", capability as 10 * major + minor); default: the current GPU.
+            Capability 80 gives PTX that every Ampere-or-newer GPU JIT-compiles (hardware-compatible engines).
+        ptx_isa: the newest PTX ISA (10 * major + minor) the driver that loads the engine accepts
+            (neoxrt.tensorrt_api.driver_ptx_isa); the PTX's `.version` is capped to it. Without a cap Triton
+            writes its own newest (Triton 3.9: 9.4 for sm_90a), which older drivers reject at the first launch.
+    Raises:
+        BuildError: the kernel needs scratch memory TensorRT cannot pass, or the PTX is newer than `ptx_isa`.
+
+    Needs a process without TRITON_INTERPRET (the interpreter patches triton.language). Triton appends
+    scratch-pointer parameters after ours; TensorRT does not pass them, which is valid only while both
+    scratch sizes are 0 (checked).
     """
+    import re
+
+    from triton.backends.compiler import GPUTarget
+
+    from neoxrt.errors import BuildError
+
     if target is None:
         target = triton.runtime.driver.active.get_current_target()
+    elif isinstance(target, tuple):
+        target = GPUTarget(target[0], int(target[1]), 32)
     constants = {"H": num_heads, "D": head_size, "R": rotary_dim, "SCALE": scale, **launch_config(head_size, block_n)}
     src = triton.compiler.ASTSource(fn=gpt_neox_attention_kernel, signature=kernel_signature(dtype),
                                     constexprs=constants)
-    kernel = triton.compile(src, target=target)
+    kernel = triton.compile(src, target=target, options=None if ptx_isa is None else {"ptx_version": int(ptx_isa)})
     meta = kernel.metadata
     scratch = getattr(meta, "global_scratch_size", 0) or 0, getattr(meta, "profile_scratch_size", 0) or 0
     if any(scratch):
-        raise RuntimeError(f"the attention kernel needs Triton scratch memory {scratch}; TensorRT cannot pass it")
-    return {"name": meta.name, "ptx": kernel.asm["ptx"], "num_warps": meta.num_warps, "shared": meta.shared,
-            "global_scratch_size": scratch[0]}
+        raise BuildError(f"the attention kernel needs Triton scratch memory {scratch}; TensorRT cannot pass it")
+    ptx = kernel.asm["ptx"]
+    found = re.search(r"^\s*\.version (\d+)\.(\d+)", ptx, re.MULTILINE)
+    version = 10 * int(found.group(1)) + int(found.group(2)) if found else None
+    if ptx_isa is not None and (version is None or version > ptx_isa):
+        raise BuildError(f"the attention kernel's PTX has .version {found.group(0).split()[-1] if found else '?'}; "
+                         f"the driver accepts up to {ptx_isa // 10}.{ptx_isa % 10}")
+    return {"name": meta.name, "ptx": ptx, "num_warps": meta.num_warps, "shared": meta.shared,
+            "global_scratch_size": scratch[0], "ptx_isa": version}

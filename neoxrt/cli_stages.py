@@ -249,12 +249,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _add_build(sub) -> None:
     from neoxrt.export.engine import HARDWARE_COMPATIBILITY, BuildOptions
 
-    d = BuildOptions()
-    p = sub.add_parser("build", help="TensorRT engine from an export (FP16) or INT8 artifact (needs a GPU and TensorRT)")
+    d = BuildOptions()  # model-independent defaults only: the model-dependent ones are derived in the build
+    p = sub.add_parser("build", help="TensorRT engine from an export (FP16, dynamic or static KV cache) or INT8 artifact "
+                                      "(needs a GPU and TensorRT)")
     p.add_argument("artifact_dir", help="artifact written by neoxrt export or neoxrt calibrate")
     p.add_argument("out_dir", help="engine artifact folder to write (atomically)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
-    p.add_argument("--max-context", type=int, default=d.max_context, help="largest prompt + generated tokens")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="largest prompt + generated tokens (default: min(2048, the model's max_position_embeddings))")
     p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
     p.add_argument("--opt-prompt", type=int, default=None, help="prompt length TensorRT tunes for (default 128)")
     p.add_argument("--opt-past", type=int, default=None, help="cache length TensorRT tunes decode for (default: half)")

@@ -3,9 +3,13 @@ optimization profiles of the one-graph contract -- computed from the build optio
 validated before a build, recorded in the engine manifest, used by the runtime to pick each step's
 profile -- and the engine's compatibility with the machine that loads it.
 
+    dynamic cache (past [B,H,P,D] in, present [B,H,P+S,D] out):
     profile "prompt":  sequence 1..T,  past_sequence 0,       total_sequence = sequence
     profile "decode":  sequence 1,     past_sequence 1..T-1,  total_sequence = past_sequence + 1
-    batch 1..max_batch in both (opt: opt_batch)
+    static cache (`--kv-cache static`: past and present [B,H,C,D], one buffer written in place):
+    profile "prompt":  sequence 1..T,  cache_sequence 1..T
+    profile "decode":  sequence 1,     cache_sequence 2..T    (fixed shapes per batch: CUDA graphs replay)
+    batch 1..max_batch in all (opt: opt_batch)
 """
 
 from __future__ import annotations
@@ -32,25 +36,34 @@ class Range:
         return [self.min, self.opt, self.max]
 
 
-def axis_ranges(max_batch: int, max_context: int, opt_batch: int, opt_prompt: int, opt_past: int) -> dict:
-    """{profile: {axis: Range}} for the prompt and decode profiles.
+def axis_ranges(max_batch: int, max_context: int, opt_batch: int, opt_prompt: int, opt_past: int,
+                static: bool = False) -> dict:
+    """{profile: {axis: Range}} for the prompt and decode profiles (of the static-cache contract if `static`).
 
     Raises:
         BuildError: a range with min > opt or opt > max, or a context too small for a decode step.
     """
     if max_context < 2:
         raise BuildError(f"--max-context must be at least 2 (one prompt token and one new token), got {max_context}")
-    profiles = {
-        PROMPT: {io.BATCH: Range(1, opt_batch, max_batch), io.SEQUENCE: Range(1, opt_prompt, max_context),
-                 io.PAST_SEQUENCE: Range(0, 0, 0)},
-        DECODE: {io.BATCH: Range(1, opt_batch, max_batch), io.SEQUENCE: Range(1, 1, 1),
-                 io.PAST_SEQUENCE: Range(1, opt_past, max_context - 1)},
-    }
+    batch = Range(1, opt_batch, max_batch)
+    if static:
+        slots = min(max_context, max(opt_prompt, opt_past + 1))
+        profiles = {PROMPT: {io.BATCH: batch, io.SEQUENCE: Range(1, opt_prompt, max_context),
+                             io.CACHE_SEQUENCE: Range(1, slots, max_context)},
+                    DECODE: {io.BATCH: batch, io.SEQUENCE: Range(1, 1, 1),
+                             io.CACHE_SEQUENCE: Range(2, max(2, slots), max_context)}}
+    else:
+        profiles = {PROMPT: {io.BATCH: batch, io.SEQUENCE: Range(1, opt_prompt, max_context),
+                             io.PAST_SEQUENCE: Range(0, 0, 0)},
+                    DECODE: {io.BATCH: batch, io.SEQUENCE: Range(1, 1, 1),
+                             io.PAST_SEQUENCE: Range(1, opt_past, max_context - 1)}}
     for name, axes in profiles.items():
         for axis, r in axes.items():
             if not 0 <= r.min <= r.opt <= r.max:
                 raise BuildError(f"profile {name}: {axis} needs min <= opt <= max, got {r.min} <= {r.opt} <= {r.max}")
-        axes[io.TOTAL_SEQUENCE] = Range(*(s + p for s, p in zip(axes[io.SEQUENCE].as_list(), axes[io.PAST_SEQUENCE].as_list())))
+        if not static:
+            axes[io.TOTAL_SEQUENCE] = Range(*(s + p for s, p in zip(axes[io.SEQUENCE].as_list(),
+                                                                    axes[io.PAST_SEQUENCE].as_list())))
     return profiles
 
 
@@ -93,13 +106,15 @@ def check_consistent(shapes: dict, inputs: list[dict]) -> None:
                     seen.setdefault(axis, (value, spec["name"]))
 
 
-def select_profile(profiles: dict, batch: int, sequence: int, past: int) -> str:
-    """The profile that serves a step, or a RuntimeShapeError saying what the engine supports."""
+def select_profile(profiles: dict, batch: int, sequence: int, past: int, cache: int | None = None) -> str:
+    """The profile that serves a step (past = tokens already in the cache; cache = static-cache slots), or a
+    RuntimeShapeError saying what the engine supports."""
     name = PROMPT if past == 0 else DECODE
     axes = profiles[name]
-    for axis, value in ((io.BATCH, batch), (io.SEQUENCE, sequence), (io.PAST_SEQUENCE, past)):
-        r = axes[axis]
-        if not r.contains(value):
+    values = ((io.BATCH, batch), (io.SEQUENCE, sequence), (io.PAST_SEQUENCE, past), (io.CACHE_SEQUENCE, cache))
+    for axis, value in values:
+        r = axes.get(axis)
+        if r is not None and value is not None and not r.contains(value):
             raise RuntimeShapeError(f"engine profile {name} supports {axis} in [{r.min}, {r.max}], got {value}")
     return name
 

@@ -1,8 +1,10 @@
 """`make gpu-check`: the GPU half of the TensorRT work, as one script for a machine with an NVIDIA GPU and
 TensorRT. Writes reports/gpu/ (summary.md, summary.json, one compare report per engine).
 
-1. export the default model (fp16 fused, fp16 plugin) and calibrate INT8 (Q/DQ) from its fp32 export;
-2. build the FP16, INT8 and plugin engines (timing cache reused between them);
+1. export the default model (fp16 fused, fp16 fused with the static KV cache, fp16 plugin) and calibrate INT8
+   (Q/DQ) from its fp32 export;
+2. build the FP16, static-cache FP16 (decode steps replayed from CUDA graphs), INT8 and plugin engines
+   (timing cache reused between them);
 3. generate with each engine and write the accuracy report against PyTorch (neoxrt compare);
 4. time per-token decode latency (batch 1, context 128) of each engine against PyTorch eager and SDPA on
    the same GPU;
@@ -37,10 +39,12 @@ def _prepare(log) -> dict:
     quiet = dict(force=True, log=lambda *_: None)
     export_checkpoint(DEFAULT_MODEL_DIR, ROOT / "fp32", ExportOptions(), **quiet)
     export_checkpoint(DEFAULT_MODEL_DIR, ROOT / "fp16", ExportOptions(dtype="fp16"), **quiet)
+    export_checkpoint(DEFAULT_MODEL_DIR, ROOT / "static-fp16", ExportOptions(dtype="fp16", kv_cache="static"), **quiet)
     export_checkpoint(DEFAULT_MODEL_DIR, ROOT / "plugin-fp16", ExportOptions(dtype="fp16", attention="plugin"), **quiet)
     calibrate_artifact(ROOT / "fp32", ROOT / "int8", CalibrationOptions(), progress=False, **quiet)
     engines = {}
-    for name, source, plugin in (("fp16", "fp16", False), ("int8", "int8", False), ("plugin-fp16", "plugin-fp16", True)):
+    for name, source, plugin in (("fp16", "fp16", False), ("static-fp16", "static-fp16", False), ("int8", "int8", False),
+                                 ("plugin-fp16", "plugin-fp16", True)):
         options = BuildOptions(max_batch=8, max_context=1024, timing_cache=ROOT / "timing.cache", plugin=plugin)
         start = time.perf_counter()
         build_engine_artifact(ROOT / source, ROOT / f"engine-{name}", options, force=True, log=log)

@@ -7,6 +7,11 @@ tensorrt. Written against the TensorRT 10.x (>= 10.15) and 11.x Python API:
 - named-tensor execution (set_input_shape / set_tensor_address / execute_async_v3);
 - IProgressMonitor for build progress, ITimingCache reuse, builder optimisation level,
   hardware/version compatibility.
+
+Every TensorRT call that reports failure by returning False (set_input_shape, set_tensor_address,
+execute_async_v3, set_timing_cache, ...) goes through `require`, which raises naming the call and the tensor.
+Every name used here is checked against the compiled bindings of the oldest and newest supported TensorRT
+in CI (tests/export/test_tensorrt_conformance.py).
 """
 
 
@@ -14,15 +19,56 @@ import time
 
 from neoxrt.errors import BuildError
 
+MIN_TENSORRT = (10, 15)
+# tensorrt.plugin of TensorRT < 11.4 calls int() on 1-element arrays, a TypeError from NumPy 2.4 on
+PLUGIN_NUMPY_FIX = (11, 4)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """(major, minor, ...) of a version string; stops at the first part that is not a number ("2.4.0rc1" -> (2, 4))."""
+    parts = []
+    for part in str(text).split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
 
 def import_tensorrt():
-    """The tensorrt module, or a BuildError saying what is missing."""
+    """The tensorrt module, or a BuildError saying what is missing or too old."""
     try:
         import tensorrt as trt
     except ImportError:
         raise BuildError("TensorRT is not installed (needs an NVIDIA GPU machine: pip install 'neoxrt[gpu]'); "
                          "neoxrt builds engines only there") from None
+    if version_tuple(trt.__version__)[:2] < MIN_TENSORRT:
+        raise BuildError(f"neoxrt needs TensorRT >= {'.'.join(map(str, MIN_TENSORRT))}, found {trt.__version__}")
     return trt
+
+
+def require(ok, call: str, error: type = BuildError) -> None:
+    """Raise `error` when a TensorRT call that returns a bool returned False: `call` names it and its tensor."""
+    if not ok:
+        raise error(f"TensorRT {call} failed (see the TensorRT log above)")
+
+
+def ptx_isa_for_driver(driver_version: int) -> int:
+    """The newest PTX ISA (10 * major + minor) a CUDA driver JIT-compiles, from cudaDriverGetVersion's
+    1000 * major + 10 * minor (12040 -> 84). The table of the CUDA release notes, as Triton and torch-tensorrt
+    use it: 12.0-12.5 -> 8.0-8.5, 12.6 -> 8.5, 12.8 -> 8.7, 12.9 -> 8.8, 13.x -> 9.x, 11.x -> 7.x."""
+    major, minor = driver_version // 1000, (driver_version % 1000) // 10
+    if major >= 13:
+        return 90 + 10 * (major - 13) + minor
+    if major == 12:
+        return 80 + minor if minor < 6 else 80 + minor - 1
+    if major == 11:
+        return 70 + minor
+    raise BuildError(f"CUDA driver {major}.{minor} is too old for TensorRT (needs CUDA 11 or newer)")
+
+
+def driver_ptx_isa() -> int:
+    """The PTX ISA cap of this machine's CUDA driver (see ptx_isa_for_driver)."""
+    return ptx_isa_for_driver(int(check(cudart().cudaDriverGetVersion(), "cudaDriverGetVersion")))
 
 
 def cudart():
@@ -96,9 +142,8 @@ def build_serialized_engine(onnx_path: str, profiles: dict, options, log=print) 
     logger = _logger(trt)
     builder = trt.Builder(logger)
     flags = 0
-    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly is not None and int(trt.__version__.split(".")[0]) < 11:
-        flags |= 1 << int(strongly)
+    if version_tuple(trt.__version__)[0] < 11:  # strongly typed is the default (and only) mode from 11
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -116,7 +161,10 @@ def build_serialized_engine(onnx_path: str, profiles: dict, options, log=print) 
     if options.timing_cache and options.timing_cache.is_file():
         cache_bytes = options.timing_cache.read_bytes()
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # made by another GPU or TensorRT
+        log(f"timing cache {options.timing_cache} was made by another GPU or TensorRT version: starting a new one")
+        cache = config.create_timing_cache(b"")
+        require(config.set_timing_cache(cache, ignore_mismatch=False), "set_timing_cache(new cache)")
     for name, shapes in profiles.items():
         profile = builder.create_optimization_profile()
         for tensor, (lo, opt, hi) in shapes.items():
@@ -126,13 +174,17 @@ def build_serialized_engine(onnx_path: str, profiles: dict, options, log=print) 
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise BuildError("TensorRT could not build the engine (see the TensorRT log above)")
-    timing = config.get_timing_cache().serialize() if options.timing_cache else None
-    return bytes(engine), None if timing is None else bytes(timing)
+    timing = config.get_timing_cache() if options.timing_cache else None
+    return bytes(engine), None if timing is None else bytes(timing.serialize())
 
 
-def deserialize(engine_bytes: bytes):
+def deserialize(engine_bytes: bytes, version_compatible: bool = False):
+    """The ICudaEngine of a serialized engine. A version-compatible engine embeds the lean runtime (host
+    code), which TensorRT runs only when the runtime allows it."""
     trt = import_tensorrt()
     runtime = trt.Runtime(_logger(trt))
+    if version_compatible:
+        runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
         raise BuildError("TensorRT could not deserialize the engine (built by another TensorRT version or GPU?)")
@@ -142,14 +194,16 @@ def deserialize(engine_bytes: bytes):
 class DeviceBuffer:
     """One cudaMalloc'd allocation (freed with the object)."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, zero_with=None):
         self.rt = cudart()
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check(self.rt.cudaMalloc(self.nbytes), "cudaMalloc"))
+        if zero_with is not None:  # a stream: cudaMalloc'd memory is arbitrary bits (NaN patterns included)
+            check(self.rt.cudaMemsetAsync(self.ptr, 0, self.nbytes, zero_with), "cudaMemsetAsync")
 
-    def upload(self, array, stream) -> None:
+    def upload(self, array, stream, offset: int = 0) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        check(self.rt.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes, kind, stream), "cudaMemcpyAsync")
+        check(self.rt.cudaMemcpyAsync(self.ptr + offset, array.ctypes.data, array.nbytes, kind, stream), "cudaMemcpyAsync")
 
     def download(self, array, stream, offset: int = 0) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -158,6 +212,7 @@ class DeviceBuffer:
     def __del__(self):
         if getattr(self, "ptr", None):
             self.rt.cudaFree(self.ptr)
+            self.ptr = 0
 
 
 class Stream:
@@ -169,29 +224,71 @@ class Stream:
         check(self.rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
     def capture(self, launch):
-        """Record `launch()` on this stream into an instantiated CUDA graph."""
+        """Record `launch()` (which enqueues work on this stream) into an instantiated CUDA graph.
+
+        Thread-local capture mode, as trtexec uses: other threads' CUDA calls are not caught in this capture.
+        The capture is always ended, also when `launch` raises; the half-recorded graph is then destroyed.
+        """
         rt = self.rt
-        check(rt.cudaStreamBeginCapture(self.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
+        check(rt.cudaStreamBeginCapture(self.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
               "cudaStreamBeginCapture")
-        launch()
+        try:
+            launch()
+        except BaseException:
+            err, graph = rt.cudaStreamEndCapture(self.handle)
+            if int(err) == 0 and graph:
+                rt.cudaGraphDestroy(graph)
+            raise
         graph = check(rt.cudaStreamEndCapture(self.handle), "cudaStreamEndCapture")
-        return check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        try:
+            return check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:
+            rt.cudaGraphDestroy(graph)  # the executable graph is independent of it
 
     def replay(self, graph_exec) -> None:
         check(self.rt.cudaGraphLaunch(graph_exec, self.handle), "cudaGraphLaunch")
 
+    def destroy(self, graph_exec) -> None:
+        check(self.rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")
 
-_PLUGIN_REGISTERED = False
+    def __del__(self):
+        if getattr(self, "handle", None) is not None:
+            self.rt.cudaStreamDestroy(self.handle)
+            self.handle = None
 
 
-def register_attention_plugin() -> None:
+_PLUGIN_TARGET: dict = {}  # what the registered AOT implementation compiles for (set by each build)
+
+
+def check_plugin_numpy(trt_version: str, numpy_version: str) -> None:
+    """Refuse the combination whose tensorrt.plugin crashes creating the plugin (TypeError in _lib.py).
+
+    Raises:
+        BuildError: TensorRT < 11.4 with NumPy >= 2.4.
+    """
+    if version_tuple(trt_version)[:2] < PLUGIN_NUMPY_FIX and version_tuple(numpy_version)[:2] >= (2, 4):
+        raise BuildError(f"TensorRT {trt_version}'s tensorrt.plugin fails with NumPy {numpy_version} (fixed in TensorRT "
+                         "11.4): pip install 'numpy<2.4' or TensorRT >= 11.4")
+
+
+def register_attention_plugin(compute_capability: tuple[int, int], ptx_isa: int) -> None:
     """Register `neoxrt::GptNeoxAttention` with TensorRT's Python plugin API (tensorrt.plugin): shapes,
-    type combinations and the ahead-of-time implementation -- our Triton kernel compiled to PTX for this
-    GPU, embedded in the engine, launched by TensorRT with grid (B*H, S) and the int32 scalars (S, P)."""
-    global _PLUGIN_REGISTERED
-    if _PLUGIN_REGISTERED:
+    type combinations and the ahead-of-time implementation -- our Triton kernel compiled to PTX, embedded in
+    the engine, launched by TensorRT with grid (B*H, S) and the int32 scalars (S, P). Needed only to build:
+    the engine carries the PTX, so running it needs neither this registration nor Triton.
+
+    Args:
+        compute_capability: the GPU the PTX is compiled for ((8, 0) for --hardware-compatibility ampere_plus:
+            PTX for sm_80 JIT-compiles on every later GPU; sm_90a PTX would not load on Ampere).
+        ptx_isa: the newest PTX ISA the driver accepts (driver_ptx_isa()); the PTX's .version is capped to it.
+    """
+    _PLUGIN_TARGET.update(compute_capability=tuple(compute_capability), ptx_isa=int(ptx_isa))
+    if _PLUGIN_TARGET.get("registered"):
         return
     trt = import_tensorrt()
+    import numpy
+
+    check_plugin_numpy(trt.__version__, numpy.__version__)
     from typing import List, Tuple, Union
 
     import tensorrt.plugin as trtp
@@ -224,7 +321,9 @@ def register_attention_plugin() -> None:
              scale: float, outputs: Tuple[trtp.TensorDesc], tactic: int
              ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         dtype = "fp16" if qkv.dtype == trt.float16 else "fp32"
-        kernel = compile_ptx(dtype, num_heads, head_size, rotary_dim, scale)
+        major, minor = _PLUGIN_TARGET["compute_capability"]
+        kernel = compile_ptx(dtype, num_heads, head_size, rotary_dim, scale, target=("cuda", 10 * major + minor),
+                             ptx_isa=_PLUGIN_TARGET["ptx_isa"])
         launch = trtp.KernelLaunchParams()
         launch.grid_x = qkv.shape_expr[0] * num_heads
         launch.grid_y = qkv.shape_expr[1]
@@ -233,4 +332,4 @@ def register_attention_plugin() -> None:
         scalars = trtp.SymIntExprs.from_tuple([trtp.SymInt32(qkv.shape_expr[1]), trtp.SymInt32(past_key.shape_expr[2])])
         return kernel["name"].encode(), kernel["ptx"].encode(), launch, scalars
 
-    _PLUGIN_REGISTERED = True
+    _PLUGIN_TARGET["registered"] = True

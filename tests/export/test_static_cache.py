@@ -9,7 +9,7 @@ import pytest
 
 from neox_testing import default_checkpoint
 from neoxrt import contract as io
-from neoxrt.errors import BuildError, ExportError
+from neoxrt.errors import ExportError
 from neoxrt.export.engine import BuildOptions, engine_profiles
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
@@ -72,12 +72,12 @@ def test_generation_and_compare(pair):
     assert report["passed"] and report["per_layer"]["available"]
 
 
-def test_tensorrt_imports_the_graph_but_the_build_refuses_it_for_now(pair):
+def test_tensorrt_imports_the_graph_and_the_build_takes_it(pair):
     model = tensorrt_ready(onnx.load(str(pair[1] / io.MODEL_FILE)))
     assert check_tensorrt_support(model) == []
     manifest = json.loads((pair[1] / io.MANIFEST_FILE).read_text())
-    with pytest.raises(BuildError, match="static artifacts run on ONNX Runtime only"):
-        engine_profiles(manifest, BuildOptions())
+    axes, _ = engine_profiles(manifest, BuildOptions())
+    assert io.CACHE_SEQUENCE in axes["decode"] and io.PAST_SEQUENCE not in axes["decode"]
 
 
 def test_static_needs_fused_attention():

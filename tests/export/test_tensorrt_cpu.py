@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from neox_testing import default_checkpoint, ort_session
+from neox_testing import default_checkpoint, ort_session, write_variant
 from neoxrt import contract as io
 from neoxrt import engine_meta
 from neoxrt.calibration.calibrate import calibrate_artifact
@@ -34,9 +34,13 @@ def artifacts(tmp_path_factory):
     out = {}
     for name, options in {"fused": ExportOptions(), "fused-fp16": ExportOptions(dtype="fp16"),
                           "decomposed": ExportOptions(attention="decomposed"),
-                          "plugin-fp16": ExportOptions(attention="plugin", dtype="fp16")}.items():
+                          "plugin-fp16": ExportOptions(attention="plugin", dtype="fp16"),
+                          "static-fp16": ExportOptions(dtype="fp16", kv_cache="static")}.items():
         export_checkpoint(default_checkpoint(), root / name, options, **QUIET)
         out[name] = root / name
+    small = write_variant("gelu_parallel", root / "ckpt-256")  # a model with 256 positions
+    export_checkpoint(small, root / "small-256", ExportOptions(dtype="fp16"), **QUIET)
+    out["small-256"] = root / "small-256"
     for name, options in {"int8": CalibrationOptions(samples=8, seq_len=64),
                           "int8-weights": CalibrationOptions(weights_only=True),
                           "int8-dynamic": CalibrationOptions(method="ort-dynamic")}.items():
@@ -57,7 +61,7 @@ def test_the_support_table_is_data_with_its_source():
     assert not ops["MatMulInteger"]["supported"] and not ops["DynamicQuantizeLinear"]["supported"]
 
 
-@pytest.mark.parametrize("name", ["fused", "fused-fp16", "decomposed", "int8", "int8-weights"])
+@pytest.mark.parametrize("name", ["fused", "fused-fp16", "decomposed", "int8", "int8-weights", "static-fp16"])
 def test_every_graph_we_hand_tensorrt_uses_only_ops_it_imports(artifacts, name):
     model = tensorrt_ready(onnx.load(str(artifacts[name] / io.MODEL_FILE)))
     assert check_tensorrt_support(model) == []
@@ -123,6 +127,45 @@ def test_profiles_cover_prompt_and_decode_and_agree_across_inputs(artifacts):
         engine_meta.select_profile(ranges, 9, 3, 0)
     with pytest.raises(RuntimeShapeError, match=r"supports sequence in \[1, 1\], got 2"):
         engine_meta.select_profile(ranges, 1, 2, 10)  # chunked prefill is outside both profiles
+
+
+def test_build_defaults_fit_the_model(artifacts):
+    """A model with 256 positions builds with the defaults: --max-context defaults to min(2048, 256) and the
+    tuning shapes derive from it; only an explicit --max-context past the model is refused."""
+    manifest = _manifest(artifacts["small-256"])
+    assert manifest["config"]["max_position_embeddings"] == 256
+    axes, _ = engine_profiles(manifest, BuildOptions())
+    assert axes["prompt"][io.SEQUENCE] == [1, 128, 256] and axes["decode"][io.PAST_SEQUENCE] == [1, 128, 255]
+    fitted = BuildOptions().for_model(256)
+    assert (fitted.max_context, fitted.opt_prompt, fitted.opt_past) == (256, 128, 128)
+    assert BuildOptions().for_model(4096).max_context == 2048
+    assert BuildOptions(max_context=100).for_model(256).opt_past == 50
+    with pytest.raises(BuildError, match="--max-context 512 is past the model's max_position_embeddings 256"):
+        engine_profiles(manifest, BuildOptions(max_context=512))
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here: the missing-TensorRT path cannot be shown")
+def test_neoxrt_build_with_no_options_gets_past_the_defaults_on_a_small_model(artifacts, tmp_path, capsys):
+    assert main(["build", str(artifacts["small-256"]), str(tmp_path / "engine")]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT is not installed" in err and "max-context" not in err, err
+
+
+def test_static_cache_artifacts_get_the_static_profiles(artifacts):
+    """--kv-cache static: past and present [B, H, C, D] over cache slots C; the prompt and decode profiles
+    range C, not a past length; TensorScatter is on onnx-tensorrt's list, so the graph passes the check."""
+    manifest = _manifest(artifacts["static-fp16"])
+    axes, shapes = engine_profiles(manifest, BuildOptions(max_batch=4, max_context=512))
+    assert axes["decode"] == {io.BATCH: [1, 4, 4], io.SEQUENCE: [1, 1, 1], io.CACHE_SEQUENCE: [2, 257, 512]}
+    assert axes["prompt"][io.CACHE_SEQUENCE] == [1, 257, 512] and axes["prompt"][io.SEQUENCE] == [1, 128, 512]
+    assert shapes["decode"][io.past_key(0)] == [[1, 4, 2, 32], [4, 4, 257, 32], [4, 4, 512, 32]]
+    assert shapes["decode"][io.WRITE_INDICES] == [[1], [4], [4]]
+    assert shapes["decode"][io.ATTENTION_MASK] == [[1, 2], [4, 257], [4, 512]]
+    assert prepare_graph(artifacts["static-fp16"], manifest, BuildOptions())
+    ranges = engine_meta.ranges_from_manifest(axes)
+    assert engine_meta.select_profile(ranges, 2, 1, 40, 64) == "decode"
+    with pytest.raises(RuntimeShapeError, match=r"supports cache_sequence in \[2, 512\], got 1024"):
+        engine_meta.select_profile(ranges, 2, 1, 40, 1024)
 
 
 def test_inconsistent_and_invalid_profiles_are_refused(artifacts):

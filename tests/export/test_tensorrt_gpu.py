@@ -24,16 +24,17 @@ def engines(tmp_path_factory):
     export_checkpoint(default_checkpoint(), root / "fp32", ExportOptions(), **QUIET)
     export_checkpoint(default_checkpoint(), root / "fp16", ExportOptions(dtype="fp16"), **QUIET)
     export_checkpoint(default_checkpoint(), root / "plugin", ExportOptions(dtype="fp16", attention="plugin"), **QUIET)
+    export_checkpoint(default_checkpoint(), root / "static", ExportOptions(dtype="fp16", kv_cache="static"), **QUIET)
     calibrate_artifact(root / "fp32", root / "int8", CalibrationOptions(), progress=False, **QUIET)
     out = {}
-    for name, plugin in (("fp16", False), ("int8", False), ("plugin", True)):
+    for name, plugin in (("fp16", False), ("int8", False), ("plugin", True), ("static", False)):
         build_engine_artifact(root / name, root / f"engine-{name}", BuildOptions(max_batch=4, max_context=256, plugin=plugin),
                               **QUIET)
         out[name] = root / f"engine-{name}"
     return out
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "plugin"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "plugin", "static"])
 def test_engine_passes_its_accuracy_report(engines, name):
     report = run_compare(engines[name], default_checkpoint(), CompareOptions(progress=False, windows=4, max_new_tokens=16))
     assert report["passed"], [c for c in report["checks"] if not c["passed"]]
@@ -49,3 +50,13 @@ def test_plugin_engine_agrees_with_the_native_attention_engine(engines):
     a = Generator.from_artifacts(engines["fp16"]).generate(PROMPT, max_new_tokens=16).ids[0]
     b = Generator.from_artifacts(engines["plugin"]).generate(PROMPT, max_new_tokens=16).ids[0]
     assert a == b
+
+
+def test_static_engine_replays_one_cuda_graph_and_agrees_with_the_dynamic_engine(engines):
+    a = Generator.from_artifacts(engines["fp16"]).generate(PROMPT, max_new_tokens=16).ids[0]
+    gen = Generator.from_artifacts(engines["static"])
+    assert gen.generate(PROMPT, max_new_tokens=16).ids[0] == a
+    assert list(gen.session.graphs) == [(1, 64)]  # captured once; the second generation replays it
+    assert gen.generate(PROMPT, max_new_tokens=16).ids[0] == a and len(gen.session.graphs) == 1
+    gen.session.close()
+    assert not gen.session.graphs
