@@ -152,6 +152,9 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
     ids, mask, pos = left_pad(rows, 0 if gen.eos_token_id is None else gen.eos_token_id)
     max_total = width + options.max_new_tokens + kmax + 2
     target = gen.session.decoder(batch, max_total)
+    if not hasattr(target, "step_all"):
+        raise RuntimeShapeError(f"speculative decoding needs a verify step over several tokens, which the "
+                                f"{type(target).__name__} backend does not have yet (ONNX Runtime does)")
     draft = _Draft(draft_session, batch, max_total, ids, mask, pos) if draft_session is not None else None
     rng = np.random.default_rng(options.seed)
     stops = set(options.stop_token_ids)
