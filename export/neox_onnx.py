@@ -13,7 +13,7 @@ fp32 rounding, and it keeps one contract for the prompt step and every decode st
 The heads (`ExportOptions.task`, see `neoxrt.model.heads`) share the trunk without a KV cache; positions come
 from the mask (real tokens counted) and the tail is the head's:
 
-    attention_mask --CumSum-1, Max 0--> positions [B,S]
+    attention_mask --Cast fp32, CumSum, -1, Max 0, Cast int64--> positions [B,S]
     text-classification:  x --Gather(last real token)--> [B,Hd] --LN--> score MatMul --> logits [B,L]
     token-classification: x --LN--> classifier MatMul+bias --> logits [B,S,L]
     question-answering:   x --LN--> qa_outputs MatMul+bias [B,S,2] --Gather 0 / 1, Squeeze--> start_logits, end_logits [B,S]
@@ -230,11 +230,13 @@ class _Emitter:
         )[0]
 
     def mask_positions(self) -> str:
-        """[B,S] positions counting real tokens: cumsum(attention_mask) - 1, padding clamped to 0."""
+        """[B,S] int64 positions counting real tokens: cumsum(attention_mask) - 1, padding clamped to 0. The sum
+        runs in fp32 (exact below 2^24 tokens): TensorRT's CumSum takes float types only."""
         g = self.g
         g.scope = "/positions"
-        count = g.op("CumSum", [io.ATTENTION_MASK, g.const(1)])
-        return g.op("Max", [g.op("Sub", [count, g.const(1)]), g.const(0)])
+        count = g.op("CumSum", [g.op("Cast", [io.ATTENTION_MASK], to=onnx.TensorProto.FLOAT), g.const(1)])
+        position = g.op("Max", [g.op("Sub", [count, g.const(1.0, "float32")]), g.const(0.0, "float32")])
+        return g.op("Cast", [position], to=onnx.TensorProto.INT64)
 
     def shared_inputs(self) -> dict:
         g, flavour = self.g, self.opt.attention

@@ -113,3 +113,20 @@ def test_cli_export_task(tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "art2"), "--task", "question-answering"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no weights for task question-answering" in err
+
+
+@pytest.mark.parametrize("attention", ["decomposed", "fused"])
+@pytest.mark.parametrize("task", list(HEAD_ARCHITECTURES))
+def test_head_graphs_pass_the_tensorrt_support_check(task, attention, tmp_path):
+    """Every op is one TensorRT's ONNX parser imports, in a type it takes (CumSum: float only)."""
+    from neoxrt.export.tensorrt_graph import check_tensorrt_support, support_table, tensorrt_ready
+
+    write_head(task, tmp_path / "ckpt")
+    proto = tensorrt_ready(onnx_from_model(load_head_model(tmp_path / "ckpt"), ExportOptions(attention=attention,
+                                                                                             dtype="fp16")))
+    assert check_tensorrt_support(proto) == []
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+    for node in proto.graph.node:
+        if node.op_type == "CumSum":
+            name = onnx.helper.tensor_dtype_to_string(types[node.input[0]]).removeprefix("TensorProto.")
+            assert {"FLOAT": "FP32", "FLOAT16": "FP16"}.get(name) in support_table()["operators"]["CumSum"]["types"]
