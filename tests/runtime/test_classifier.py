@@ -151,6 +151,8 @@ def test_bad_inputs_one_line_exit_2(artifacts, capsys):
     _one_line_error(["answer", cls, "--question", QUESTION, "--context", CONTEXT], capsys, "is a text-classification export")
     _one_line_error(["classify", lm, "--text", "hi"], capsys, "is a text-generation export")
     _one_line_error(["generate", qa, "--prompt", "hi"], capsys, "is a question-answering export")
+    _one_line_error(["calibrate", cls, str(artifacts["text-classification"][0].parent / "int8")], capsys,
+                    "calibration of head artifacts is not supported yet")
     with pytest.raises(RuntimeShapeError, match="has 100 tokens; the model holds 64"):
         Classifier.from_artifacts(cls).classify(" a" * 100)
     with pytest.raises(ArtifactError, match="tag needs a token-classification artifact"):
