@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench bench-large
+.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench bench-large bench-heads
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -89,6 +89,11 @@ bench-export: venv
 # the cgroup); artifacts/bench-large/bench-large.json
 bench-large: venv
 	$(BIN)/python -m neoxrt.bench.large
+
+# sequence classification, batch 8 x 128, Pythia-160m shape: neoxrt against transformers and Optimum's
+# ORTModelForSequenceClassification; artifacts/bench/heads.json
+bench-heads: venv
+	$(BIN)/python -m neoxrt.bench.heads
 
 # neoxrt against transformers (eager, sdpa) and Optimum + ONNX Runtime; bench-results/bench.{md,json,png}
 bench: venv

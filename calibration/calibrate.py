@@ -45,6 +45,9 @@ def _source_manifest(src: Path) -> dict:
         manifest = read_manifest(src, ("export",))
     except ArtifactError as exc:
         raise CalibrationError(f"source artifact: {exc}") from None
+    if manifest.get("task", "text-generation") != "text-generation":
+        raise CalibrationError(f"source artifact {src} is a {manifest['task']} export; calibration of head artifacts "
+                               "is not supported yet (text-generation exports only)")
     options = manifest.get("export_options", {})
     if options.get("dtype") != "fp32":
         raise CalibrationError(f"source artifact {src} is {options.get('dtype')}; calibration needs an fp32 export "

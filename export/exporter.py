@@ -9,6 +9,7 @@ second thread while the weights are written.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import threading
 import time
@@ -24,6 +25,7 @@ from neoxrt.export.options import ExportOptions
 from neoxrt.fsutil import atomic_dir
 from neoxrt.manifest import write_manifest
 from neoxrt.model import checkpoint_hash, read_config, resolve_checkpoint
+from neoxrt.model.heads import read_head
 from neoxrt.model.weights import open_checkpoint
 
 STAGE = "export"
@@ -89,28 +91,30 @@ def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool =
     folder = resolve_checkpoint(checkpoint)
     start = time.perf_counter()
     config = read_config(folder)
-    weights = open_checkpoint(folder, config)
+    head = read_head(folder, options.task)
+    options = dataclasses.replace(options, task=head.task)  # the task the checkpoint names, checked against flags
+    weights = open_checkpoint(folder, config, head)
     hasher = _Hasher(folder)
     hasher.start()
     try:
         with atomic_dir(out_dir, force, ExportError) as tmp:
-            proto, lazy = onnx_from_weights(config, weights, options)
+            proto, lazy = onnx_from_weights(config, weights, options, head)
             log(f"opened {folder} ({initializer_bytes(proto, lazy) / 2**30:.2f} GiB of {options.dtype} weights to write)")
             digests = save_streamed(proto, lazy, tmp / io.MODEL_FILE, options.external_data_threshold)
             files = list(digests)
             sections = io_section(proto)
             del proto, lazy
             validate_onnx(tmp / io.MODEL_FILE)
-            manifest = _finish(folder, tmp, files, digests, hasher.result(), config, options, sections)
+            manifest = _finish(folder, tmp, files, digests, hasher.result(), config, options, sections, head)
     finally:
         hasher.stop.set()
-    log(f"wrote {out_dir} ({options.dtype}, attention={options.attention}, opset {options.opset}) "
+    log(f"wrote {out_dir} ({head.task}, {options.dtype}, attention={options.attention}, opset {options.opset}) "
         f"in {time.perf_counter() - start:.1f}s")
     return manifest
 
 
 def _finish(folder: Path, tmp: Path, files: list[str], digests: dict[str, str], checkpoint_sha256: str,
-            config, options: ExportOptions, sections: dict) -> dict:
+            config, options: ExportOptions, sections: dict, head) -> dict:
     """Copy the tokenizer and config beside the graph and write the manifest."""
     for name in io.COMPANION_FILES:
         if (folder / name).is_file():
@@ -128,7 +132,10 @@ def _finish(folder: Path, tmp: Path, files: list[str], digests: dict[str, str], 
                          io.TOTAL_SEQUENCE: "past_sequence + sequence",
                          **({io.CACHE_SEQUENCE: "static cache slots (prompt + new tokens)"}
                             if options.kv_cache == "static" else {})},
+        **head.to_dict(),  # task and id2label
     }
+    if head.task != io.TEXT_GENERATION:
+        body["dynamic_axes"] = {io.BATCH: "batch size", io.SEQUENCE: "tokens per row (padding included)"}
     if options.attention == "plugin":
         body["plugin"] = {"domain": PLUGIN_DOMAIN, "op_type": PLUGIN_OP, "version": PLUGIN_VERSION}
     return write_manifest(tmp, STAGE, body, files, digests)

@@ -10,12 +10,22 @@ fp32 rounding, and it keeps one contract for the prompt step and every decode st
                   LN -> MLP ------------------------------------------------------------+-> x  (hidden_states.i)
     x --LN--> lm_head MatMul --> logits [B,S,V] (fp32)
 
+The heads (`ExportOptions.task`, see `neoxrt.model.heads`) share the trunk without a KV cache; positions come
+from the mask (real tokens counted) and the tail is the head's:
+
+    attention_mask --Cast fp32, CumSum, -1, Max 0, Cast int64--> positions [B,S]
+    text-classification:  x --Gather(last real token)--> [B,Hd] --LN--> score MatMul --> logits [B,L]
+    token-classification: x --LN--> classifier MatMul+bias --> logits [B,S,L]
+    question-answering:   x --LN--> qa_outputs MatMul+bias [B,S,2] --Gather 0 / 1, Squeeze--> start_logits, end_logits [B,S]
+    feature-extraction:   x --LN--> last_hidden_state [B,S,Hd]
+
 fp16: weights, KV cache and matmuls in fp16; LayerNorm, the residual stream, rotary tables and attention
 scores/softmax in fp32 (Pythia overflows fp16 in attention scores and LayerNorm).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,8 +35,10 @@ from neoxrt import contract as io
 from neoxrt.export.graph import GraphBuilder
 from neoxrt.export.options import ExportOptions
 from neoxrt.model.config import NeoXConfig
+from neoxrt.model.heads import NeoXHead
 from neoxrt.model.hf_names import hf_key
 from neoxrt.model.neox import NeoX, rope_inv_freq
+from neoxrt.model.task import HEAD_LAYERS, HeadConfig
 
 PLUGIN_DOMAIN = "neoxrt"
 PLUGIN_OP = "GptNeoxAttention"
@@ -46,9 +58,12 @@ def hidden_state_name(layer: int) -> str:
 class _Emitter:
     """`state`: our key -> weight (numpy, or lazy with `.T` / `.astype` / `shape`)."""
 
-    def __init__(self, config: NeoXConfig, state: dict, options: ExportOptions):
+    def __init__(self, config: NeoXConfig, state: dict, options: ExportOptions, head: HeadConfig):
         self.cfg = config
         self.opt = options
+        self.head = head
+        self.lm = head.task == io.TEXT_GENERATION
+        self.positions = io.POSITION_IDS  # a graph input for the LM, computed from the mask for the heads
         self.fp16 = options.dtype == "fp16"
         self.wdt = np.float16 if self.fp16 else np.float32
         self.state = state
@@ -133,7 +148,7 @@ class _Emitter:
         """cos, sin [B,S,R] in fp32 from position_ids (as rope_cos_sin in the model)."""
         g = self.g
         g.scope = "/rotary"
-        pos = g.op("Unsqueeze", [g.op("Cast", [io.POSITION_IDS], to=onnx.TensorProto.FLOAT), g.const([2])])  # [B,S,1]
+        pos = g.op("Unsqueeze", [g.op("Cast", [self.positions], to=onnx.TensorProto.FLOAT), g.const([2])])  # [B,S,1]
         freqs = g.op("Mul", [pos, g.weight("rotary.inv_freq", self.inv_freq.astype(np.float32))])  # [B,S,R/2]
         emb = g.op("Concat", [freqs, freqs], axis=-1)  # [B,S,R]
         return g.op("Cos", [emb]), g.op("Sin", [emb])
@@ -174,8 +189,10 @@ class _Emitter:
         g, cfg = self.g, self.cfg
         q, k, v = self.split_heads(qkv)
         q, k = self.apply_rope(q, shared["cos4"], shared["sin4"]), self.apply_rope(k, shared["cos4"], shared["sin4"])
-        k_all = g.op("Concat", [io.past_key(i), k], [io.present_key(i)], axis=2)  # [B,H,T,D]
-        v_all = g.op("Concat", [io.past_value(i), v], [io.present_value(i)], axis=2)
+        k_all, v_all = k, v  # the heads: no cache
+        if self.lm:
+            k_all = g.op("Concat", [io.past_key(i), k], [io.present_key(i)], axis=2)  # [B,H,T,D]
+            v_all = g.op("Concat", [io.past_value(i), v], [io.present_value(i)], axis=2)
         kt = g.op("Transpose", [self.to_f32(k_all)], perm=[0, 1, 3, 2])  # [B,H,D,T]
         scores = g.op("Mul", [g.op("MatMul", [self.to_f32(q), kt]), g.const(cfg.head_dim**-0.5, "float32")])
         scores = g.op("Where", [shared["allowed"], scores, g.const(F32_MIN, "float32")])  # [B,H,S,T]
@@ -188,8 +205,10 @@ class _Emitter:
         g, cfg = self.g, self.cfg
         q, k, v = self.split_heads(qkv)
         cos, sin = shared["cos_cache"], shared["sin_cache"]
-        q = g.op("RotaryEmbedding", [q, cos, sin, io.POSITION_IDS], rotary_embedding_dim=cfg.rotary_dim)
-        k = g.op("RotaryEmbedding", [k, cos, sin, io.POSITION_IDS], rotary_embedding_dim=cfg.rotary_dim)
+        q = g.op("RotaryEmbedding", [q, cos, sin, self.positions], rotary_embedding_dim=cfg.rotary_dim)
+        k = g.op("RotaryEmbedding", [k, cos, sin, self.positions], rotary_embedding_dim=cfg.rotary_dim)
+        if not self.lm:  # no cache: attend over this pass's keys
+            return self.merge_heads(g.op("Attention", [q, k, v, shared["bias"]], scale=cfg.head_dim**-0.5))
         if self.opt.kv_cache == "static":  # write k, v into their slots (in place when past and present share
             # a buffer), attend over all slots; the mask hides padding and slots not written yet
             k_all = g.op("TensorScatter", [io.past_key(i), k, io.WRITE_INDICES], [io.present_key(i)], axis=-2)
@@ -210,8 +229,19 @@ class _Emitter:
             aot=1,  # TensorRT's parser: use the plugin's ahead-of-time (Triton PTX) implementation
         )[0]
 
+    def mask_positions(self) -> str:
+        """[B,S] int64 positions counting real tokens: cumsum(attention_mask) - 1, padding clamped to 0. The sum
+        runs in fp32 (exact below 2^24 tokens): TensorRT's CumSum takes float types only."""
+        g = self.g
+        g.scope = "/positions"
+        count = g.op("CumSum", [g.op("Cast", [io.ATTENTION_MASK], to=onnx.TensorProto.FLOAT), g.const(1)])
+        position = g.op("Max", [g.op("Sub", [count, g.const(1.0, "float32")]), g.const(0.0, "float32")])
+        return g.op("Cast", [position], to=onnx.TensorProto.INT64)
+
     def shared_inputs(self) -> dict:
         g, flavour = self.g, self.opt.attention
+        if not self.lm:
+            self.positions = self.mask_positions()
         if flavour == "decomposed":
             cos, sin = self.rope_angles()
             cos4 = g.op("Unsqueeze", [cos, g.const([1])])  # [B,1,S,R]
@@ -255,6 +285,8 @@ class _Emitter:
                 h = self.to_compute(self.layer_norm(x, f"layers.{i}.ln_mlp"))
                 mlp = self.to_f32(self.linear(self.activation(self.linear(h, f"layers.{i}.mlp_in")), f"layers.{i}.mlp_out"))
                 x = g.op("Add", [x, mlp], [hidden_state_name(i)])
+        if not self.lm:
+            return self.emit_head(x)
         g.scope = "/lm_head"
         if self.opt.logits == "last":  # [B,1,Hd]: the last position (left padding keeps real tokens last)
             x = g.op("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])])
@@ -273,18 +305,59 @@ class _Emitter:
         return g.make_model("neoxrt_gpt_neox", inputs, outputs, self.opt.opset,
                             doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}")
 
+    def last_real_token(self, x: str) -> str:
+        """x [B,S,Hd] -> [B,Hd] at each row's last real token: argmax(index * mask) (0 when only the first is
+        real), gathered from x flattened to [B*S, Hd] at row b*S + index."""
+        g = self.g
+        g.scope = "/pool"
+        seq = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), g.const(1)], axis=0)  # S
+        batch = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), g.const(0)], axis=0)  # B
+        index = g.op("Mul", [io.ATTENTION_MASK, g.op("Range", [g.const(0), seq, g.const(1)])])  # [B,S]
+        last = g.op("ArgMax", [g.op("Cast", [index], to=onnx.TensorProto.FLOAT)], axis=1, keepdims=0)  # [B]
+        rows = g.op("Add", [last, g.op("Mul", [g.op("Range", [g.const(0), batch, g.const(1)]), seq])])  # [B]
+        flat = g.op("Reshape", [x, g.const([-1, self.cfg.hidden_size])])  # [B*S, Hd]
+        return g.op("Gather", [flat, rows], axis=0)  # [B, Hd]
 
-def onnx_from_weights(config: NeoXConfig, weights: dict, options: ExportOptions) -> tuple[onnx.ModelProto, dict]:
-    """The decoder graph for `config` under `options`, and {initializer name: lazy weight} still to be written.
+    def emit_head(self, x: str) -> onnx.ModelProto:
+        """The head's tail over the final residual stream x [B,S,Hd] (see the module docstring)."""
+        g, task = self.g, self.head.task
+        if task == io.TEXT_CLASSIFICATION:
+            x = self.last_real_token(x)  # pool first: ln_f and score are per position
+        g.scope = "/head"
+        h = self.layer_norm(x, "ln_f")
+        if task == io.FEATURE_EXTRACTION:
+            g.op("Identity", [h], [io.LAST_HIDDEN_STATE])
+        else:
+            y = self.to_f32(self.linear(self.to_compute(h), HEAD_LAYERS[task][0]))
+            if task == io.QUESTION_ANSWERING:  # [B,S,2] -> start, end [B,S]
+                for column, name in enumerate((io.START_LOGITS, io.END_LOGITS)):
+                    g.op("Squeeze", [g.op("Gather", [y, g.const([column])], axis=2), g.const([2])], [name])
+            else:
+                g.op("Identity", [y], [io.LOGITS])
+        inputs, outputs = io.head_io_spec(task, self.cfg.hidden_size, self.head.output_width())
+        return g.make_model(f"neoxrt_gpt_neox_{task.replace('-', '_')}", inputs, outputs, self.opt.opset,
+                            doc=f"GPT-NeoX {task}, {self.opt.dtype}, attention={self.opt.attention}")
+
+
+def onnx_from_weights(config: NeoXConfig, weights: dict, options: ExportOptions,
+                      head: HeadConfig | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The graph for `config` under `options` (the decoder, or `head`'s graph), and {initializer name: lazy
+    weight} still to be written.
 
     Args:
         weights: our key -> numpy array or lazy array (`neoxrt.model.weights.open_checkpoint`).
+        head: the head and its labels; default: the causal LM (or a head of `options.task` with two labels).
     """
-    emitter = _Emitter(config, weights, options)
+    head = head or HeadConfig(task=options.task or io.TEXT_GENERATION)
+    emitter = _Emitter(config, weights, options, head)
     return emitter.emit(), emitter.g.lazy
 
 
-def onnx_from_model(model: NeoX, options: ExportOptions) -> onnx.ModelProto:
-    """The decoder graph for `model` under `options` (weights embedded as initializers)."""
+def onnx_from_model(model: NeoX | NeoXHead, options: ExportOptions) -> onnx.ModelProto:
+    """The graph for `model` (a `NeoX`, or a `NeoXHead` whose head wins over `options.task`) under `options`
+    (weights embedded as initializers)."""
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    return onnx_from_weights(model.config, state, options)[0]
+    head = getattr(model, "head", None)
+    if head is not None:
+        options = dataclasses.replace(options, task=head.task)
+    return onnx_from_weights(model.config, state, options, head)[0]

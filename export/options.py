@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from neoxrt.contract import HEAD_TASKS, TASKS, TEXT_GENERATION
 from neoxrt.errors import ExportError
 
 DTYPES = ("fp32", "fp16")
@@ -39,6 +40,7 @@ class ExportOptions:
     external_data_threshold: int = INLINE_LIMIT
     logits: str = "all"
     kv_cache: str = "dynamic"
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -60,9 +62,20 @@ class ExportOptions:
             )
         if self.logits not in LOGITS:
             raise ExportError(f"--logits must be one of {', '.join(LOGITS)}, got {self.logits!r}")
+        if self.task is not None and self.task not in TASKS:
+            raise ExportError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task in HEAD_TASKS:
+            self._check_head()
         if not 0 <= self.external_data_threshold <= TWO_GB:
             raise ExportError(f"--external-data-threshold must be in [0, {TWO_GB}] bytes (protobuf's limit), "
                               f"got {self.external_data_threshold}")
+
+    def _check_head(self) -> None:
+        """A head graph has no KV cache and no separate last-position logits."""
+        for flag, value, default in (("--attention", self.attention, "plugin"), ("--kv-cache", self.kv_cache, "static"),
+                                     ("--logits", self.logits, "last")):
+            if value == default:
+                raise ExportError(f"--task {self.task}: {flag} {value} applies to {TEXT_GENERATION} only")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 
+from neoxrt import contract as io
 from neoxrt.errors import CheckpointError
 from neoxrt.model.config import NeoXConfig
+from neoxrt.model.task import HeadConfig
 
 _MISSING = object()
 
@@ -112,6 +114,54 @@ def config_to_hf(config: NeoXConfig) -> dict:
     }
 
 
+# config.json `architectures` -> optimum's task name
+ARCHITECTURE_TASKS = {
+    "GPTNeoXForCausalLM": io.TEXT_GENERATION,
+    "GPTNeoXForSequenceClassification": io.TEXT_CLASSIFICATION,
+    "GPTNeoXForTokenClassification": io.TOKEN_CLASSIFICATION,
+    "GPTNeoXForQuestionAnswering": io.QUESTION_ANSWERING,
+    "GPTNeoXModel": io.FEATURE_EXTRACTION,
+}
+TASK_ARCHITECTURES = {task: arch for arch, task in ARCHITECTURE_TASKS.items()}
+
+
+def head_from_hf(cfg: dict, task: str | None = None) -> HeadConfig:
+    """The head a `config.json` describes: the task named by `architectures` (the causal LM when absent) unless
+    `task` overrides it, and the labels (`id2label`, else `num_labels` generic names, else two).
+
+    Raises:
+        CheckpointError: an architecture we do not know (without an override), or malformed labels.
+    """
+    if task is None:
+        archs = cfg.get("architectures") or ["GPTNeoXForCausalLM"]
+        known = [ARCHITECTURE_TASKS[a] for a in archs if a in ARCHITECTURE_TASKS]
+        if not known:
+            raise CheckpointError(f"config.json: architectures {archs} names no GPT-NeoX head we export; expected one of "
+                                  f"{', '.join(ARCHITECTURE_TASKS)} (or pass --task)")
+        task = known[0]
+    id2label = cfg.get("id2label")
+    if id2label is None:
+        num = cfg.get("num_labels", 2)
+        if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+            raise CheckpointError(f"config.json: num_labels must be a positive integer, found {num!r}")
+        labels = tuple(f"LABEL_{i}" for i in range(num))
+    else:
+        try:
+            by_index = {int(k): str(v) for k, v in dict(id2label).items()}
+        except (TypeError, ValueError):
+            raise CheckpointError(f"config.json: id2label must map class indices to names, found {id2label!r}") from None
+        if sorted(by_index) != list(range(len(by_index))):
+            raise CheckpointError(f"config.json: id2label indices must be 0..{len(by_index) - 1}, found {sorted(by_index)}")
+        labels = tuple(by_index[i] for i in range(len(by_index)))
+    return HeadConfig(task=task, id2label=labels)
+
+
+def head_to_hf(head: HeadConfig) -> dict:
+    """The `config.json` keys that describe `head` (architectures and labels)."""
+    return {"architectures": [TASK_ARCHITECTURES[head.task]], "id2label": head.to_dict()["id2label"],
+            "label2id": {label: i for i, label in enumerate(head.id2label)}}
+
+
 # State-dict keys: Hugging Face name pattern -> our name pattern ({i} is the layer index).
 _LAYER_KEYS = {
     "input_layernorm.weight": "ln_attn.weight",
@@ -132,16 +182,26 @@ _TOP_KEYS = {
     "gpt_neox.final_layer_norm.weight": "ln_f.weight",
     "gpt_neox.final_layer_norm.bias": "ln_f.bias",
     "embed_out.weight": "lm_head.weight",
+    # the heads' output layers keep transformers' names
+    "score.weight": "score.weight",
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
+    "qa_outputs.weight": "qa_outputs.weight",
+    "qa_outputs.bias": "qa_outputs.bias",
 }
 # Buffers that old checkpoints carry and that we recompute.
 _IGNORED_LAYER_KEYS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+_BARE_PREFIXES = ("embed_in.", "final_layer_norm.", "layers.")
 _LAYER_RE = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
 _OUR_TOP = {v: k for k, v in _TOP_KEYS.items()}
 _OUR_LAYER = {v: k for k, v in _LAYER_KEYS.items()}
 
 
 def our_key(hf_key: str) -> str | None:
-    """Our state-dict name for a Hugging Face one; '' for known buffers to skip; None if unknown."""
+    """Our state-dict name for a Hugging Face one; '' for known buffers to skip; None if unknown. A bare
+    `GPTNeoXModel` checkpoint's names (no `gpt_neox.` prefix) are read as the prefixed ones."""
+    if hf_key.startswith(_BARE_PREFIXES):
+        hf_key = "gpt_neox." + hf_key
     if hf_key in _TOP_KEYS:
         return _TOP_KEYS[hf_key]
     match = _LAYER_RE.match(hf_key)

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from neoxrt import contract as io
 from neoxrt.errors import CheckpointError
 from neoxrt.model.config import NeoXConfig
-from neoxrt.model.hf_names import hf_key, our_key
+from neoxrt.model.hf_names import TASK_ARCHITECTURES, hf_key, our_key
+from neoxrt.model.task import HEAD_LAYERS, HeadConfig
 
 BLOCK_BYTES = 64 << 20
 # safetensors dtype tags we accept (floats only); BF16 has no numpy dtype and is widened from its uint16 bits
@@ -247,11 +249,21 @@ def checkpoint_sources(folder: Path) -> dict[str, Source]:
     return _sharded_sources(first, _bin_sources)
 
 
-def expected_shapes(config: NeoXConfig) -> dict[str, tuple[int, ...]]:
-    """Our state-dict keys and shapes for `config` (as `NeoX` declares them)."""
+def head_shapes(config: NeoXConfig, head: HeadConfig) -> dict[str, tuple[int, ...]]:
+    """Our keys and shapes of `head`'s output layer (none for feature extraction)."""
+    if head.task == io.FEATURE_EXTRACTION:
+        return {}
+    name, bias = HEAD_LAYERS[head.task]
+    width = config.vocab_size if head.task == io.TEXT_GENERATION else head.output_width()
+    return {f"{name}.weight": (width, config.hidden_size), **({f"{name}.bias": (width,)} if bias else {})}
+
+
+def expected_shapes(config: NeoXConfig, head: HeadConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """Our state-dict keys and shapes for `config` with `head` (default: the causal LM), as `NeoX` and
+    `NeoXHead` declare them."""
     c, hd = config, config.hidden_size
     shapes = {"embed.weight": (c.vocab_size, hd), "ln_f.weight": (hd,), "ln_f.bias": (hd,),
-              "lm_head.weight": (c.vocab_size, hd)}
+              **head_shapes(config, head or HeadConfig())}
     for i in range(c.num_layers):
         p = f"layers.{i}."
         shapes.update({p + "ln_attn.weight": (hd,), p + "ln_attn.bias": (hd,), p + "ln_mlp.weight": (hd,),
@@ -268,7 +280,7 @@ def _fmt(shape) -> str:
 
 
 def match_names(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
-                tied: bool) -> dict[str, str]:
+                tied: bool, ignored: frozenset = frozenset()) -> dict[str, str]:
     """Our key -> Hugging Face name for every expected tensor, checking names and shapes.
 
     Raises:
@@ -278,11 +290,13 @@ def match_names(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int
     unexpected = []
     for name in found:
         key = our_key(name)
+        if key in ignored:
+            continue
         if key is None or (key and key not in expected):
             unexpected.append(name)
         elif key:
             ours[key] = name
-    if tied and "embed.weight" in ours:
+    if tied and "embed.weight" in ours and "lm_head.weight" in expected:
         ours["lm_head.weight"] = ours["embed.weight"]
     missing = [hf_key(k) for k in expected if k not in ours]
     misshaped = [f"{hf_key(k)} expected {_fmt(shape)} found {_fmt(found[ours[k]])}"
@@ -299,13 +313,33 @@ def match_names(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int
     return ours
 
 
-def open_checkpoint(folder: Path, config: NeoXConfig) -> dict[str, LazyArray]:
-    """Our key -> `LazyArray` for every weight of `config`; only headers are read.
+def open_checkpoint(folder: Path, config: NeoXConfig, head: HeadConfig | None = None) -> dict[str, LazyArray]:
+    """Our key -> `LazyArray` for every weight of `config` with `head` (default: the causal LM); only headers
+    are read. Feature extraction reads the trunk of any checkpoint and leaves its head's weights alone.
 
     Raises:
         CheckpointError: a missing or truncated shard, an index naming a tensor no shard has, a non-float
-            tensor, or missing / unexpected / mis-shaped tensors.
+            tensor, missing / unexpected / mis-shaped tensors, or no weights for `head`'s task.
     """
+    head = head or HeadConfig()
     sources = checkpoint_sources(Path(folder))
-    names = match_names({n: s.shape for n, s in sources.items()}, expected_shapes(config), config.tie_word_embeddings)
+    found = {n: s.shape for n, s in sources.items()}
+    _check_head_present(found, config, head)
+    ignored = frozenset(k for t in HEAD_LAYERS.values() for k in (f"{t[0]}.weight", f"{t[0]}.bias")) \
+        if head.task == io.FEATURE_EXTRACTION else frozenset()
+    names = match_names(found, expected_shapes(config, head), config.tie_word_embeddings, ignored)
     return {key: LazyArray(sources[name]) for key, name in names.items()}
+
+
+def _check_head_present(found: dict, config: NeoXConfig, head: HeadConfig) -> None:
+    """A task whose output layer the checkpoint lacks (an LM head asked of a classifier) is refused in one line
+    naming the heads the checkpoint has."""
+    if head.task == io.TEXT_GENERATION and config.tie_word_embeddings:
+        return
+    keys = {our_key(n) for n in found}
+    weight = next(iter(head_shapes(config, head)), None)
+    if weight is None or weight in keys:
+        return
+    have = [t for t, (name, _) in HEAD_LAYERS.items() if f"{name}.weight" in keys] + [io.FEATURE_EXTRACTION]
+    raise CheckpointError(f"checkpoint has no weights for task {head.task} ({TASK_ARCHITECTURES[head.task]}: no "
+                          f"{hf_key(weight)}); it has {', '.join(have)}")

@@ -17,12 +17,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         external_data_threshold=INLINE_LIMIT if args.external_data_threshold is None else args.external_data_threshold,
         logits=args.logits,
         kv_cache=args.kv_cache,
+        task=args.task,
     )
     export_checkpoint(args.checkpoint, args.out_dir, options, force=args.force)
     return 0
 
 
 def _add_export(sub) -> None:
+    from neoxrt.contract import TASKS
     from neoxrt.export.options import ATTENTIONS, DTYPES, KV_CACHES, LOGITS
 
     p = sub.add_parser("export", help="export a checkpoint to an ONNX artifact folder")
@@ -41,6 +43,8 @@ def _add_export(sub) -> None:
     p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
                    help="weights past this many bytes go to model.onnx.data, streamed tensor by tensor (default 256 MiB, "
                         "at most 2 GB)")
+    p.add_argument("--task", default=None, choices=TASKS,
+                   help="the head to export (optimum's task names; default: the one config.json architectures names)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.set_defaults(func=_cmd_export)
 
@@ -295,4 +299,11 @@ def _add_verify(sub) -> None:
     p.set_defaults(func=_cmd_verify)
 
 
-ADDERS: list = [_add_export, _add_generate, _add_compare, _add_calibrate, _add_build, _add_bench, _add_verify]
+def _add_heads(sub) -> None:
+    from neoxrt.runtime.cli import ADDERS as HEAD_ADDERS  # classify, answer
+
+    for add in HEAD_ADDERS:
+        add(sub)
+
+
+ADDERS: list = [_add_export, _add_generate, _add_compare, _add_calibrate, _add_build, _add_bench, _add_verify, _add_heads]

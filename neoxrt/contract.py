@@ -23,6 +23,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+START_LOGITS = "start_logits"  # question answering (optimum's names)
+END_LOGITS = "end_logits"
+LAST_HIDDEN_STATE = "last_hidden_state"  # feature extraction
 WRITE_INDICES = "write_indices"  # static KV cache: the slot each row's new tokens are written at
 
 MODEL_FILE = "model.onnx"
@@ -48,6 +51,17 @@ def present_key(layer: int) -> str:
 
 def present_value(layer: int) -> str:
     return f"present.{layer}.value"
+
+
+# optimum's task names: the causal LM, and the heads (no KV cache; inputs input_ids + attention_mask only)
+TEXT_GENERATION = "text-generation"
+TEXT_CLASSIFICATION = "text-classification"
+TOKEN_CLASSIFICATION = "token-classification"
+QUESTION_ANSWERING = "question-answering"
+FEATURE_EXTRACTION = "feature-extraction"
+TASKS = (TEXT_GENERATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING, FEATURE_EXTRACTION)
+HEAD_TASKS = TASKS[1:]
+NUM_LABELS = "num_labels"  # a head's output width (a fixed dimension, named here for messages only)
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,23 @@ def io_spec(num_layers: int, num_heads: int, head_dim: int, vocab_size: int, kv_
     for i in range(num_layers):
         inputs += [TensorSpec(past_key(i), kv_dtype, kv_in), TensorSpec(past_value(i), kv_dtype, kv_in)]
         outputs += [TensorSpec(present_key(i), kv_dtype, kv_out), TensorSpec(present_value(i), kv_dtype, kv_out)]
+    return inputs, outputs
+
+
+def head_io_spec(task: str, hidden_size: int, num_labels: int) -> tuple[list, list]:
+    """(inputs, outputs) of a head graph (`task` in HEAD_TASKS), as optimum exports these tasks: input_ids and
+    attention_mask [B, S] in (positions are computed from the mask), fp32 outputs:
+    text-classification logits [B, num_labels] (the last real token of each row), token-classification logits
+    [B, S, num_labels], question-answering start_logits and end_logits [B, S], feature-extraction
+    last_hidden_state [B, S, hidden]."""
+    inputs = [TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), TensorSpec(ATTENTION_MASK, "int64", (BATCH, SEQUENCE))]
+    outputs = {
+        TEXT_CLASSIFICATION: [TensorSpec(LOGITS, "float32", (BATCH, num_labels))],
+        TOKEN_CLASSIFICATION: [TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE, num_labels))],
+        QUESTION_ANSWERING: [TensorSpec(START_LOGITS, "float32", (BATCH, SEQUENCE)),
+                             TensorSpec(END_LOGITS, "float32", (BATCH, SEQUENCE))],
+        FEATURE_EXTRACTION: [TensorSpec(LAST_HIDDEN_STATE, "float32", (BATCH, SEQUENCE, hidden_size))],
+    }[task]
     return inputs, outputs
 
 

@@ -259,24 +259,37 @@ class Comparison:
             d = tensor_diff(f"layer {i}", hidden[i], ref_hidden[i], valid)
             scale = float(np.abs(ref_hidden[i]).max())
             errors.append({"layer": i, "max_abs": d.max_abs, "rel": d.max_abs / max(scale, 1e-12)})
-        floor = JUMP_FLOOR[self.precision]
-        jump, previous = None, 0.0
-        for e in errors:
-            if e["rel"] > max(floor, 10 * previous):
-                jump = e["layer"]
-                break
-            previous = e["rel"]
-        return {"available": True, "method": method, "layers": errors, "first_jump_layer": jump}
+        return {"available": True, "method": method, "layers": errors,
+                "first_jump_layer": first_jump_layer(errors, self.precision)}
+
+
+def first_jump_layer(errors: list[dict], precision: str) -> int | None:
+    """The first layer whose relative error passes the precision's floor and 10x the layer before; None if none."""
+    floor, previous = JUMP_FLOOR[precision], 0.0
+    for e in errors:
+        if e["rel"] > max(floor, 10 * previous):
+            return e["layer"]
+        previous = e["rel"]
+    return None
 
 
 def run_compare(artifact, reference, options: CompareOptions, against=None, allow_modified: bool = False) -> dict:
-    """All checks; returns the report dict (see render.write_report for the files).
+    """All checks; returns the report dict (see render.write_report for the files). Head artifacts (`neoxrt export
+    --task ...`) are compared by `report.compare_heads`.
 
     Args:
         artifact: our artifact folder, a folder with model.onnx (Optimum's export), or a .onnx file.
         reference: the checkpoint (PyTorch reference); ignored when `against` names another artifact.
         allow_modified: compare our artifact even if files differ from its manifest (listed in the report).
     """
+    from neoxrt.manifest import MANIFEST_FILE, read_manifest
+
+    path = Path(artifact)
+    if (path / MANIFEST_FILE).is_file() and read_manifest(path, ("export", "calibrate", "build"), verify_files=False).get(
+            "task", io.TEXT_GENERATION) != io.TEXT_GENERATION:
+        from neoxrt.report.compare_heads import run_compare_heads
+
+        return run_compare_heads(artifact, reference, options)
     cmp = Comparison(artifact, reference, options, against, allow_modified)
     table = thresholds_for(cmp.precision, options.thresholds)
     forward = cmp.forward()

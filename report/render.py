@@ -11,6 +11,10 @@ def _fmt(value: float) -> str:
 
 
 def markdown(report: dict) -> str:
+    if "task" in report:  # a head artifact (report.compare_heads)
+        from neoxrt.report.compare_heads import markdown_heads
+
+        return markdown_heads(report)
     status = "PASS" if report["passed"] else "FAIL"
     tf, free = report["teacher_forced"], report["free_running"]
     lines = [
@@ -62,20 +66,21 @@ def plots(report: dict, folder: Path) -> list[str]:
     except ImportError:
         return []
     written = []
-    per_pos = report["teacher_forced"]["per_position"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(per_pos["kl"], label="KL(reference || candidate)")
-    ax.set_xlabel("position in window")
-    ax.set_ylabel("mean KL")
-    ax2 = ax.twinx()
-    ax2.plot(per_pos["top1_agreement"], color="tab:orange", label="top-1 agreement")
-    ax2.set_ylim(0, 1.05)
-    ax2.set_ylabel("top-1 agreement (orange)")
-    ax.set_title("Error per position (teacher-forced)")
-    fig.tight_layout()
-    fig.savefig(folder / "error_per_position.png", dpi=100)
-    plt.close(fig)
-    written.append("error_per_position.png")
+    if "teacher_forced" in report:  # head reports (report.compare_heads) have the per-layer plot only
+        per_pos = report["teacher_forced"]["per_position"]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(per_pos["kl"], label="KL(reference || candidate)")
+        ax.set_xlabel("position in window")
+        ax.set_ylabel("mean KL")
+        ax2 = ax.twinx()
+        ax2.plot(per_pos["top1_agreement"], color="tab:orange", label="top-1 agreement")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("top-1 agreement (orange)")
+        ax.set_title("Error per position (teacher-forced)")
+        fig.tight_layout()
+        fig.savefig(folder / "error_per_position.png", dpi=100)
+        plt.close(fig)
+        written.append("error_per_position.png")
     if report["per_layer"].get("available"):
         layers = report["per_layer"]["layers"]
         fig, ax = plt.subplots(figsize=(7, 3.5))

@@ -24,10 +24,18 @@ DEFAULTS = {
 }
 
 
-def thresholds_for(precision: str, overrides: list[str] | None = None) -> dict:
-    if precision not in DEFAULTS:
-        raise NeoxrtError(f"no thresholds for precision {precision!r}; expected one of {', '.join(DEFAULTS)}")
-    table = dict(DEFAULTS[precision])
+# head artifacts (report.compare_heads): outputs over real tokens, and argmax agreement with the reference
+HEAD_DEFAULTS = {
+    "fp32": {"output_max_abs": ("max", 1e-3), "label_agreement": ("min", 1.0)},
+    "fp16": {"output_max_abs": ("max", 0.25), "label_agreement": ("min", 0.98)},
+    "int8": {"output_max_abs": ("max", 4.0), "label_agreement": ("min", 0.95)},
+}
+
+
+def thresholds_for(precision: str, overrides: list[str] | None = None, defaults: dict = DEFAULTS) -> dict:
+    if precision not in defaults:
+        raise NeoxrtError(f"no thresholds for precision {precision!r}; expected one of {', '.join(defaults)}")
+    table = dict(defaults[precision])
     for item in overrides or []:
         name, sep, value = item.partition("=")
         if not sep or name not in table:

@@ -1,7 +1,9 @@
-"""The thin runtime: ONNX Runtime (and TensorRT) sessions and text generation. Imports neither torch nor
-transformers."""
+"""The thin runtime: ONNX Runtime (and TensorRT) sessions, text generation, and the classification /
+question-answering heads. Imports neither torch nor transformers."""
 
+from neoxrt.runtime.classifier import Answer, Classification, Classifier, TaggedToken
 from neoxrt.runtime.generator import GenerationResult, Generator, TokenEvent
 from neoxrt.runtime.sampling import GenerationOptions
 
-__all__ = ["GenerationOptions", "GenerationResult", "Generator", "TokenEvent"]
+__all__ = ["Answer", "Classification", "Classifier", "GenerationOptions", "GenerationResult", "Generator", "TaggedToken",
+           "TokenEvent"]

@@ -130,6 +130,9 @@ class Generator:
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         manifest = read_manifest(path, ("export", "calibrate", "build"), verify_files=verify)
+        if manifest.get("task", io.TEXT_GENERATION) != io.TEXT_GENERATION:
+            raise ArtifactError(f"artifact {path} is a {manifest['task']} export; generation needs a "
+                                f"{io.TEXT_GENERATION} export (run heads with neoxrt.runtime.Classifier)")
         engine = manifest["stage"] == "build"
         if backend != "auto" and engine != (backend == "tensorrt"):
             runs = "engines (neoxrt build)" if backend == "tensorrt" else "ONNX artifacts"

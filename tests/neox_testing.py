@@ -104,3 +104,88 @@ def greedy(model, prompts, new_tokens):
     from neoxrt.model.generate import greedy as model_greedy
 
     return torch.tensor(model_greedy(model, prompts, new_tokens))
+
+
+HEAD_ARCHITECTURES = {"text-classification": "GPTNeoXForSequenceClassification",
+                      "token-classification": "GPTNeoXForTokenClassification",
+                      "question-answering": "GPTNeoXForQuestionAnswering",
+                      "feature-extraction": "GPTNeoXModel"}
+LABELS = ("negative", "neutral", "positive")
+
+
+def transformers_head(task: str, config: NeoXConfig | None = None, seed: int = 0, labels=LABELS):
+    """A transformers GPT-NeoX head model of `task` with every weight random (LayerNorm and biases too)."""
+    import transformers
+
+    from neoxrt.model import config_to_hf
+
+    config = config or VARIANTS["gelu_parallel"]
+    hf = {**config_to_hf(config), "architectures": [HEAD_ARCHITECTURES[task]], "pad_token_id": None,
+          "id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)},
+          "attn_implementation": "eager"}
+    torch.manual_seed(seed)
+    model = getattr(transformers, HEAD_ARCHITECTURES[task])(transformers.GPTNeoXConfig(**hf)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def write_head(task: str, folder: Path, config: NeoXConfig | None = None, seed: int = 0, tokenizer: bool = False):
+    """`transformers_head(...)` saved as a checkpoint (with the embedded model's tokenizer.json when asked: the
+    config then needs its vocabulary); returns the transformers model, the reference."""
+    import shutil
+
+    model = transformers_head(task, config, seed)
+    model.save_pretrained(folder)
+    if tokenizer:
+        shutil.copy(default_checkpoint() / "tokenizer.json", folder / "tokenizer.json")
+    return model
+
+
+TEXT_CONFIG = NeoXConfig(vocab_size=50304, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                         max_position_embeddings=64)  # the embedded tokenizer's vocabulary, 64 positions
+
+
+HEAD_ROWS = [[5, 17, 33, 2, 90, 41, 7], [12, 3], [64], [64, 65, 66, 67]]  # one-token row: pooling at index 0
+
+
+def head_reference(model, rows: list[list[int]]) -> list[dict]:
+    """transformers' outputs for each row alone, unpadded: {output name: numpy} ([L], [S, L] or [S])."""
+    names = {"GPTNeoXModel": ("last_hidden_state",), "GPTNeoXForQuestionAnswering": ("start_logits", "end_logits")}
+    out = []
+    for row in rows:
+        with torch.no_grad():
+            result = model(torch.tensor([row]))
+        out.append({n: getattr(result, n)[0].numpy() for n in names.get(type(model).__name__, ("logits",))})
+    return out
+
+
+def padded(rows: list[list[int]], side: str, pad_id: int = 1):
+    """(input_ids, attention_mask) int64 numpy [B, width], padded on `side` (left or right)."""
+    import numpy as np
+
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols], mask[i, cols] = row, 1
+    return ids, mask
+
+
+def head_errors(outputs: dict, reference: list[dict], mask) -> dict:
+    """Max abs error per output between a padded batch's outputs ({name: array}) and each row's reference,
+    over real tokens only."""
+    import numpy as np
+
+    errors = {}
+    for name, value in outputs.items():
+        value = np.asarray(value, np.float64)
+        worst = 0.0
+        for b, ref in enumerate(reference):
+            got = value[b] if value.ndim == 2 and ref[name].ndim == 1 and name == "logits" else value[b][mask[b] == 1]
+            assert got.shape == ref[name].shape, (name, got.shape, ref[name].shape)
+            worst = max(worst, float(np.abs(got - ref[name]).max()))
+        errors[name] = worst
+    return errors
