@@ -90,7 +90,8 @@ class _Metrics:
         fam = pb.MetricFamily
         counters = (("tokens", "tokens generated"), ("requests", "requests accepted"),
                     ("rejected", "requests refused because the queue was full"),
-                    ("cancelled", "requests cancelled by their client"))
+                    ("cancelled", "requests cancelled by their client"), ("steps", "decode steps"),
+                    ("row_steps", "rows decoded, summed over decode steps (occupancy = d row_steps / d steps / max)"))
         gauges = (("active_rows", "rows in the running batch"), ("queue_length", "requests waiting for a row"),
                   ("batch_occupancy", "mean live rows per decode step / max batch"))
         # families must outlive their metrics: both are kept
