@@ -4,9 +4,11 @@
 `Scheduler` adds the other half, joining. Every step it
 
     1. drops rows whose client went away (`is_cancelled`), and requests still queued likewise;
-    2. admits queued requests while the batch has room: their prompts run together in one left-padded prompt
-       step of their own (past length 0), each picks its first token, and their caches are merged into the
-       running batch's -- both sides left-padded with masked zeros to one cache length;
+    2. admits queued requests while the batch has room, up to `prefill_tokens` prompt tokens a step (so a burst
+       of arrivals gets its first tokens group by group instead of all after one long prompt step, and running
+       rows are not stalled long): their prompts run together in one left-padded prompt step of their own
+       (past length 0), each picks its first token, and their caches are merged into the running batch's --
+       both sides left-padded with masked zeros to one cache length;
     3. runs one decode step for every live row (each row's pending token, its own position ids), picks each
        row's next token with its own options and random generator, and retires the rows that finished;
        the cache columns that every remaining row masks out (left padding) are cut off.
@@ -87,10 +89,12 @@ class Scheduler:
     yourself), `stop()` to end it.
     """
 
-    def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise NeoxrtError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 128):
+        if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise NeoxrtError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
+                              f"{prefill_tokens} and {max_queue}")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
+        self.prefill_tokens = prefill_tokens  # prompt tokens admitted per step (at least one request)
         self.session = generator.session
         if any(s.name == io.WRITE_INDICES for s in self.session.io_spec()[0]):
             raise ArtifactError("in-flight batching needs a dynamic-cache artifact (export --kv-cache dynamic, the "
@@ -158,8 +162,12 @@ class Scheduler:
         reported to every request it touched (`on_error`), which are then dropped."""
         self._drop_cancelled()
         with self._lock:
-            room = self.max_batch - len(self._live)
-            joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+            joining: list[Request] = []
+            budget = self.prefill_tokens
+            while self._queue and len(self._live) + len(joining) < self.max_batch and (
+                    not joining or len(self._queue[0].prompt) <= budget):
+                budget -= len(self._queue[0].prompt)
+                joining.append(self._queue.popleft())
             self.stats.queued = len(self._queue)
         try:
             if joining:

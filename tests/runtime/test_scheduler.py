@@ -132,3 +132,20 @@ def test_threaded_loop_serves_concurrent_submitters(generator):
     assert sched._thread is not None and not sched._thread.is_alive()
     for i, (rid, p) in enumerate(zip(rids, ["We", "The", "Our", "It", "A", "In"])):
         assert got.ids[rid] == alone(generator, p, dict(max_new_tokens=8 + i))[0]
+
+
+def test_prefill_budget_admits_a_burst_group_by_group(generator):
+    sched, got = Scheduler(generator, max_batch=8, prefill_tokens=7), Collect()
+    prompts = ["The state of the Union", "Our economy is strong", "We will win", "Tonight we meet"]
+    sizes = [len(generator.encode(p)[0]) for p in prompts]
+    assert all(3 <= n <= 7 for n in sizes) and sizes[0] + sizes[1] > 7
+    rids = [sched.submit(p, got, max_new_tokens=6, ignore_eos=True) for p in prompts]
+    active = []
+    for _ in range(3):
+        sched.step()
+        active.append(sched.stats.active)
+    assert active[0] == 1 and active[-1] >= 2  # one prompt the first step, the others on later steps
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    for rid, p in zip(rids, prompts):
+        assert got.ids[rid] == alone(generator, p, dict(max_new_tokens=6, ignore_eos=True))[0]
