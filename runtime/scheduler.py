@@ -89,12 +89,14 @@ class Scheduler:
     yourself), `stop()` to end it.
     """
 
-    def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 128):
+    def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 128,
+                 on_step: Callable[[SchedulerStats], None] | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
             raise NeoxrtError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
                               f"{prefill_tokens} and {max_queue}")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
         self.prefill_tokens = prefill_tokens  # prompt tokens admitted per step (at least one request)
+        self.on_step = on_step  # called after every step (metrics)
         self.session = generator.session
         if any(s.name == io.WRITE_INDICES for s in self.session.io_spec()[0]):
             raise ArtifactError("in-flight batching needs a dynamic-cache artifact (export --kv-cache dynamic, the "
@@ -181,6 +183,8 @@ class Scheduler:
             self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
             self._mask = np.zeros((0, 0), np.int64)
         self.stats.active = len(self._live)
+        if self.on_step is not None:
+            self.on_step(self.stats)
 
     def _drop_cancelled(self) -> None:
         with self._lock:

@@ -5,12 +5,13 @@ and neoxrt's metrics beside Triton's own on /metrics. Runs inside the Python bac
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
 from neoxrt.errors import NeoxrtError
 from neoxrt.runtime import Generator
-from neoxrt.runtime.scheduler import Scheduler
+from neoxrt.runtime.scheduler import Scheduler, SchedulerStats
 from neoxrt.serve.request import parse_request
 
 
@@ -20,8 +21,8 @@ class TritonBackend:
     def __init__(self, pb, name: str, artifact, max_batch: int, max_queue: int, threads: int | None):
         self.pb = pb
         self.generator = Generator.from_artifacts(artifact, threads=threads)
-        self.scheduler = Scheduler(self.generator, max_batch=max_batch, max_queue=max_queue)
         self.metrics = _Metrics(pb, name, max_batch)
+        self.scheduler = Scheduler(self.generator, max_batch=max_batch, max_queue=max_queue, on_step=self.metrics.update)
         self.scheduler.start()
 
     def submit(self, request) -> None:
@@ -33,7 +34,7 @@ class TritonBackend:
                                   is_cancelled=sender.is_cancelled, **parsed.options)
         except NeoxrtError as exc:
             self._error(sender, exc)
-        self.metrics.update(self.scheduler)
+        self.metrics.update(self.scheduler.stats)
 
     def _error(self, sender, exc: Exception) -> None:
         message = str(exc) if isinstance(exc, NeoxrtError) else f"{type(exc).__name__}: {exc}"
@@ -61,8 +62,6 @@ class _Reply:
             if self.backend.generator.tokenizer is not None:
                 text = Generator._truncate(self.backend.generator.tokenizer.decode(self.ids), self.stop_strings)
             self._send(text, self.ids, event.finish_reason, True)
-        if final:
-            self.backend.metrics.update(self.backend.scheduler)
 
     def on_error(self, exc: Exception) -> None:
         self.backend._error(self.sender, exc)
@@ -86,7 +85,7 @@ class _Metrics:
     live rows, queue length and batch occupancy (gauges)."""
 
     def __init__(self, pb, name: str, max_batch: int):
-        self.max_batch, self.last, self.lock = max_batch, {}, threading.Lock()
+        self.max_batch, self.last, self.lock, self.pushed = max_batch, {}, threading.Lock(), 0.0
         fam = pb.MetricFamily
         counters = (("tokens", "tokens generated"), ("requests", "requests accepted"),
                     ("rejected", "requests refused because the queue was full"),
@@ -101,9 +100,13 @@ class _Metrics:
         self.counters = dict(zip([k for k, _ in counters], metrics))
         self.gauges = dict(zip([k for k, _ in gauges], metrics[len(counters):]))
 
-    def update(self, scheduler: Scheduler) -> None:
-        s = scheduler.stats
-        with self.lock:  # called from Triton's thread (submit) and the scheduler's (finish)
+    def update(self, s: SchedulerStats, every_s: float = 0.25) -> None:
+        """Push the counters and gauges, at most every `every_s` seconds while busy, always when idle."""
+        now = time.monotonic()
+        with self.lock:  # called from Triton's thread (submit) and the scheduler's (each step)
+            if now - self.pushed < every_s and (s.active or s.queued):
+                return
+            self.pushed = now
             for key, metric in self.counters.items():
                 value = getattr(s, key)
                 metric.increment(value - self.last.get(key, 0))

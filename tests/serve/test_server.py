@@ -143,6 +143,34 @@ def test_metrics_count_tokens_and_occupancy(server):
     assert "nv_inference_request_success" in text  # Triton's own
 
 
+def test_grpc_stream_cancelled_by_the_client_leaves_the_batch(server):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+
+    def cancelled() -> float:
+        with urllib.request.urlopen(f"{server.metrics}/metrics", timeout=10) as r:
+            return next(float(x.rsplit(" ", 1)[1]) for x in r.read().decode().splitlines()
+                        if x.startswith("neoxrt_cancelled_total"))
+
+    before, got = cancelled(), queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: got.put(error))
+    inputs = [grpcclient.InferInput("text_input", [1], "BYTES"), grpcclient.InferInput("max_tokens", [1], "INT32"),
+              grpcclient.InferInput("stream", [1], "BOOL"), grpcclient.InferInput("ignore_eos", [1], "BOOL")]
+    inputs[0].set_data_from_numpy(np.array([PROMPT.encode()], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([1000], np.int32))
+    inputs[2].set_data_from_numpy(np.array([True]))
+    inputs[3].set_data_from_numpy(np.array([True]))
+    client.async_stream_infer(server.name, inputs, request_id="c1")
+    assert got.get(timeout=60) is None  # it is decoding
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 30
+    while cancelled() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancelled() == before + 1
+    assert server.generate(text_input="We", max_tokens=2)[0] == 200
+
+
 def test_sigterm_stops_everything_within_ten_seconds(server):
     pids = children(server.proc.pid)
     assert pids, "tritonserver is a child of neoxrt serve"
