@@ -21,7 +21,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ class TritonProcess:
                                      env=server_env(self.dist), cwd=self.workdir, start_new_session=True)
         log.close()
 
-    def wait_ready(self, stop: threading.Event | None = None) -> None:
+    def wait_ready(self, stop: StopFlag | None = None) -> None:
         deadline = time.monotonic() + self.options.ready_timeout
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             if self.proc.poll() is not None:
@@ -146,6 +145,20 @@ class TritonProcess:
         return self.proc.returncode
 
 
+class StopFlag:
+    """Set from a signal handler. Not a `threading.Event`: its `set()` takes a lock that the interrupted main
+    thread may hold inside `Event.wait()`, and the handler then waits for itself forever (seen: SIGTERM ignored)."""
+
+    def __init__(self) -> None:
+        self.flag = False
+
+    def set(self, *_) -> None:
+        self.flag = True
+
+    def is_set(self) -> bool:
+        return self.flag
+
+
 def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, announce=print) -> int:
     """Run the server until SIGTERM or SIGINT (or until it exits); returns 0 on a signalled stop.
 
@@ -153,8 +166,8 @@ def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, ann
         ServeError: the bundled server is missing or does not get ready.
         ArtifactError: the artifact cannot be served.
     """
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = StopFlag()
+    previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)}
     workdir = Path(tempfile.mkdtemp(prefix="neoxrt-serve-"))
     server = None
     try:
@@ -167,7 +180,8 @@ def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, ann
             announce(f"neoxrt serve: ready. HTTP {server.http_url}/v2/models/{name}/generate (and /generate_stream), "
                      f"gRPC {o.host}:{o.grpc_port}, metrics http://{o.host}:{o.metrics_port}/metrics")
             sys.stdout.flush()
-        while not stop.wait(0.2):
+        while not stop.is_set():
+            time.sleep(0.2)  # a signal interrupts the sleep; its handler only sets the flag
             if server.proc.poll() is not None:
                 raise ServeError(f"tritonserver exited with code {server.proc.returncode}: {server.log_tail()}")
         return 0
