@@ -217,7 +217,8 @@ def chart(result: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{r['server']}\n{r['clients']} client(s)" for r in result["rows"]]
+    labels = [f"{r['server'].replace('neoxrt ', '').replace(' weights-only', ' w-only')}\n{r['clients']} client(s)"
+              for r in result["rows"]]
     a.bar(labels, [r["tokens_per_s"] for r in result["rows"]], color="tab:blue")
     a.set_ylabel("tokens/s (aggregate)")
     b.bar(labels, [r["ttft_p50_ms"] for r in result["rows"]], color="tab:orange")
