@@ -149,3 +149,15 @@ def test_prefill_budget_admits_a_burst_group_by_group(generator):
         sched.step()
     for rid, p in zip(rids, prompts):
         assert got.ids[rid] == alone(generator, p, dict(max_new_tokens=6, ignore_eos=True))[0]
+
+
+def test_logits_processors_keep_their_alone_tokens_in_the_batch(generator):
+    sched, got = Scheduler(generator, max_batch=4), Collect()
+    requests = [("The state of the Union is", dict(max_new_tokens=20, no_repeat_ngram_size=2)),
+                ("We", dict(max_new_tokens=12, min_new_tokens=10, temperature=0.7, seed=5)),
+                ("Our economy", dict(max_new_tokens=10, bad_words_ids=[[13]]))]
+    rids = [sched.submit(p, got, **o) for p, o in requests]
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    for rid, (prompt, options) in zip(rids, requests):
+        assert got.ids[rid] == alone(generator, prompt, options)[0], prompt
