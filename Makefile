@@ -9,14 +9,15 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench bench-large bench-heads
+.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench bench-large bench-heads \
+        bench-serve
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: this machine's CPU wheel; an unpinned torch pulls a CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[export,dev]'
+	$(BIN)/python -m pip install -q -e '.[export,dev,serve]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -98,3 +99,8 @@ bench-heads: venv
 # neoxrt against transformers (eager, sdpa) and Optimum + ONNX Runtime; bench-results/bench.{md,json,png}
 bench: venv
 	$(BIN)/python -m neoxrt.bench.run
+
+# neoxrt serve through the real Triton server: 1 client against 16 concurrent (SSE, 64 new tokens), Pythia-160m
+# shape, fp32 and INT8 weights-only; bench-results/serve.{md,json,png}
+bench-serve: venv
+	$(BIN)/python -m neoxrt.serve.bench

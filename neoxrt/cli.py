@@ -27,18 +27,23 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=_cmd_inspect)
 
 
-def _subcommands():
-    """(adder) for every subcommand; stages add theirs here."""
+def _subcommands(command: str | None = None):
+    """(adder) for every subcommand; stages add theirs here. The serving commands alone when `command` is
+    one of them: their parsers import no other stage (no onnx, no torch)."""
+    from neoxrt.serve import cli as serve_cli
+
+    if command in serve_cli.COMMANDS:
+        return serve_cli.ADDERS
     from neoxrt import cli_stages
 
-    return [_add_inspect, *cli_stages.ADDERS]
+    return [_add_inspect, *cli_stages.ADDERS, *serve_cli.ADDERS]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neoxrt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neoxrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in _subcommands():
+    for add in _subcommands(command):
         add(sub)
     return parser
 
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from neoxrt.bench.run import main as bench
 
         return bench(argv[1:])
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

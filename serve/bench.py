@@ -1,0 +1,257 @@
+"""`make bench-serve`: `neoxrt serve` through the real server, Pythia-160m shape (random weights), CPU.
+
+Per artifact (fp32, INT8 weights-only): start `neoxrt serve` (ONNX Runtime on --threads), time to ready and
+the server's RSS (tritonserver + its Python stub); then 1 client at a time and N concurrent clients, each
+streaming (SSE, `generate_stream`) a 32-token prompt to 64 new tokens (ignore_eos). Reported: aggregate
+tokens/s, time to first token and request latency (p50/p99), batch occupancy from the server's
+neoxrt_row_steps/neoxrt_steps counters over the phase. vLLM's CPU backend is run in the same run only where
+`vllm` is installed; otherwise its rows are the issue's anchors (measured by the issue's author on this
+machine kind, 2026-11-28), printed as anchors, not as our measurements.
+
+Writes bench-results/serve.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ANCHORS = [  # issue 15, vLLM 0.32 CPU backend, same shape and machine kind, 2 threads
+    dict(server="vLLM 0.32 fp32 (anchor)", clients=1, tokens_per_s=48.0, ttft_p50_ms=None),
+    dict(server="vLLM 0.32 fp32 (anchor)", clients=16, tokens_per_s=451.5, ttft_p50_ms=290.0),
+    dict(server="vLLM 0.32 bf16 (anchor)", clients=1, tokens_per_s=79.0, ttft_p50_ms=None),
+    dict(server="vLLM 0.32 bf16 (anchor)", clients=16, tokens_per_s=688.5, ttft_p50_ms=175.0),
+]
+TARGETS = dict(speedup=4.0, ttft_p50_ms=300.0, rss_mib=1536.0, ready_s=10.0)
+
+
+def _rss_mib(pid: int) -> float:
+    """RSS of `pid` and all its descendants."""
+    total, frontier = 0, [pid]
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    while frontier:
+        p = frontier.pop()
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        frontier += [c for c, parent in parents.items() if parent == p]
+    return total / 2**20
+
+
+class Served:
+    """`neoxrt serve ARTIFACT` as a child process, stopped by pid."""
+
+    def __init__(self, artifact: Path, threads: int, max_batch: int, port: int):
+        self.http, self.metrics = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 2}"
+        argv = [sys.executable, "-m", "neoxrt.cli", "serve", str(artifact), "--http-port", str(port), "--grpc-port",
+                str(port + 1), "--metrics-port", str(port + 2), "--threads", str(threads), "--max-batch", str(max_batch)]
+        start = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while True:
+            line = self.proc.stdout.readline()
+            if "ready" in line:
+                break
+            if not line or time.monotonic() - start > 180:
+                self.stop()
+                raise RuntimeError(f"neoxrt serve did not get ready: {line}")
+        self.ready_s = time.monotonic() - start
+
+    def counters(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"{self.metrics}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        return {x.split("{")[0]: float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("neoxrt_")}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def stream_one(http: str, prompt: str, new_tokens: int) -> dict:
+    body = json.dumps({"text_input": prompt, "max_tokens": new_tokens, "stream": True, "ignore_eos": True}).encode()
+    start = time.perf_counter()
+    first, tokens = None, 0
+    req = urllib.request.Request(f"{http}/v2/models/neoxrt/generate_stream", body)
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                tokens += 1
+                first = first or time.perf_counter()
+    end = time.perf_counter()
+    return dict(ttft_ms=(first - start) * 1e3, latency_ms=(end - start) * 1e3, tokens=tokens)
+
+
+def phase(served: Served, prompts: list[str], clients: int, requests_each: int, new_tokens: int) -> dict:
+    """`clients` threads, each sending `requests_each` requests back to back."""
+    before = served.counters()
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for i in range(requests_each):
+            r = stream_one(served.http, prompts[(c * requests_each + i) % len(prompts)], new_tokens)
+            with lock:
+                results.append(r)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    after = served.counters()
+    steps = after["neoxrt_steps_total"] - before["neoxrt_steps_total"]
+    rows = after["neoxrt_row_steps_total"] - before["neoxrt_row_steps_total"]
+    ttft, lat = [r["ttft_ms"] for r in results], [r["latency_ms"] for r in results]
+    return dict(clients=clients, requests=len(results), tokens=sum(r["tokens"] for r in results), wall_s=wall,
+                tokens_per_s=sum(r["tokens"] for r in results) / wall,
+                ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p99_ms=float(np.percentile(ttft, 99)),
+                latency_p50_ms=float(np.percentile(lat, 50)), latency_p99_ms=float(np.percentile(lat, 99)),
+                mean_rows_per_step=rows / steps if steps else 0.0)
+
+
+def prompts_of(tokens: int, count: int) -> list[str]:
+    """`count` prompts of `tokens` tokens from the embedded corpus (GPT-NeoX tokenizer)."""
+    from tokenizers import Tokenizer
+
+    from neoxrt.assets import DEFAULT_TOKENIZER, EVAL_TEXT
+
+    tok = Tokenizer.from_file(str(DEFAULT_TOKENIZER))
+    ids = tok.encode(EVAL_TEXT.read_text()[:200_000]).ids
+    return [tok.decode(ids[i * tokens:(i + 1) * tokens]) for i in range(count)]
+
+
+def run(args) -> dict:
+    from neoxrt.bench.run import neoxrt_artifact
+    from neoxrt.bench.shapes import shape_checkpoint
+
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt = shape_checkpoint("pythia-160m", root)
+    prompts = prompts_of(32, 64)
+    rows = []
+    for variant, label in (("fused-last", "neoxrt fp32"), ("int8-weights", "neoxrt INT8 weights-only"))[: args.artifacts]:
+        artifact = neoxrt_artifact("pythia-160m", ckpt, variant, root)
+        served = Served(artifact, args.threads, args.clients, args.port)
+        try:
+            rss_idle = _rss_mib(served.proc.pid)
+            stream_one(served.http, prompts[0], 4)  # warm-up
+            one = phase(served, prompts, 1, args.single_requests, args.new_tokens)
+            many = phase(served, prompts, args.clients, args.requests_each, args.new_tokens)
+            rss = _rss_mib(served.proc.pid)
+        finally:
+            served.stop()
+        for p in (one, many):
+            p.update(server=label, occupancy=p["mean_rows_per_step"] / args.clients, ready_s=served.ready_s,
+                     rss_mib=max(rss, rss_idle))
+            rows.append(p)
+        print(f"{label}: 1 client {one['tokens_per_s']:.1f} tok/s, {args.clients} clients {many['tokens_per_s']:.1f} "
+              f"tok/s ({many['tokens_per_s'] / one['tokens_per_s']:.1f}x), TTFT p50 {many['ttft_p50_ms']:.0f} ms, "
+              f"ready {served.ready_s:.1f} s, RSS {rss:.0f} MiB", flush=True)
+    vllm = "installed: not run by this version of the bench" if importlib.util.find_spec("vllm") else "not installed"
+    return dict(rows=rows, anchors=ANCHORS, vllm=vllm, threads=args.threads, new_tokens=args.new_tokens,
+                prompt_tokens=32, machine=f"{os.cpu_count()} CPUs, shared with other jobs while measured")
+
+
+def markdown(result: dict) -> str:
+    md = ["# neoxrt serve (Pythia-160m shape, random weights, CPU)", "",
+          f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new tokens (SSE streaming), ONNX Runtime "
+          f"{result['threads']} threads; {result['machine']}. vLLM: {result['vllm']} (its rows are the issue's anchors).",
+          "", "| server | clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms "
+          "| occupancy | ready s | RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        md.append(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
+                  f"{r['ttft_p99_ms']:.0f} | {r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} | {r['occupancy']:.2f} | "
+                  f"{r['ready_s']:.1f} | {r['rss_mib']:.0f} |")
+    for a in result["anchors"]:
+        ttft = "" if a["ttft_p50_ms"] is None else f"{a['ttft_p50_ms']:.0f}"
+        md.append(f"| {a['server']} | {a['clients']} | | {a['tokens_per_s']:.1f} | {ttft} | | | | | | |")
+    md += ["", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
+    for label in dict.fromkeys(r["server"] for r in result["rows"]):
+        one, many = [r for r in result["rows"] if r["server"] == label]
+        anchor = 451.5 if "fp32" in label else 688.5
+        checks = [(f"{label}: {many['clients']} clients / 1 client tokens/s", many["tokens_per_s"] / one["tokens_per_s"],
+                   f">= {TARGETS['speedup']}", many["tokens_per_s"] / one["tokens_per_s"] >= TARGETS["speedup"]),
+                  (f"{label}: TTFT p50 at {many['clients']} clients (ms)", many["ttft_p50_ms"],
+                   f"<= {TARGETS['ttft_p50_ms']:.0f}", many["ttft_p50_ms"] <= TARGETS["ttft_p50_ms"]),
+                  (f"{label}: tokens/s at 16 clients vs vLLM anchor", many["tokens_per_s"], f">= {anchor}",
+                   many["tokens_per_s"] >= anchor),
+                  (f"{label}: server RSS (MiB)", many["rss_mib"], f"<= {TARGETS['rss_mib']:.0f}",
+                   many["rss_mib"] <= TARGETS["rss_mib"]),
+                  (f"{label}: ready (s)", many["ready_s"], f"<= {TARGETS['ready_s']:.0f}", many["ready_s"] <= TARGETS["ready_s"])]
+        md += [f"| {name} | {value:.2f} | {limit} | {'yes' if ok else 'NO'} |" for name, value, limit, ok in checks]
+    return "\n".join(md) + "\n"
+
+
+def chart(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{r['server'].replace('neoxrt ', '').replace(' weights-only', ' w-only')}\n{r['clients']} client(s)"
+              for r in result["rows"]]
+    a.bar(labels, [r["tokens_per_s"] for r in result["rows"]], color="tab:blue")
+    a.set_ylabel("tokens/s (aggregate)")
+    b.bar(labels, [r["ttft_p50_ms"] for r in result["rows"]], color="tab:orange")
+    b.axhline(TARGETS["ttft_p50_ms"], color="gray", linestyle="--")
+    b.set_ylabel("TTFT p50 (ms)")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m neoxrt.serve.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests-each", type=int, default=2, help="requests per concurrent client, back to back")
+    p.add_argument("--single-requests", type=int, default=4, help="requests of the one-client phase")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--artifacts", type=int, default=2, choices=(1, 2), help="1: fp32 only; 2: and INT8 weights-only")
+    p.add_argument("--port", type=int, default=18400)
+    p.add_argument("--root", default="artifacts/bench-serve")
+    p.add_argument("--out", default="bench-results")
+    args = p.parse_args(argv)
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=1))
+    (out / "serve.md").write_text(markdown(result))
+    chart(result, out / "serve.png")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`neoxrt serve` and `neoxrt triton-repo`. Building these parsers imports nothing beyond the standard
+library, so `neoxrt serve` never loads onnx or torch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+COMMANDS = ("serve", "triton-repo")
+
+
+def _repo_options(args: argparse.Namespace):
+    from neoxrt.serve.repository import RepoOptions
+
+    return RepoOptions(name=args.name, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+
+
+def _cmd_triton_repo(args: argparse.Namespace) -> int:
+    from neoxrt.serve.repository import write_model_repository
+
+    model = write_model_repository(Path(args.artifact), Path(args.repo_dir), _repo_options(args), force=args.force)
+    print(f"wrote {model} (tritonserver --model-repository {args.repo_dir})")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from neoxrt.serve.server import ServerOptions, serve
+
+    options = ServerOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                            metrics_port=args.metrics_port)
+    return serve(Path(args.artifact), _repo_options(args), options)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="neoxrt", help="model name in Triton's URLs (default neoxrt)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together, in-flight (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more are refused (64)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0: all cores)")
+
+
+def _add_triton_repo(sub) -> None:
+    p = sub.add_parser("triton-repo", help="write a Triton model repository (Python backend, streaming) for an artifact")
+    p.add_argument("artifact", help="artifact folder (neoxrt export, calibrate or build)")
+    p.add_argument("repo_dir", help="model repository folder to write (atomically)")
+    _model_args(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing repository folder")
+    p.set_defaults(func=_cmd_triton_repo)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve an artifact with the bundled Triton server (HTTP, gRPC, streaming)")
+    p.add_argument("artifact", help="artifact folder (neoxrt export, calibrate or build)")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(func=_cmd_serve)
+
+
+ADDERS: list = [_add_serve, _add_triton_repo]

@@ -1,0 +1,163 @@
+"""In-flight batching: requests join the running batch mid-decode, keep their own options and seed, and get
+the tokens they get alone."""
+
+import threading
+
+import pytest
+
+from neox_testing import default_checkpoint
+from neoxrt.errors import RuntimeShapeError
+from neoxrt.export.exporter import export_checkpoint
+from neoxrt.export.options import ExportOptions
+from neoxrt.runtime import Generator
+from neoxrt.runtime.scheduler import QueueFullError, Scheduler
+
+QUIET = dict(log=lambda *_: None)
+REQUESTS = [  # (prompt, options): greedy, seeded sampling of each kind, penalty, stop string
+    ("The state of the Union is", dict(max_new_tokens=24)),
+    ("We", dict(max_new_tokens=9, temperature=0.8, seed=1)),
+    ("Gentlemen of the Senate and House of Representatives: it is", dict(max_new_tokens=17, temperature=1.2, top_k=20,
+                                                                         seed=7)),
+    ("Our economy", dict(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=3, repetition_penalty=1.3)),
+    ("Tonight", dict(max_new_tokens=30, stop_strings=("America",), ignore_eos=True)),
+]
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sched") / "default"
+    export_checkpoint(default_checkpoint(), out, ExportOptions(attention="decomposed"), **QUIET)
+    return Generator.from_artifacts(out, threads=2)
+
+
+class Collect:
+    def __init__(self):
+        self.ids, self.text, self.reason = {}, {}, {}
+
+    def __call__(self, event):
+        self.ids.setdefault(event.row, []).append(event.token_id)
+        self.text[event.row] = self.text.get(event.row, "") + event.text
+        if event.finish_reason:
+            self.reason[event.row] = event.finish_reason
+
+
+def alone(generator, prompt, options):
+    result = generator.generate([prompt], **options)
+    return result.ids[0], result.text[0], result.finish_reasons[0]
+
+
+def test_staggered_requests_get_their_alone_tokens(generator):
+    sched, got = Scheduler(generator, max_batch=4), Collect()
+    rids = []
+    for prompt, options in REQUESTS:  # one arrives every other step; the fifth waits for a free row
+        rids.append(sched.submit(prompt, got, **options))
+        sched.step()
+        sched.step()
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    assert sched.stats.row_steps > sched.stats.steps  # rows really shared steps
+    for rid, (prompt, options) in zip(rids, REQUESTS):
+        ids, text, reason = alone(generator, prompt, options)
+        assert got.ids[rid] == ids, prompt
+        assert got.reason[rid] == reason
+        if reason != "stop_string":
+            assert got.text[rid] == text
+    assert got.reason[rids[4]] in ("stop_string", "length")
+
+
+def test_short_request_joins_a_long_one_and_finishes_first(generator):
+    sched, got = Scheduler(generator, max_batch=4), Collect()
+    long_id = sched.submit("The state of the Union is", got, max_new_tokens=60, ignore_eos=True)
+    for _ in range(5):
+        sched.step()
+    short_id = sched.submit("We", got, max_new_tokens=4, ignore_eos=True)
+    steps = 0
+    while short_id not in got.reason:
+        sched.step()
+        steps += 1
+    # joined at once (its prompt step gives its first token, then one per decode step), done mid-way
+    assert steps == 3 and long_id not in got.reason
+    assert len(got.ids[long_id]) == 1 + 5 + 3
+    while sched.stats.active:
+        sched.step()
+    assert got.ids[short_id] == alone(generator, "We", dict(max_new_tokens=4, ignore_eos=True))[0]
+    assert got.ids[long_id] == alone(generator, "The state of the Union is", dict(max_new_tokens=60, ignore_eos=True))[0]
+
+
+def test_cancelled_rows_leave_and_the_rest_is_unchanged(generator):
+    sched, got = Scheduler(generator, max_batch=4), Collect()
+    gone = threading.Event()
+    keep = sched.submit("Tonight", got, max_new_tokens=20, ignore_eos=True)
+    drop = sched.submit("We", got, max_new_tokens=20, ignore_eos=True, is_cancelled=gone.is_set)
+    queued_drop = sched.submit("Our", got, max_new_tokens=5, is_cancelled=lambda: True)
+    sched.step()
+    gone.set()
+    while sched.stats.active:
+        sched.step()
+    assert len(got.ids[drop]) == 2 and drop not in got.reason  # its prompt-step token and one decode step
+    assert queued_drop not in got.ids  # cancelled while queued: never admitted
+    assert sched.stats.cancelled == 2
+    assert got.ids[keep] == alone(generator, "Tonight", dict(max_new_tokens=20, ignore_eos=True))[0]
+
+
+def test_bounded_queue_and_context_are_refused(generator):
+    sched = Scheduler(generator, max_batch=1, max_queue=2)
+    for _ in range(2):
+        sched.submit("We", lambda e: None, max_new_tokens=2)
+    with pytest.raises(QueueFullError, match="max_queue 2"):
+        sched.submit("We", lambda e: None, max_new_tokens=2)
+    with pytest.raises(RuntimeShapeError, match="exceeds the model's context of 2048"):
+        sched.submit("We", lambda e: None, max_new_tokens=5000)
+    with pytest.raises(RuntimeShapeError, match="top_p"):
+        sched.submit("We", lambda e: None, top_p=5.0)
+
+
+def test_threaded_loop_serves_concurrent_submitters(generator):
+    sched, got, done = Scheduler(generator, max_batch=8), Collect(), threading.Event()
+    finished = []
+
+    def on_event(event):
+        got(event)
+        if event.finish_reason:
+            finished.append(event.row)
+            if len(finished) == 6:
+                done.set()
+
+    sched.start()
+    try:
+        rids = [sched.submit(p, on_event, max_new_tokens=8 + i) for i, p in enumerate(["We", "The", "Our", "It", "A", "In"])]
+        assert done.wait(60)
+    finally:
+        sched.stop()
+    assert sched._thread is not None and not sched._thread.is_alive()
+    for i, (rid, p) in enumerate(zip(rids, ["We", "The", "Our", "It", "A", "In"])):
+        assert got.ids[rid] == alone(generator, p, dict(max_new_tokens=8 + i))[0]
+
+
+def test_prefill_budget_admits_a_burst_group_by_group(generator):
+    sched, got = Scheduler(generator, max_batch=8, prefill_tokens=7), Collect()
+    prompts = ["The state of the Union", "Our economy is strong", "We will win", "Tonight we meet"]
+    sizes = [len(generator.encode(p)[0]) for p in prompts]
+    assert all(3 <= n <= 7 for n in sizes) and sizes[0] + sizes[1] > 7
+    rids = [sched.submit(p, got, max_new_tokens=6, ignore_eos=True) for p in prompts]
+    active = []
+    for _ in range(3):
+        sched.step()
+        active.append(sched.stats.active)
+    assert active[0] == 1 and active[-1] >= 2  # one prompt the first step, the others on later steps
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    for rid, p in zip(rids, prompts):
+        assert got.ids[rid] == alone(generator, p, dict(max_new_tokens=6, ignore_eos=True))[0]
+
+
+def test_logits_processors_keep_their_alone_tokens_in_the_batch(generator):
+    sched, got = Scheduler(generator, max_batch=4), Collect()
+    requests = [("The state of the Union is", dict(max_new_tokens=20, no_repeat_ngram_size=2)),
+                ("We", dict(max_new_tokens=12, min_new_tokens=10, temperature=0.7, seed=5)),
+                ("Our economy", dict(max_new_tokens=10, bad_words_ids=[[13]]))]
+    rids = [sched.submit(p, got, **o) for p, o in requests]
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    for rid, (prompt, options) in zip(rids, requests):
+        assert got.ids[rid] == alone(generator, prompt, options)[0], prompt

@@ -1,0 +1,66 @@
+"""`neoxrt triton-repo` and the serving path's imports (no server needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from neoxrt.cli import main
+from neoxrt.serve.request import INPUTS, OUTPUTS, RequestError, parse_request
+
+
+def test_triton_repo_writes_a_python_backend_repository(artifact, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(artifact), str(repo), "--name", "pythia", "--max-batch", "8"]) == 0
+    config = (repo / "pythia" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "decoupled: true" in config and 'string_value: "8"' in config
+    for field in (*INPUTS, *OUTPUTS):
+        assert f'name: "{field.name}"' in config
+    assert "TritonPythonModel" in (repo / "pythia" / "1" / "model.py").read_text()
+    copied = repo / "pythia" / "1" / "artifact"
+    assert not copied.is_symlink() and json.loads((copied / "manifest.json").read_text())["stage"] == "export"
+    assert main(["triton-repo", str(artifact), str(repo)]) == 2  # exists, no --force
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main(["triton-repo", str(tmp_path / "missing"), str(tmp_path / "r2")]) == 2
+    assert main(["triton-repo", str(artifact), str(tmp_path / "r3"), "--name", "a/b"]) == 2
+    assert "--name must be" in capsys.readouterr().err and not (tmp_path / "r3").exists()
+
+
+def test_serving_path_imports_neither_onnx_nor_torch():
+    code = ("import sys; from neoxrt.cli import build_parser; build_parser('serve').parse_args(['serve', 'x']); "
+            "import neoxrt.serve.server, neoxrt.serve.backend, neoxrt.serve.repository; "
+            "print(sorted(m for m in ('onnx', 'torch', 'transformers', 'neoxrt.export') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def request(**values):
+    arrays = {k: np.array(v if isinstance(v, list) else [v]) for k, v in values.items()}
+    return parse_request(arrays.get)
+
+
+def test_request_fields_map_to_generation_options():
+    parsed = request(text_input=b"Hi", max_tokens=np.int32(5), temperature=np.float32(0.5), top_k=np.int32(3),
+                     seed=np.int64(9), stop=[b"\n", b"."], stream=True, ignore_eos=True)
+    assert parsed.prompt == "Hi" and parsed.stream
+    assert parsed.options == dict(max_new_tokens=5, temperature=0.5, top_k=3, seed=9, stop_strings=("\n", "."),
+                                  ignore_eos=True)
+    assert request(text_input=b"Hi").options == {"max_new_tokens": 32} and not request(text_input=b"Hi").stream
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(max_tokens=5), "text_input is required"),
+    (dict(text_input=b""), "text_input is empty"),
+    (dict(text_input=b"a", max_tokens=0), "max_tokens must be an integer >= 1, got 0"),
+    (dict(text_input=b"a", max_tokens=[1, 2]), "max_tokens must be one value, got 2"),
+    (dict(text_input=b"a", top_k=-2), "top_k must be an integer >= 0, got -2"),
+    (dict(text_input=b"a", seed=1.5), "seed must be an integer >= 0"),
+    (dict(text_input=b"a", stop=[b""]), "stop must not contain an empty string"),
+])
+def test_bad_fields_are_named(values, message):
+    with pytest.raises(RequestError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        request(**values)
