@@ -67,6 +67,31 @@ def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.nda
     return ids, mask, pos
 
 
+class RowBook:
+    """Per prompt row: the tokens seen and generated, the text emitted so far, and when the row is finished --
+    what every generation loop (plain, speculative) keeps the same way."""
+
+    def __init__(self, gen: Generator, rows: list[list[int]], options: GenerationOptions):
+        self.gen, self.options = gen, options
+        self.stops = set(options.stop_token_ids)
+        if gen.eos_token_id is not None and not options.ignore_eos:
+            self.stops.add(gen.eos_token_id)
+        self.seen = [np.array(r, np.int64) for r in rows]
+        self.generated: list[list[int]] = [[] for _ in rows]
+        self.emitted = [""] * len(rows)
+
+    def emit(self, row: int, token: int, logprob: float | None = None, top=None) -> TokenEvent:
+        """Record `token` for `row`; the event says whether the row is finished (stop token, length, stop string)."""
+        self.generated[row].append(token)
+        self.seen[row] = np.append(self.seen[row], token)
+        piece, reason = self.gen._piece(row, self.generated[row], self.emitted, self.options)
+        if token in self.stops:
+            reason = "stop_token"
+        elif len(self.generated[row]) >= self.options.max_new_tokens:
+            reason = reason or "length"
+        return TokenEvent(int(row), token, piece, reason, logprob, top)
+
+
 class Generator:
     """Runs a neoxrt artifact. Use `Generator.from_artifacts(path)`."""
 
@@ -273,34 +298,21 @@ class Generator:
         return text if cut < 0 else text[:cut]
 
     def _loop(self, rows: list[list[int]], options: GenerationOptions) -> Iterator[TokenEvent]:
-        batch, width = len(rows), max(len(r) for r in rows)
         ids, mask, pos = left_pad(rows, 0 if self.eos_token_id is None else self.eos_token_id)
-        decoder = self.session.decoder(batch, width + options.max_new_tokens)
+        decoder = self.session.decoder(len(rows), ids.shape[1] + options.max_new_tokens)
         rng = np.random.default_rng(options.seed)
-        stops = set(options.stop_token_ids)
-        if self.eos_token_id is not None and not options.ignore_eos:
-            stops.add(self.eos_token_id)
-        seen = [np.array(r, np.int64) for r in rows]
-        generated: list[list[int]] = [[] for _ in rows]
-        emitted = [""] * batch
-        live = np.arange(batch)  # original row index of each decoder row
+        book = RowBook(self, rows, options)
+        live = np.arange(len(rows))  # original row index of each decoder row
         logits = decoder.step(ids, mask, pos)
         for _ in range(options.max_new_tokens):
-            chosen = next_tokens(logits, [seen[r] for r in live], options, rng, [len(generated[r]) for r in live],
-                                 sorted(stops))
+            chosen = next_tokens(logits, [book.seen[r] for r in live], options, rng,
+                                 [len(book.generated[r]) for r in live], sorted(book.stops))
             finished = np.zeros(len(live), bool)
             scored = token_logprobs(logits, chosen, options.logprobs)
             for j, row in enumerate(live):
-                token = int(chosen[j])
-                generated[row].append(token)
-                seen[row] = np.append(seen[row], token)
-                piece, reason = self._piece(row, generated[row], emitted, options)
-                if token in stops:
-                    reason = "stop_token"
-                elif len(generated[row]) >= options.max_new_tokens:
-                    reason = reason or "length"
-                finished[j] = reason is not None
-                yield TokenEvent(int(row), token, piece, reason, *(scored[j] if scored else (None, None)))
+                event = book.emit(row, int(chosen[j]), *(scored[j] if scored else (None, None)))
+                finished[j] = event.finish_reason is not None
+                yield event
             if finished.all():
                 return
             keep = np.flatnonzero(~finished)

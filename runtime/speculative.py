@@ -145,7 +145,7 @@ def accept_sampled(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, rng) -> tup
 def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spec: SpeculativeOptions,
                      draft_session=None) -> Iterator:
     """The generation loop with guessed tokens; yields `TokenEvent`s like `Generator._loop`."""
-    from neoxrt.runtime.generator import TokenEvent, left_pad
+    from neoxrt.runtime.generator import RowBook, left_pad
 
     batch, width = len(rows), max(len(r) for r in rows)
     kmax = spec.max_tokens
@@ -157,12 +157,8 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
                                 f"{type(target).__name__} backend does not have yet (ONNX Runtime does)")
     draft = _Draft(draft_session, batch, max_total, ids, mask, pos) if draft_session is not None else None
     rng = np.random.default_rng(options.seed)
-    stops = set(options.stop_token_ids)
-    if gen.eos_token_id is not None and not options.ignore_eos:
-        stops.add(gen.eos_token_id)
-    seen = [np.array(r, np.int64) for r in rows]
-    generated: list[list[int]] = [[] for _ in rows]
-    emitted = [""] * batch
+    book = RowBook(gen, rows, options)
+    seen, generated = book.seen, book.generated
     live = np.arange(batch)
     logits = target.step(ids, mask, pos)
     x = next_tokens(logits, seen, options, rng).astype(np.int64)
@@ -174,15 +170,9 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
         finished = np.zeros(len(live), bool)
         for j, row in enumerate(live):
             for token in pending_out[j]:
-                generated[row].append(token)
-                seen[row] = np.append(seen[row], token)
-                piece, reason = gen._piece(row, generated[row], emitted, options)
-                if token in stops:
-                    reason = "stop_token"
-                elif len(generated[row]) >= options.max_new_tokens:
-                    reason = reason or "length"
-                yield TokenEvent(int(row), token, piece, reason)
-                if reason is not None:
+                event = book.emit(row, token)
+                yield event
+                if event.finish_reason is not None:
                     finished[j] = True
                     break
         if finished.all():
