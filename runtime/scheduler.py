@@ -122,8 +122,9 @@ class Scheduler:
             RuntimeShapeError: bad prompt or options, or prompt + max_new_tokens past the model's context.
             QueueFullError: `max_queue` requests are already waiting.
         """
-        opts = GenerationOptions(**options)
         (ids,) = self.generator.encode([prompt])
+        # the artifact's generation_config.json defaults under the request's keywords, as Generator.stream takes them
+        opts = GenerationOptions(**self.generator._with_defaults([ids], options, beams=False))
         self.generator._check_length([ids], opts)
         with self._lock:
             if len(self._queue) >= self.max_queue:

@@ -161,3 +161,14 @@ def test_logits_processors_keep_their_alone_tokens_in_the_batch(generator):
         sched.step()
     for rid, (prompt, options) in zip(rids, requests):
         assert got.ids[rid] == alone(generator, prompt, options)[0], prompt
+
+
+def test_generation_config_defaults_apply_as_in_generate(generator, monkeypatch):
+    monkeypatch.setattr(generator, "defaults", {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2})
+    sched, got = Scheduler(generator), Collect()
+    rid = sched.submit("The state of the Union is", got, max_new_tokens=16)
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    with_defaults = alone(generator, "The state of the Union is", dict(max_new_tokens=16))[0]
+    monkeypatch.setattr(generator, "defaults", {})
+    assert got.ids[rid] == with_defaults != alone(generator, "The state of the Union is", dict(max_new_tokens=16))[0]
