@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from neoxrt import contract as io
-from neoxrt.errors import ExportError
+from neoxrt.errors import CheckpointError, ExportError
 from neoxrt.export.external_data import initializer_bytes, save_streamed
 from neoxrt.export.neox_onnx import PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION, onnx_from_weights
 from neoxrt.export.options import ExportOptions
@@ -35,6 +35,26 @@ def save_onnx(model: onnx.ModelProto, path: Path, external_data_threshold: int) 
     """Save an in-memory `model`; weights go to an external file when they pass the threshold. Returns the
     files written."""
     return list(save_streamed(model, {}, path, external_data_threshold))
+
+
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    """A tokenizer.json beside the checkpoint must load and fit the model's vocabulary (it is copied into the
+    artifact, and generation would fail later).
+
+    Raises:
+        CheckpointError: it does not load, or it has more tokens than the model.
+    """
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size()
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint: {path} is not a readable tokenizer ({first})") from None
+    if size > vocab_size:
+        raise CheckpointError(f"checkpoint: {path} has {size} tokens; the model's vocab_size is {vocab_size}")
 
 
 class _Hasher(threading.Thread):
@@ -91,6 +111,7 @@ def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool =
     folder = resolve_checkpoint(checkpoint)
     start = time.perf_counter()
     config = read_config(folder)
+    check_tokenizer(folder / io.TOKENIZER_FILE, config.vocab_size)
     head = read_head(folder, options.task)
     options = dataclasses.replace(options, task=head.task)  # the task the checkpoint names, checked against flags
     weights = open_checkpoint(folder, config, head)

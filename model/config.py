@@ -65,7 +65,7 @@ class NeoXConfig:
     rotary_dim: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CheckpointError(f"config: {name} must be a positive integer, found {value!r}")
@@ -82,6 +82,10 @@ class NeoXConfig:
             raise CheckpointError(
                 f"config: rope type {self.rope_type!r} is not supported; expected one of {', '.join(ROPE_TYPES)}"
             )
+        if not self.layer_norm_eps > 0:
+            raise CheckpointError(f"config: layer_norm_eps must be > 0, found {self.layer_norm_eps}")
+        if not self.rotary_base > 0:
+            raise CheckpointError(f"config: rope base (rotary_emb_base / rope_theta) must be > 0, found {self.rotary_base}")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise CheckpointError(f"config: rotary_pct must be in (0, 1], found {self.rotary_pct}")
         if not self.rope_factor > 0:

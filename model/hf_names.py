@@ -37,17 +37,33 @@ def _rope(cfg: dict) -> tuple[float, float, str, float]:
     if scaling is not None and not isinstance(scaling, dict):
         raise CheckpointError(f"config.json: rope_scaling must be an object or null, found {type(scaling).__name__}")
     scaling = scaling or {}
-    pct = params.get("partial_rotary_factor")
-    if pct is None:
-        pct = _find(cfg, "partial_rotary_factor", "rotary_pct", default=0.25)
-    base = params.get("rope_theta")
-    if base is None:
-        base = _find(cfg, "rope_theta", "rotary_emb_base", default=10000.0)
+    pct = _one_of(cfg, params, ("partial_rotary_factor", "rotary_pct"), 0.25)
+    base = _one_of(cfg, params, ("rope_theta", "rotary_emb_base"), 10000.0)
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     factor = params.get("factor", scaling.get("factor", 1.0))
     if rope_type == "default":
         factor = 1.0
-    return float(pct), float(base), str(rope_type), float(factor)
+    return _number("rotary fraction", pct), _number("rope base", base), str(rope_type), _number("rope factor", factor)
+
+
+def _one_of(cfg: dict, params: dict, keys: tuple[str, ...], default):
+    """The value under any of `keys` (rope_parameters first); two spellings that disagree are refused."""
+    found = {k: params[k] for k in keys if params.get(k) is not None}
+    found.update({k: cfg[k] for k in keys if cfg.get(k) is not None and k not in found})
+    def key(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)
+
+    if len({key(v) for v in found.values()}) > 1:
+        raise CheckpointError("config.json: " + " and ".join(f"{k}={v!r}" for k, v in found.items())
+                              + " disagree; expected one value")
+    return next(iter(found.values()), default)
+
+
+def _number(name: str, value) -> float:
+    """A finite number, or CheckpointError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise CheckpointError(f"config.json: {name} must be a finite number, found {value!r}")
+    return float(value)
 
 
 def config_from_hf(cfg: dict) -> NeoXConfig:
@@ -72,12 +88,12 @@ def config_from_hf(cfg: dict) -> NeoXConfig:
             num_layers=_find(cfg, "num_hidden_layers"),
             num_heads=_find(cfg, "num_attention_heads"),
             intermediate_size=_find(cfg, "intermediate_size"),
-            max_position_embeddings=int(_find(cfg, "max_position_embeddings", default=2048)),
+            max_position_embeddings=_find(cfg, "max_position_embeddings", default=2048),
             rotary_pct=pct,
             rotary_base=base,
             rope_type=rope_type,
             rope_factor=factor,
-            layer_norm_eps=float(_find(cfg, "layer_norm_eps", default=1e-5)),
+            layer_norm_eps=_number("layer_norm_eps", _find(cfg, "layer_norm_eps", default=1e-5)),
             use_parallel_residual=bool(_find(cfg, "use_parallel_residual", default=True)),
             hidden_act=str(_find(cfg, "hidden_act", default="gelu")),
             attention_bias=bool(_find(cfg, "attention_bias", default=True)),

@@ -87,8 +87,11 @@ def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = Tr
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} must be a JSON object, found {type(manifest).__name__}")
     if manifest.get("stage") not in stages:
         raise ArtifactError(f"artifact {folder}: expected stage {' or '.join(stages)}, found {manifest.get('stage')!r}")
+    check_schema(folder, manifest)
     version = manifest.get("toolkit_version")
     if version != __version__:
         raise ArtifactError(
@@ -111,6 +114,28 @@ def changed_files(folder: Path, manifest: dict) -> list[dict]:
         if found != digest:
             changed.append({"file": name, "manifest_sha256": digest, "found_sha256": found})
     return changed
+
+
+# what every manifest must hold, and of which type, before anything reads it
+REQUIRED = {"stage": str, "toolkit_version": str, "files": dict, "config": dict, "io": dict}
+
+
+def check_schema(folder: Path, manifest) -> None:
+    """Required keys and types (the integrity section `files` included: removing it does not skip the check).
+
+    Raises:
+        ArtifactError: naming the first missing or mistyped key.
+    """
+    for key, kind in REQUIRED.items():
+        if key not in manifest:
+            raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} lacks {key!r}")
+        if not isinstance(manifest[key], kind):
+            raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} {key!r} must be a {kind.__name__}, "
+                                f"found {type(manifest[key]).__name__}")
+    for side in ("inputs", "outputs"):
+        specs = manifest["io"].get(side)
+        if not isinstance(specs, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in specs):
+            raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} io.{side} must be a list of tensor specs with names")
 
 
 def verify_manifest_files(folder: Path, manifest: dict, full: bool) -> None:

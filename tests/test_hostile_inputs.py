@@ -1,0 +1,76 @@
+"""The nine malformed inputs of the hostile-inputs issue: each is refused with one line naming the field and
+exit code 2, leaving nothing behind (the NaN and int8 weights are in tests/export/test_streaming.py)."""
+
+import json
+import shutil
+
+import pytest
+
+from neox_testing import default_checkpoint
+from neoxrt import contract as io
+from neoxrt.cli import main
+from neoxrt.export.exporter import export_checkpoint
+from neoxrt.export.options import ExportOptions
+
+
+def _config_case(tmp_path, **changes):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(default_checkpoint(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+CONFIG_CASES = {
+    "rotary_pct 2.0 (beside partial_rotary_factor 0.25)": ({"rotary_pct": 2.0},
+                                                           "partial_rotary_factor=0.25 and rotary_pct=2.0 disagree"),
+    "rotary_pct -0.5": ({"rotary_pct": -0.5, "partial_rotary_factor": None}, "rotary_pct must be in (0, 1]"),
+    "max_position_embeddings -1": ({"max_position_embeddings": -1}, "max_position_embeddings must be a positive integer"),
+    "layer_norm_eps 'tiny'": ({"layer_norm_eps": "tiny"}, "layer_norm_eps must be a finite number, found 'tiny'"),
+    "rope base 0": ({"rope_theta": None, "rotary_emb_base": 0}, "must be > 0"),
+}
+
+
+@pytest.mark.parametrize("name", CONFIG_CASES)
+def test_bad_config_values_exit_2(name, tmp_path, capsys):
+    changes, fragment = CONFIG_CASES[name]
+    folder = _config_case(tmp_path, **changes)
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_corrupt_tokenizer_is_refused_before_anything_is_written(tmp_path, capsys):
+    folder = _config_case(tmp_path)
+    (folder / io.TOKENIZER_FILE).write_text('{"not": "a tokenizer"')
+    assert main(["export", str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer.json is not a readable tokenizer" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile") / "art"
+    export_checkpoint(default_checkpoint(), out, ExportOptions(), log=lambda *_: None)
+    return out
+
+
+def test_negative_seed_is_one_line(artifact, capsys):
+    assert main(["generate", str(artifact), "--prompt", "x", "--seed", "-5", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed must be an integer in [0, 2**63), got -5" in err
+
+
+@pytest.mark.parametrize("key", ["io", "files", "config"])
+def test_manifest_without_a_required_key_is_one_line(artifact, tmp_path, capsys, key):
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    manifest = json.loads((art / io.MANIFEST_FILE).read_text())
+    del manifest[key]
+    (art / io.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert main(["generate", str(art), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"manifest.json lacks {key!r}" in err
