@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neoxrt.runtime.sampling import GenerationOptions, process
+from neoxrt.runtime.sampling import GenerationOptions, log_softmax, process
 
 NEG = np.float32(-1.0e9)
 
@@ -42,11 +42,6 @@ class BeamOptions:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1 or (self.num_beams > 1 and n > self.num_beams):
             raise RuntimeShapeError(f"num_return_sequences must be in [1, num_beams={self.num_beams}] for beam search, "
                                     f"got {n!r}")
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -85,7 +80,7 @@ def beam_search(gen, rows: list[list[int]], options: GenerationOptions, beam: Be
     top_mask = np.arange(k) < n
     cur = width
     while True:
-        log_probs = _log_softmax(np.asarray(logits, np.float32))
+        log_probs = log_softmax(np.asarray(logits, np.float32))
         seen = [r[:cur] for r in running.reshape(batch * n, max_length)]
         log_probs = process(log_probs, seen, options, [cur - width] * len(seen), eos).astype(np.float32)
         vocab = log_probs.shape[-1]

@@ -13,7 +13,7 @@ from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.beam import BeamOptions, beam_search
-from neoxrt.runtime.sampling import GenerationOptions, next_tokens
+from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens
 from neoxrt.runtime.session import Session
 from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
 
@@ -41,11 +41,6 @@ class GenerationResult:
     text: list[str] | None  # decoded new text per row, None without a tokenizer
     finish_reasons: list[str]
     logprobs: list[list[dict]] | None = None  # with logprobs=N: per row, per token {token, logprob, top}
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def token_logprobs(logits: np.ndarray, chosen: np.ndarray, top: int | None) -> list | None:

@@ -193,6 +193,16 @@ def next_tokens(logits: np.ndarray, seen: list[np.ndarray], options: GenerationO
     if options.greedy:
         return process(logits, seen, options, generated, stop_ids).argmax(axis=-1)
     probs = token_probs(logits, seen, options, generated, stop_ids)
+    return draw(probs, rng)
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from probabilities [B, V] (inverse CDF, one uniform draw per row)."""
     cdf = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs))[:, None] * cdf[:, -1:]
     return np.minimum((cdf <= draws).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

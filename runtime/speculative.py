@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neoxrt.errors import RuntimeShapeError
-from neoxrt.runtime.sampling import GenerationOptions, next_tokens, token_probs
+from neoxrt.runtime.sampling import GenerationOptions, draw, next_tokens, token_probs
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class _Draft:
             else:
                 q = token_probs(logits, row_seen, options)
                 probs.append(q)
-                token = _draw(q, rng)
+                token = draw(q, rng)
             tokens.append(token)
             if i + 1 < k:
                 step_mask = np.concatenate([step_mask, np.ones((len(x), 1), np.int64)], axis=1)
@@ -103,12 +103,6 @@ class _Draft:
             self.pending = np.zeros((len(x_next), 0), np.int64)
         else:  # every guess accepted: the draft never read its own last guess
             self.pending = drafts[:, -1:]
-
-
-def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    cdf = np.cumsum(probs, axis=-1)
-    draws = rng.random(len(probs))[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= draws).sum(axis=-1), probs.shape[-1] - 1)
 
 
 def accept_greedy(target_logits: np.ndarray, drafts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +132,7 @@ def accept_sampled(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, rng) -> tup
             residual = residual / total if total > 0 else p[r, n]
         else:
             residual = p[r, k]
-        tokens[r, n] = _draw(residual[None], rng)[0]
+        tokens[r, n] = draw(residual[None], rng)[0]
     return accepted, tokens
 
 
