@@ -3,6 +3,7 @@ memory stays flat: per-channel max |x| (pass 1) and, for percentile/entropy, |x|
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -35,11 +36,14 @@ class StatsSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if threads:
             options.intra_op_num_threads = threads
-        with tempfile.TemporaryDirectory(prefix="neoxrt-calib-") as tmp:
+        # beside the source (same file system): its weights file is hard-linked in, not copied (ONNX Runtime
+        # refuses external data that resolves outside the model's folder, so no symlink)
+        where = Path(weights_dir).resolve().parent if weights_dir is not None else None
+        with tempfile.TemporaryDirectory(prefix=".neoxrt-calib-", dir=where) as tmp:
             path = Path(tmp) / io.MODEL_FILE  # external data: works past protobuf's 2 GB
             if weights_dir is not None:
                 if (Path(weights_dir) / io.WEIGHTS_FILE).is_file():
-                    (Path(tmp) / io.WEIGHTS_FILE).symlink_to((Path(weights_dir) / io.WEIGHTS_FILE).resolve())
+                    os.link((Path(weights_dir) / io.WEIGHTS_FILE).resolve(), Path(tmp) / io.WEIGHTS_FILE)
                 onnx.save_model(probe, str(path))
             else:
                 onnx.save_model(probe, str(path), save_as_external_data=True, location=io.WEIGHTS_FILE,
