@@ -22,6 +22,7 @@ import onnx
 
 from neoxrt import contract as io
 from neoxrt.calibration.data import calibration_windows, data_fingerprint, read_texts
+from neoxrt.calibration.int4_artifact import int4_from_onnx, ort_nbits
 from neoxrt.calibration.observe import StatsSession, abs_histograms, channel_absmax
 from neoxrt.calibration.options import CalibrationOptions
 from neoxrt.calibration.qdq import ORT_NBITS_BLOCK_KEY, QMAX, REDUCED_QMAX, nbits_block_size, qdq_from_onnx
@@ -40,7 +41,7 @@ COPIED = ("export_options", "opset", "config", "checkpoint", "checkpoint_sha256"
 OUTLIER_RATIO = 20  # largest / median channel max|x| past which a tensor is flagged
 
 
-def _source_manifest(src: Path) -> dict:
+def _source_manifest(src: Path, bits: int = 8) -> dict:
     try:
         manifest = read_manifest(src, ("export",))
     except ArtifactError as exc:
@@ -49,7 +50,9 @@ def _source_manifest(src: Path) -> dict:
         raise CalibrationError(f"source artifact {src} is a {manifest['task']} export; calibration of head artifacts "
                                "is not supported yet (text-generation exports only)")
     options = manifest.get("export_options", {})
-    if options.get("dtype") != "fp32":
+    if bits == 4 and options.get("dtype") not in ("fp32", "fp16"):
+        raise CalibrationError(f"source artifact {src} is {options.get('dtype')}; INT4 needs an fp32 or fp16 export")
+    if bits == 8 and options.get("dtype") != "fp32":
         raise CalibrationError(f"source artifact {src} is {options.get('dtype')}; calibration needs an fp32 export "
                                "(neoxrt export --dtype fp32)")
     if manifest.get("plugin"):
@@ -238,7 +241,8 @@ def _qdq_artifact(src: Path, out: Path, tmp: Path, manifest: dict, body: dict, f
 def calibrate_artifact(src, out, options: CalibrationOptions, data: list[Path] | None = None, force: bool = False,
                        cache: Path | None = None, recalibrate: bool = False, threads: int | None = None,
                        progress: bool = True, log=print) -> dict:
-    """Calibrate the fp32 artifact `src` into the INT8 artifact `out`; returns the manifest.
+    """Calibrate the fp32 artifact `src` into the INT8 artifact `out` (or, with options.bits 4, the fp32 or
+    fp16 artifact into an INT4 weights-only one: int4_artifact.py); returns the manifest.
 
     Raises:
         CalibrationError: unusable source, data, options or cache; or `out` exists without force.
@@ -247,13 +251,27 @@ def calibrate_artifact(src, out, options: CalibrationOptions, data: list[Path] |
 
     src, out = Path(src), Path(out)
     start = time.perf_counter()
-    manifest = _source_manifest(src)
+    manifest = _source_manifest(src, options.bits)
     body = {k: manifest[k] for k in COPIED if k in manifest}
     body["source"] = {"artifact": str(src.resolve()), "model_sha256": manifest["files"][io.MODEL_FILE]}
     body["calibration"] = {"options": options.to_dict()}
+    digests = {}
     with atomic_dir(out, force, CalibrationError) as tmp:
         files = []
-        if options.method == "ort-dynamic":
+        if options.bits == 4:
+            body["precision"] = "int4"
+            if options.method == "ort-nbits":
+                files = ort_nbits(src, tmp / io.MODEL_FILE, options)
+                model = onnx.load(str(tmp / io.MODEL_FILE), load_external_data=False)
+                body["quantization"] = {"scheme": "onnxruntime MatMulNBitsQuantizer (baseline; asymmetric, ONNX "
+                                        "Runtime only)", "bits": 4, "block_size": options.block_size,
+                                        "accuracy_level": options.accuracy_level}
+            else:
+                model, digests, sections = int4_from_onnx(src, tmp, manifest, options, data, threads, progress, log)
+                files = list(digests)
+                body["calibration"].update(sections["calibration"])
+                body["quantization"] = sections["quantization"]
+        elif options.method == "ort-dynamic":
             ort_dynamic(src / io.MODEL_FILE, tmp / io.MODEL_FILE)
             model = onnx.load(str(tmp / io.MODEL_FILE), load_external_data=False)
             files = [p.name for p in tmp.iterdir()]
@@ -267,8 +285,8 @@ def calibrate_artifact(src, out, options: CalibrationOptions, data: list[Path] |
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
                 files.append(name)
-        result = write_manifest(tmp, STAGE, body, sorted(set(files)))
-    log(f"wrote {out} (int8, {'weights only' if options.weights_only else options.method}) "
+        result = write_manifest(tmp, STAGE, body, sorted(set(files)), digests)
+    log(f"wrote {out} (int{options.bits}, {'weights only' if options.weights_only else ''} {options.method}) "
         f"in {time.perf_counter() - start:.1f}s")
     return result
 

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass
 from neoxrt.errors import CalibrationError
 
 METHODS = ("minmax", "percentile", "entropy", "ort-dynamic")
+INT4_METHODS = ("awq", "rtn", "ort-nbits")
+BITS = (8, 4)
+INT4_BLOCKS = (16, 32, 64, 128, 256)
+LM_HEADS = ("int8", "int4", "float")
 WEIGHT_RANGES = ("reduced", "full")
 
 
@@ -17,6 +21,8 @@ class CalibrationOptions:
         seq_len: tokens per window (prompt steps, past 0).
         method: activation range selection: minmax, percentile, entropy (KL, as TensorRT's entropy calibrator);
             ort-dynamic is the onnxruntime.quantization.quantize_dynamic baseline (ONNX Runtime only, no data).
+            With bits 4: awq (activation-aware scales, the default), rtn (round to nearest, no data) or
+            ort-nbits (onnxruntime's MatMulNBitsQuantizer, the baseline). None takes the default for `bits`.
         percentile: for method percentile, the share of |x| kept inside the range.
         smoothquant: SmoothQuant migration strength alpha in (0, 1], or None for off.
         weights_only: int8 weights (per output channel), fp32 activations.
@@ -25,23 +31,46 @@ class CalibrationOptions:
             with full-range weights (255 x 127 x 2 > 32767): measured on an AVX2 machine, the planted-outlier
             test's mean KL went from 0.0036 (full) to under a third of it with SmoothQuant only once the weights
             were reduced. Full range suits TensorRT and VNNI CPUs; weights-only artifacts always use it.
+        bits: weight bits: 8, or 4 (weights only, per-block scales: calibration/int4.py).
+        block_size: INT4 block along K (a power of two from 16 to 256; it must divide every weight's K).
+        accuracy_level: ONNX Runtime MatMulNBits accuracy_level for INT4 (4: int8 products, 0: float).
+        lm_head: the LM head's weights with bits 4: int8 (8-bit blocks), int4, or float (the source's type).
         seed: window sampling seed.
         batch: windows per ONNX Runtime call while collecting statistics.
     """
 
     samples: int = 64
     seq_len: int = 128
-    method: str = "percentile"
+    method: str | None = None
     percentile: float = 99.99
     smoothquant: float | None = 0.5
     weights_only: bool = False
     weight_range: str = "reduced"
+    bits: int = 8
+    block_size: int = 32
+    accuracy_level: int = 4
+    lm_head: str = "int8"
     seed: int = 0
     batch: int = 4
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise CalibrationError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bits not in BITS:
+            raise CalibrationError(f"--bits must be 4 or 8, got {self.bits}")
+        if self.bits == 4 and not self.weights_only:
+            raise CalibrationError("--bits 4 needs --weights-only (INT4 weights with float activations; no INT4 "
+                                   "activations)")
+        if self.method is None:
+            object.__setattr__(self, "method", "awq" if self.bits == 4 else "percentile")
+        methods = INT4_METHODS if self.bits == 4 else METHODS
+        if self.method not in methods:
+            raise CalibrationError(f"--method with --bits {self.bits} must be one of {', '.join(methods)}, "
+                                   f"got {self.method!r}")
+        if self.block_size not in INT4_BLOCKS:
+            raise CalibrationError(f"--block-size must be one of {', '.join(map(str, INT4_BLOCKS))}, got {self.block_size}")
+        if self.lm_head not in LM_HEADS:
+            raise CalibrationError(f"--lm-head must be one of {', '.join(LM_HEADS)}, got {self.lm_head!r}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise CalibrationError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
         if self.samples < 1:
             raise CalibrationError(f"--samples must be at least 1, got {self.samples}")
         if self.seq_len < 2:
@@ -56,4 +85,8 @@ class CalibrationOptions:
             raise CalibrationError(f"batch must be at least 1, got {self.batch}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.bits == 8:  # the INT4 fields mean nothing for INT8 (and keep INT8 cache keys as they were)
+            for name in ("block_size", "accuracy_level", "lm_head"):
+                del out[name]
+        return out

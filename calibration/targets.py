@@ -37,7 +37,9 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return users
 
 
-def quant_targets(model: onnx.ModelProto) -> list[Target]:
+def quant_targets(model: onnx.ModelProto, dtypes: tuple[int, ...] = (onnx.TensorProto.FLOAT,)) -> list[Target]:
+    """Every MatMul reading a 2-D initializer of one of `dtypes` that no other node reads (fp32 for INT8; fp32
+    and fp16 for INT4 weights-only)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     users = _consumers(graph)
@@ -46,13 +48,15 @@ def quant_targets(model: onnx.ModelProto) -> list[Target]:
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         w = inits[node.input[1]]
-        if w.data_type != onnx.TensorProto.FLOAT or len(w.dims) != 2 or len(users[w.name]) != 1:
-            continue  # fp16 weights, batched weights or weights shared with another op stay as they are
+        if w.data_type not in dtypes or len(w.dims) != 2 or len(users[w.name]) != 1:
+            continue  # other weight types, batched weights or weights shared with another op stay as they are
         out.append(Target(node.name, node.input[0], node.input[1]))
     return out
 
 
-def smooth_groups(model: onnx.ModelProto, targets: list[Target]) -> list[SmoothGroup]:
+def smooth_groups(model: onnx.ModelProto, targets: list[Target], through_cast: bool = False) -> list[SmoothGroup]:
+    """LayerNorms whose output feeds only target MatMuls (directly, or with through_cast through one Cast, as
+    in fp16 exports where LayerNorm runs in fp32); the group's activation is the MatMuls' input."""
     graph = model.graph
     inits = {t.name for t in graph.initializer}
     users = _consumers(graph)
@@ -65,6 +69,8 @@ def smooth_groups(model: onnx.ModelProto, targets: list[Target]) -> list[SmoothG
         if node.op_type != "LayerNormalization" or len(node.input) < 3 or node.output[0] in outputs:
             continue
         act, scale, bias = node.output[0], node.input[1], node.input[2]
+        if through_cast and len(users[act]) == 1 and users[act][0].op_type == "Cast":
+            act = users[act][0].output[0]
         fed = by_activation.get(act, [])
         if not fed or len(users[act]) != len(fed) or scale not in inits or bias not in inits:
             continue
@@ -72,3 +78,18 @@ def smooth_groups(model: onnx.ModelProto, targets: list[Target]) -> list[SmoothG
             continue
         groups.append(SmoothGroup(act, scale, bias, tuple(t.weight for t in fed)))
     return groups
+
+
+def lm_head(model: onnx.ModelProto, targets: list[Target], output: str) -> Target | None:
+    """The target MatMul that makes graph output `output` (walking back through single-path nodes)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    by_node = {t.node: t for t in targets}
+    name = output
+    for _ in range(16):
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return by_node.get(node.name)
+        name = node.input[0]
+    return None

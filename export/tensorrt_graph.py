@@ -34,9 +34,13 @@ def support_table() -> dict:
 
 
 def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose Attention nodes take the whole K/V (cache concatenated before the node)."""
+    """A copy of `model` whose Attention nodes take the whole K/V (cache concatenated before the node), and
+    whose INT4 MatMulNBits (neoxrt calibrate --bits 4) are INT4 DequantizeLinear (block on K) -> MatMul."""
+    from neoxrt.calibration.int4 import dq_from_matmulnbits
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    dq_from_matmulnbits(out)
     nodes = []
     for node in out.graph.node:
         if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.input) < 6:
@@ -105,6 +109,7 @@ def check_tensorrt_support(model: onnx.ModelProto, plugins: set[tuple[str, str]]
     for node, zp in _zero_points(model):
         if zp is None or np.any(zp != 0):
             problems.append(f"{node.op_type} ({node.name}): zero point must be a zero initializer for TensorRT")
-        elif zp.dtype != np.int8:
-            problems.append(f"{node.op_type} ({node.name}): zero point type {zp.dtype} (TensorRT quantizes to int8)")
+        elif zp.dtype != np.int8 and str(zp.dtype) != "int4":
+            problems.append(f"{node.op_type} ({node.name}): zero point type {zp.dtype} (TensorRT quantizes to int8, "
+                            "or int4 weights)")
     return problems

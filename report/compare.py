@@ -22,7 +22,7 @@ from neoxrt.runtime.generator import left_pad
 
 DEFAULT_PROMPTS = ["The state of the Union is", "Gentlemen of the Senate and House of Representatives:",
                    "The Secretary of the Treasury reports that the revenue"]
-JUMP_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.1}
+JUMP_FLOOR = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.1, "int4": 0.2}
 
 
 @dataclass

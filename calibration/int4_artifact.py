@@ -1,0 +1,221 @@
+"""`neoxrt calibrate --weights-only --bits 4`: an fp32 or fp16 export -> an INT4 weights-only artifact
+(MatMulNBits, calibration/int4.py), streamed one weight at a time.
+
+    source graph (no external bytes) + weights as memory-mapped views (onnx_weights.py)
+      --awq: one pass of the calibration windows on ONNX Runtime -> per activation |x|, x^2, X^T X
+             -> per LayerNorm group: alpha search, factors folded into LayerNorm (awq.py)
+      --> graph: MatMul -> MatMulNBits, data-less initializers
+      --> save_streamed: each weight read, scaled, clip-searched, quantized and packed when the writer
+          reaches it (64 KiB-aligned in model.onnx.data when the artifact passes 256 MiB)
+
+Memory bound: the graph proto, the activation sums (K floats per activation, K x K per LayerNorm group) and
+one weight at a time (its fp32 copy, clip search temporaries about 4x its fp32 size, and its packed bytes);
+untouched weights (embedding, LayerNorms) are copied block by block from the source's mapping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from neoxrt import contract as io
+from neoxrt.calibration.awq import collect, search_group
+from neoxrt.calibration.data import calibration_windows, data_fingerprint, read_texts
+from neoxrt.calibration.int4 import (
+    BITS,
+    MS_DOMAIN,
+    block_scales,
+    clip_search,
+    matmulnbits_node,
+    pack_matmulnbits,
+    quantize_blocks,
+)
+from neoxrt.calibration.observe import StatsSession
+from neoxrt.calibration.onnx_weights import ArrayTensor, MappedTensor, data_less, open_onnx
+from neoxrt.calibration.options import CalibrationOptions
+from neoxrt.calibration.targets import Target, lm_head, quant_targets, smooth_groups
+from neoxrt.errors import CalibrationError
+
+FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
+
+
+class _Quantizer:
+    """Quantizes one weight when the writer asks for its packed bytes and keeps it until its scales are
+    taken (the two initializers are written one after the other): one weight in memory at a time."""
+
+    def __init__(self, weights: dict[str, MappedTensor], block: int, method: str, factors: dict, mean_sq: dict,
+                 bits: dict[str, int]):
+        self.weights, self.block, self.method, self.factors, self.mean_sq = weights, block, method, factors, mean_sq
+        self.bits = bits
+        self.held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _make(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        w = np.asarray(self.weights[name].numpy(), np.float32)
+        s = self.factors.get(name)
+        if s is not None:
+            w = w * s[:, None]
+        bits = self.bits.get(name, BITS)
+        if self.method == "rtn":
+            scales = block_scales(w, self.block, bits=bits)
+        else:
+            h = self.mean_sq.get(name)
+            scales = clip_search(w, self.block, None if h is None else (h if s is None else h / np.square(s)), bits)
+        packed = pack_matmulnbits(quantize_blocks(w, scales, bits), self.block, bits)
+        return packed, scales.T.reshape(-1)
+
+    def part(self, name: str, index: int) -> np.ndarray:
+        if name not in self.held:
+            self.held[name] = self._make(name)
+        value = self.held[name][index]
+        if index == 1:
+            del self.held[name]
+        return value
+
+
+def _windows(src: Path, manifest: dict, texts, options: CalibrationOptions):
+    from tokenizers import Tokenizer
+
+    if not (src / io.TOKENIZER_FILE).is_file():
+        raise CalibrationError(f"source artifact {src} has no {io.TOKENIZER_FILE}; calibration text needs the tokenizer")
+    tokenizer = Tokenizer.from_file(str(src / io.TOKENIZER_FILE))
+    return calibration_windows(texts, tokenizer, options.samples, options.seq_len, options.seed,
+                               manifest["config"].get("eos_token_id"))
+
+
+def _awq(src: Path, manifest: dict, model, weights, targets: list[Target], options: CalibrationOptions, data, threads,
+         progress: bool, log) -> tuple[dict, dict, dict, dict]:
+    """(factors per weight, mean x^2 per weight, new LayerNorm tensors, calibration record)."""
+    from neoxrt.assets import CALIBRATION_TEXT
+
+    texts = read_texts(data or [CALIBRATION_TEXT])
+    windows = _windows(src, manifest, texts, options)
+    groups = smooth_groups(model, targets, through_cast=True)
+    acts = sorted({t.activation for t in targets})
+    fp16 = weights[targets[0].weight].dtype == np.float16
+    log(f"int4 awq: {len(windows)} windows x {options.seq_len} tokens, {len(acts)} activations, {len(groups)} "
+        "LayerNorm groups")
+    stats = StatsSession(model, acts, threads, weights_dir=src, elem_type=TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT)
+    st = collect(stats, windows, options.batch, {g.activation for g in groups}, progress)
+    del stats
+    mean_sq = {t.weight: st[t.activation].mean_sq for t in targets}
+    factors, folded, record = {}, {}, []
+    for g in groups:
+        choice = search_group([weights[w].numpy() for w in g.weights], st[g.activation], options.block_size)
+        for w in g.weights:
+            factors[w] = choice.factors
+        for name in (g.scale, g.bias):
+            ln = weights[name].numpy()
+            folded[name] = ArrayTensor(ln.shape, ln.dtype, lambda a=ln, s=choice.factors: (a / s).astype(a.dtype))
+        record.append({"activation": g.activation, "alpha": choice.alpha,
+                       "error_vs_clip_only": choice.error / choice.error_alpha0 if choice.error_alpha0 else 1.0})
+    calibration = {"data": data_fingerprint(texts), "windows": int(len(windows)), "awq_groups": record}
+    return factors, mean_sq, folded, calibration
+
+
+def _check_blocks(targets: list[Target], weights, block: int) -> None:
+    for t in targets:
+        k = weights[t.weight].shape[0]
+        if k % block:
+            raise CalibrationError(f"--block-size {block} does not divide K = {k} of weight {t.weight} "
+                                   "(pick a block that divides every weight's rows)")
+
+
+def int4_targets(model, weights, options: CalibrationOptions) -> tuple[list[Target], Target | None]:
+    targets = quant_targets(model, FLOATS)
+    if not targets:
+        raise CalibrationError("source artifact: no float MatMul weights to quantize (already quantized?)")
+    head = lm_head(model, targets, io.LOGITS)
+    if head is not None and options.lm_head == "float":
+        targets = [t for t in targets if t != head]
+    _check_blocks(targets, weights, options.block_size)
+    return targets, head
+
+
+def int4_from_onnx(src: Path, tmp: Path, manifest: dict, options: CalibrationOptions, data, threads, progress: bool,
+                   log) -> tuple[onnx.ModelProto, dict[str, str], dict]:
+    """Write the INT4 model.onnx (and model.onnx.data) into `tmp`.
+
+    Returns:
+        (the graph written, {file: sha256}, the manifest's calibration and quantization sections).
+    """
+    from neoxrt.export.external_data import save_streamed
+    from neoxrt.export.options import INLINE_LIMIT
+
+    model, weights = open_onnx(src)
+    targets, head = int4_targets(model, weights, options)
+    factors, mean_sq, lazy, calibration = {}, {}, {}, {}
+    if options.method == "awq":
+        factors, mean_sq, lazy, calibration = _awq(src, manifest, model, weights, targets, options, data, threads,
+                                                   progress, log)
+    bits = {head.weight: 8} if head is not None and options.lm_head == "int8" else {}
+    quantizer = _Quantizer(weights, options.block_size, options.method, factors, mean_sq, bits)
+    by_weight = {t.weight: t for t in targets}
+    by_node = {t.node: t for t in targets}
+    graph = model.graph
+    inits = []
+    for tensor in graph.initializer:
+        name = tensor.name
+        if name in by_weight:
+            k, n = weights[name].shape
+            b = options.block_size
+            packed = TensorProto(name=f"{name}.packed", data_type=TensorProto.UINT8,
+                                 dims=[n, k // b, b * bits.get(name, BITS) // 8])
+            scales = TensorProto(name=f"{name}.scales", data_type=tensor.data_type, dims=[n * (k // b)])
+            lazy[packed.name] = ArrayTensor(packed.dims, np.uint8, lambda w=name: quantizer.part(w, 0))
+            lazy[scales.name] = ArrayTensor(scales.dims, weights[name].dtype, lambda w=name: quantizer.part(w, 1))
+            inits += [packed, scales]
+        elif name in lazy or tensor.data_location == TensorProto.EXTERNAL:
+            lazy.setdefault(name, weights[name])
+            inits.append(data_less(tensor))
+        else:
+            inits.append(tensor)
+    nodes = []
+    for node in graph.node:
+        t = by_node.get(node.name)
+        if t is None:
+            nodes.append(node)
+            continue
+        k, n = weights[t.weight].shape
+        nodes.append(matmulnbits_node(node, k, n, options.block_size, options.accuracy_level, t.weight,
+                                      bits.get(t.weight, BITS)))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    digests = save_streamed(model, lazy, tmp / io.MODEL_FILE, INLINE_LIMIT)
+    quantization = {"matmuls": len(targets), "bits": 4, "weights": f"int4 symmetric per block of {options.block_size} "
+                    "along K (MatMulNBits)", "block_size": options.block_size,
+                    "accuracy_level": options.accuracy_level, "method": options.method,
+                    "lm_head": options.lm_head if head is not None else "none found",
+                    "embedding": "float", "awq_layernorms": len(calibration.get("awq_groups", []))}
+    return model, digests, {"calibration": calibration, "quantization": quantization}
+
+
+def ort_nbits(src: Path, out_model: Path, options: CalibrationOptions) -> list[str]:
+    """onnxruntime's MatMulNBitsQuantizer (round to nearest, asymmetric, per block): the baseline. Holds the
+    whole model in memory."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model, weights = open_onnx(src)
+    _, head = int4_targets(model, weights, options)
+    exclude = [head.node] if head is not None and options.lm_head != "int4" else []
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src / io.MODEL_FILE)), bits=4, block_size=options.block_size,
+                                         is_symmetric=False, accuracy_level=options.accuracy_level,
+                                         nodes_to_exclude=exclude)
+        quantizer.process()
+        external = (src / io.WEIGHTS_FILE).is_file()
+        quantizer.model.save_model_to_file(str(out_model), use_external_data_format=external)
+    finally:
+        root.setLevel(level)
+    return [p.name for p in out_model.parent.iterdir() if p.name.startswith(io.MODEL_FILE)]
