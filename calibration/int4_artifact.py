@@ -6,10 +6,12 @@
              -> per LayerNorm group: alpha search, factors folded into LayerNorm (awq.py)
       --> graph: MatMul -> MatMulNBits, data-less initializers
       --> save_streamed: each weight read, scaled, clip-searched, quantized and packed when the writer
-          reaches it (64 KiB-aligned in model.onnx.data when the artifact passes 256 MiB)
+          reaches it (64 KiB-aligned in model.onnx.data when the source's weights were external or the artifact
+          passes 256 MiB)
 
 Memory bound: the graph proto, the activation sums (K floats per activation, K x K per LayerNorm group) and
-one weight at a time (its fp32 copy, clip search temporaries about 4x its fp32 size, and its packed bytes);
+one weight at a time: its packed bytes and scales, and one column slice of CHUNK_BYTES in fp32 with the clip
+search's temporaries (a few times that);
 untouched weights (embedding, LayerNorms) are copied block by block from the source's mapping.
 """
 
@@ -40,6 +42,7 @@ from neoxrt.calibration.targets import Target, lm_head, quant_targets, smooth_gr
 from neoxrt.errors import CalibrationError
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
+CHUNK_BYTES = 64 << 20  # fp32 bytes of one weight slice being quantized
 
 
 class _Quantizer:
@@ -53,18 +56,29 @@ class _Quantizer:
         self.held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _make(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        w = np.asarray(self.weights[name].numpy(), np.float32)
+        """(packed [N, K/B, B*bits/8], scales [N * K/B]), computed over column slices of about CHUNK_BYTES of
+        fp32 (each (block, column) is quantized on its own, so slicing N changes nothing)."""
+        source = self.weights[name].numpy()
+        k, n = source.shape
         s = self.factors.get(name)
-        if s is not None:
-            w = w * s[:, None]
         bits = self.bits.get(name, BITS)
-        if self.method == "rtn":
-            scales = block_scales(w, self.block, bits=bits)
-        else:
-            h = self.mean_sq.get(name)
-            scales = clip_search(w, self.block, None if h is None else (h if s is None else h / np.square(s)), bits)
-        packed = pack_matmulnbits(quantize_blocks(w, scales, bits), self.block, bits)
-        return packed, scales.T.reshape(-1)
+        h = self.mean_sq.get(name)
+        if h is not None and s is not None:
+            h = h / np.square(s)
+        packed = np.empty((n, k // self.block, self.block * bits // 8), np.uint8)
+        scales = np.empty((n, k // self.block), np.float32)
+        step = max(1, CHUNK_BYTES // (4 * k))
+        for c in range(0, n, step):
+            w = np.asarray(source[:, c: c + step], np.float32)
+            if s is not None:
+                w = w * s[:, None]
+            if self.method == "rtn":
+                chunk = block_scales(w, self.block, bits=bits)
+            else:
+                chunk = clip_search(w, self.block, h, bits)
+            packed[c: c + step] = pack_matmulnbits(quantize_blocks(w, chunk, bits), self.block, bits)
+            scales[c: c + step] = chunk.T
+        return packed, scales.reshape(-1)
 
     def part(self, name: str, index: int) -> np.ndarray:
         if name not in self.held:
@@ -187,7 +201,9 @@ def int4_from_onnx(src: Path, tmp: Path, manifest: dict, options: CalibrationOpt
     graph.initializer.extend(inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    digests = save_streamed(model, lazy, tmp / io.MODEL_FILE, INLINE_LIMIT)
+    # weights stay external where the source's were (its size or the exporter's threshold put them there)
+    inline_limit = 0 if (src / io.WEIGHTS_FILE).is_file() else INLINE_LIMIT
+    digests = save_streamed(model, lazy, tmp / io.MODEL_FILE, inline_limit)
     quantization = {"matmuls": len(targets), "bits": 4, "weights": f"int4 symmetric per block of {options.block_size} "
                     "along K (MatMulNBits)", "block_size": options.block_size,
                     "accuracy_level": options.accuracy_level, "method": options.method,
