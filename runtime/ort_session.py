@@ -54,14 +54,48 @@ def mapped_weights_config(model: Path) -> dict[str, str]:
 
 
 def available_memory() -> int:
-    """MemAvailable (free plus reclaimable page cache), or free pages where /proc/meminfo is absent."""
+    """MemAvailable (free plus reclaimable page cache), or free pages where /proc/meminfo is absent; no more
+    than what this process's memory cgroup (v1 or v2: a container's limit) leaves."""
+    host = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                host = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if host is None:
+        host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    left = cgroup_memory_left()
+    return host if left is None else min(host, left)
+
+
+def cgroup_memory_left(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """limit - usage of the tightest memory cgroup on this process's path (None: no limit found)."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: memory.max / memory.current
+            folder, limit_file, usage_file = root / path.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            folder, limit_file, usage_file = root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        while True:
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 60:
+                    left = max(0, int(limit) - int((folder / usage_file).read_text()))
+                    best = left if best is None else min(best, left)
+            except (OSError, ValueError):
+                pass
+            if folder in (root, root / "memory") or folder == folder.parent:
+                break
+            folder = folder.parent
+    return best
 
 
 class OrtSession:
