@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report int8 engine gpu-check bench-export bench bench-large bench-heads \
+.PHONY: venv demo test lint export generate report int8 int4 engine gpu-check bench-export bench bench-large bench-heads \
         bench-serve
 
 $(STAMP): pyproject.toml
@@ -68,6 +68,23 @@ int8: venv
 	  $(BIN)/neoxrt compare artifacts/default-$$name --reference $(MODEL) --report reports/int8/$$name > /dev/null; \
 	done
 	$(BIN)/python -m neoxrt.report.summary reports/int8
+
+# INT4 weights-only variants of the default model against PyTorch (reports/int4/<variant>/, reports/int4/summary.md):
+# awq and round-to-nearest at blocks 32 and 128, onnxruntime's MatMulNBitsQuantizer (block 32) as the baseline,
+# next to our INT8 (W8A8, SmoothQuant) and INT8 weights-only artifacts
+INT4_VARIANTS := int4-awq-b32:--bits_4  int4-rtn-b32:--bits_4_--method_rtn  int4-awq-b128:--bits_4_--block-size_128 \
+                 int4-rtn-b128:--bits_4_--method_rtn_--block-size_128  int4-ort-nbits-b32:--bits_4_--method_ort-nbits \
+                 int8-weights:
+int4: venv
+	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp32 --force
+	@set -e; for v in $(INT4_VARIANTS); do \
+	  name=$${v%%:*}; args=$$(echo $${v#*:} | tr _ ' '); \
+	  $(BIN)/neoxrt calibrate artifacts/default-fp32 artifacts/default-$$name --force --weights-only $$args; \
+	  $(BIN)/neoxrt compare artifacts/default-$$name --reference $(MODEL) --report reports/int4/$$name > /dev/null; \
+	done
+	$(BIN)/neoxrt calibrate artifacts/default-fp32 artifacts/default-int8 --force
+	$(BIN)/neoxrt compare artifacts/default-int8 --reference $(MODEL) --report reports/int4/int8 > /dev/null
+	$(BIN)/python -m neoxrt.report.summary reports/int4
 
 # TensorRT (an NVIDIA GPU machine): the FP16 engine of the default model, and the whole GPU check
 # (FP16/INT8/plugin engines, accuracy reports, latency against PyTorch, plugin kernel against SDPA)

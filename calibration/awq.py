@@ -6,12 +6,16 @@ mean 1); LayerNorm's scale and bias are divided by s and each W's rows multiplie
 block quantization, so X W is unchanged in exact arithmetic while the salient channels' weights get more of
 each block's 16 levels. alpha is searched on a grid, per group, minimising the output error
 sum_i ||X (Q(W_i s) / s - W_i)||^2 = sum_i tr(D_i^T G D_i) with G = X^T X (accumulated over every calibration
-token, K x K). Each block's scale is then clipped (int4.clip_search) against the diagonal of G.
+token, K x K), each candidate quantized with its block scales clip-searched (int4.clip_search, against the
+diagonal of G) as the artifact will be. (Searching with plain max|w| / 7 scales, as AWQ's reference code
+does, is 6x faster here but picks worse factors: on the default model KL 1.20e-3 against 9.5e-4, top-1
+0.977 against 0.985.)
 
 MatMuls whose input has no foldable producer (attention output, GELU output) get the clip search only.
 
-Memory bound: per activation, K floats of sums, plus G (K x K) for the LayerNorm-fed ones; one group's
-weights at a time during the search.
+Memory bound: per activation, K floats of sums, plus G (K x K) for the LayerNorm-fed ones, gathered one
+layer at a time (layered.py) and dropped once that layer's groups are searched; during the search, one
+column slice of one weight at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neoxrt.calibration.int4 import clip_search, dequantize_blocks, quantize_blocks
-from neoxrt.calibration.observe import StatsSession
 
 ALPHAS = np.linspace(0.0, 1.0, 11)
 
@@ -57,16 +60,6 @@ class ActivationStats:
         return (self.sq_sum / max(self.tokens, 1)).astype(np.float32)
 
 
-def collect(stats: StatsSession, windows: np.ndarray, batch: int, gram_for: set[str],
-            progress: bool = True) -> dict[str, ActivationStats]:
-    """Run the calibration windows once; per target activation, its ActivationStats."""
-    out = {a: ActivationStats(want_gram=a in gram_for) for a in stats.activations}
-    for values in stats.batches(windows, batch, "calibrate: int4 statistics", progress):
-        for name, x in values.items():
-            out[name].add(x)
-    return out
-
-
 @dataclass
 class GroupChoice:
     alpha: float
@@ -91,18 +84,22 @@ def quantized(w: np.ndarray, block: int, mean_sq: np.ndarray | None, s: np.ndarr
     return deq if s is None else deq / s[:, None]
 
 
-def search_group(weights: list[np.ndarray], st: ActivationStats, block: int) -> GroupChoice:
-    """The alpha (and factors) with the least output error over the weights fed by one activation."""
+def search_group(weights: list, st: ActivationStats, block: int, chunk_bytes: int = 64 << 20) -> GroupChoice:
+    """The alpha (and factors) with the least output error over the weights fed by one activation; each weight
+    read in column slices of about `chunk_bytes` of fp32 (the error is a sum over output columns)."""
     gram = st.gram.astype(np.float32)
     best = None
     err0 = None
     for alpha in ALPHAS:
         s = scale_factors(st.mean_abs, alpha)
         err = 0.0
-        for w in weights:
-            w = np.asarray(w, np.float32)
-            d = quantized(w, block, st.mean_sq, s) - w
-            err += float(np.einsum("kn,kn->", gram @ d, d))
+        for weight in weights:
+            k, n = weight.shape
+            step = max(1, chunk_bytes // (4 * k))
+            for c in range(0, n, step):
+                w = np.asarray(weight[:, c: c + step], np.float32)
+                d = quantized(w, block, st.mean_sq, s) - w
+                err += float(np.einsum("kn,kn->", gram @ d, d))
         if alpha == 0.0:
             err0 = err
         if best is None or err < best.error:

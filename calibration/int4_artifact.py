@@ -2,8 +2,9 @@
 (MatMulNBits, calibration/int4.py), streamed one weight at a time.
 
     source graph (no external bytes) + weights as memory-mapped views (onnx_weights.py)
-      --awq: one pass of the calibration windows on ONNX Runtime -> per activation |x|, x^2, X^T X
-             -> per LayerNorm group: alpha search, factors folded into LayerNorm (awq.py)
+      --awq: the calibration windows through the graph one layer at a time on ONNX Runtime (layered.py)
+             -> per activation |x|, x^2, X^T X -> per LayerNorm group, as soon as its layer is done:
+             alpha search, factors folded into LayerNorm (awq.py)
       --> graph: MatMul -> MatMulNBits, data-less initializers
       --> save_streamed: each weight read, scaled, clip-searched, quantized and packed when the writer
           reaches it (64 KiB-aligned in model.onnx.data when the source's weights were external or the artifact
@@ -24,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from neoxrt import contract as io
-from neoxrt.calibration.awq import collect, search_group
+from neoxrt.calibration.awq import search_group
 from neoxrt.calibration.data import calibration_windows, data_fingerprint, read_texts
 from neoxrt.calibration.int4 import (
     BITS,
@@ -35,7 +36,7 @@ from neoxrt.calibration.int4 import (
     pack_matmulnbits,
     quantize_blocks,
 )
-from neoxrt.calibration.observe import StatsSession
+from neoxrt.calibration.layered import LayeredStats
 from neoxrt.calibration.onnx_weights import ArrayTensor, MappedTensor, data_less, open_onnx
 from neoxrt.calibration.options import CalibrationOptions
 from neoxrt.calibration.targets import Target, lm_head, quant_targets, smooth_groups
@@ -108,23 +109,27 @@ def _awq(src: Path, manifest: dict, model, weights, targets: list[Target], optio
     windows = _windows(src, manifest, texts, options)
     groups = smooth_groups(model, targets, through_cast=True)
     acts = sorted({t.activation for t in targets})
-    fp16 = weights[targets[0].weight].dtype == np.float16
     log(f"int4 awq: {len(windows)} windows x {options.seq_len} tokens, {len(acts)} activations, {len(groups)} "
         "LayerNorm groups")
-    stats = StatsSession(model, acts, threads, weights_dir=src, elem_type=TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT)
-    st = collect(stats, windows, options.batch, {g.activation for g in groups}, progress)
-    del stats
-    mean_sq = {t.weight: st[t.activation].mean_sq for t in targets}
-    factors, folded, record = {}, {}, []
-    for g in groups:
-        choice = search_group([weights[w].numpy() for w in g.weights], st[g.activation], options.block_size)
-        for w in g.weights:
-            factors[w] = choice.factors
-        for name in (g.scale, g.bias):
-            ln = weights[name].numpy()
-            folded[name] = ArrayTensor(ln.shape, ln.dtype, lambda a=ln, s=choice.factors: (a / s).astype(a.dtype))
-        record.append({"activation": g.activation, "alpha": choice.alpha,
-                       "error_vs_clip_only": choice.error / choice.error_alpha0 if choice.error_alpha0 else 1.0})
+    stats = LayeredStats(model, acts, src, threads, gram_for={g.activation for g in groups})
+    by_activation = {g.activation: g for g in groups}
+    mean_sq, factors, folded, record = {}, {}, {}, []
+    for stage in stats.run(windows, options.batch, "calibrate: int4 statistics by layer", progress):
+        for t in targets:
+            if t.activation in stage:
+                mean_sq[t.weight] = stage[t.activation].mean_sq
+        for act, st in stage.items():
+            g = by_activation.get(act)
+            if g is None:
+                continue
+            choice = search_group([weights[w].numpy() for w in g.weights], st, options.block_size)
+            for w in g.weights:
+                factors[w] = choice.factors
+            for name in (g.scale, g.bias):
+                ln = weights[name].numpy()
+                folded[name] = ArrayTensor(ln.shape, ln.dtype, lambda a=ln, s=choice.factors: (a / s).astype(a.dtype))
+            record.append({"activation": g.activation, "alpha": choice.alpha,
+                           "error_vs_clip_only": choice.error / choice.error_alpha0 if choice.error_alpha0 else 1.0})
     calibration = {"data": data_fingerprint(texts), "windows": int(len(windows)), "awq_groups": record}
     return factors, mean_sq, folded, calibration
 

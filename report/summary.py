@@ -1,6 +1,6 @@
 """`python -m neoxrt.report.summary DIR`: one table over every DIR/*/report.json (written by `neoxrt compare
 --report`), e.g. the INT8 variants of `make int8` side by side -- SmoothQuant against plain min/max, the
-weight-only and quantize_dynamic baselines."""
+weight-only and quantize_dynamic baselines; the INT4 variants of `make int4`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def _artifact_options(report: dict) -> str:
     options = manifest.get("calibration", {}).get("options")
     if not options:
         return manifest.get("export_options", {}).get("dtype", "?")
+    if options.get("bits") == 4:
+        if options["method"] == "ort-nbits":
+            head = "int4" if options["lm_head"] == "int4" else "float"
+            return f"onnxruntime MatMulNBitsQuantizer, block {options['block_size']}, LM head {head}"
+        return f"int4 {options['method']}, block {options['block_size']}, LM head {options['lm_head']}"
     if options["method"] == "ort-dynamic":
         return "onnxruntime quantize_dynamic"
     if options["weights_only"]:

@@ -7,7 +7,10 @@
     3. `neoxrt export --dtype fp16` in a fresh process inside a memory cgroup (limit 3 GiB by default; it
        counts page cache too), page cache dropped first; its peak anonymous RSS polled from /proc every 20 ms
        by this (separate) process, the cgroup's own peak usage, time, and whether the kernel killed it;
-    4. the 1-layer artifact loaded by ONNX Runtime in a fresh process: load time and RSS.
+    4. the 1-layer artifact loaded by ONNX Runtime in a fresh process: load time and RSS;
+    5. (--int4, default) the deep fp16 artifact quantized to INT4 weights (`--method rtn`) inside 3.5 GiB, and
+       8 tokens generated on it inside 0.45 x the fp16 size + 1 GiB: its size, peaks, ms/token against the INT4
+       weight-bandwidth floor.
 
 The same for a 1-layer checkpoint of that width, so the peak can be compared across depth. The full
 44 layers need 2 x 41 GB of disk (checkpoint + artifact); where the disk has less, the deepest model that
@@ -29,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from neoxrt.bench.run import read_bandwidth
 
 NEOX_20B = dict(vocab_size=50432, hidden_size=6144, num_layers=44, num_heads=64, intermediate_size=24576,
                 max_position_embeddings=2048, rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5,
@@ -201,6 +206,64 @@ print(json.dumps({"load_seconds": round(time.perf_counter() - start, 2),
 """
 
 
+# prepended to a child's script: a thread keeping the child's peak anonymous memory in peak_anon[0] (VmHWM counts
+# memory-mapped file pages too, which the kernel reclaims at will; ru_maxrss of a child forked from a large
+# process inherits that process's RSS)
+POLL_ANON = """
+import threading as _threading, time as _time
+peak_anon = [0]
+def _poll_anon():
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon"):
+                peak_anon[0] = max(peak_anon[0], int(line.split()[1]) * 1024)
+        _time.sleep(0.002)
+_threading.Thread(target=_poll_anon, daemon=True).start()
+"""
+
+GENERATE = POLL_ANON + """
+import json, sys, time
+from neoxrt.runtime.generator import Generator
+start = time.perf_counter()
+generator = Generator.from_artifacts(sys.argv[1], threads=2)
+loaded = time.perf_counter() - start
+stamps = [time.perf_counter()]
+for event in generator.stream([[510, 1375, 273, 253, 6456, 310]], max_new_tokens=int(sys.argv[2])):
+    stamps.append(time.perf_counter())
+gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+fields = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+print(json.dumps({"load_seconds": round(loaded, 2), "first_token_seconds": round(stamps[1] - stamps[0], 2),
+                  "decode_ms_per_token": round(1e3 * sorted(gaps)[len(gaps) // 2], 1), "tokens": len(stamps) - 1,
+                  "peak_anon_bytes": peak_anon[0], "vm_hwm_bytes": int(fields["VmHWM"].split()[0]) * 1024}))
+"""
+
+
+def int4_stage(fp16: Path, out: Path, depth: int, limit_gib: float, tokens: int) -> dict:
+    """`neoxrt calibrate --weights-only --bits 4 --method rtn` of the fp16 artifact inside `limit_gib`, then
+    generation on the INT4 artifact inside 0.45 x the fp16 artifact's size + 1 GiB (the issue's bound)."""
+    fp16_bytes = sum(p.stat().st_size for p in fp16.iterdir())
+    quantize = run_limited([sys.executable, "-m", "neoxrt", "calibrate", str(fp16), str(out), "--weights-only",
+                            "--bits", "4", "--method", "rtn", "--force"], int(limit_gib * 2**30), f"int4-{depth}")
+    row = {"quantize": quantize, "fp16_bytes": fp16_bytes}
+    if quantize["returncode"] != 0:
+        return row
+    row["int4_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+    row["size_ratio"] = round(row["int4_bytes"] / fp16_bytes, 3)
+    limit = int(0.45 * fp16_bytes + 2**30)
+    generate = run_limited([sys.executable, "-c", GENERATE, str(out), str(tokens)], limit, f"gen-{depth}")
+    row["generate"] = generate
+    if generate["returncode"] == 0:
+        row["generate"].update(json.loads(generate["tail"][-1]))
+        gbs = read_bandwidth(2, 1024)
+        # bytes read per decode step: every weight but the embedding (one row per token)
+        manifest = json.loads((out / "manifest.json").read_text())
+        embed = manifest["config"]["vocab_size"] * manifest["config"]["hidden_size"] * 2
+        row["bandwidth_gbs"] = round(gbs, 1)
+        row["floor_ms"] = round((row["int4_bytes"] - embed) / (gbs * 1e9) * 1e3, 1)
+        row["decode_over_floor"] = round(row["generate"]["decode_ms_per_token"] / row["floor_ms"], 2)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="neoxrt.bench.large", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="artifacts/bench-large", help="where checkpoints and artifacts go")
@@ -209,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-gib", type=float, default=3.0, help="memory cgroup limit for the export")
     parser.add_argument("--copy-gib", type=float, default=8.0, help="bytes copied for the throughput reference")
     parser.add_argument("--keep", action="store_true", help="keep the deep checkpoint and artifact")
+    parser.add_argument("--int4", action=argparse.BooleanOptionalAction, default=True,
+                        help="quantize the deep fp16 artifact to INT4 (rtn) and generate on it, each in a memory limit")
+    parser.add_argument("--int4-limit-gib", type=float, default=3.5, help="memory cgroup limit for the INT4 quantization")
+    parser.add_argument("--tokens", type=int, default=8, help="tokens generated on the INT4 artifact")
     args = parser.parse_args(argv)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -237,14 +304,20 @@ def main(argv: list[str] | None = None) -> int:
                 done = subprocess.run([sys.executable, "-c", ORT_LOAD, str(out / "model.onnx")], capture_output=True,
                                       text=True, timeout=600)
                 row["ort_load"] = json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-300:]}
+        if depth != 1 and not args.keep:
+            shutil.rmtree(ckpt, ignore_errors=True)  # the export is the INT4 stage's source; the disk needs room
+        if depth != 1 and args.int4 and export["returncode"] == 0:
+            row["int4"] = int4_stage(out, root / f"neox20b-shape-{depth}l-int4", depth, args.int4_limit_gib, args.tokens)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if depth != 1 and not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.rmtree(root / f"neox20b-shape-{depth}l-int4", ignore_errors=True)
     (root / "bench-large.json").write_text(json.dumps(rows, indent=2))
     print(render(rows, args.limit_gib))
-    return 0 if all(r["export"]["returncode"] == 0 for r in rows) else 1
+    print(render_int4(rows, args.int4_limit_gib))
+    ok = all(r["export"]["returncode"] == 0 for r in rows)
+    return 0 if ok and all(r["int4"]["quantize"]["returncode"] == 0 for r in rows if "int4" in r) else 1
 
 
 def render(rows: list[dict], limit_gib: float) -> str:
@@ -258,5 +331,24 @@ def render(rows: list[dict], limit_gib: float) -> str:
     return "\n".join(lines)
 
 
+def render_int4(rows: list[dict], limit_gib: float) -> str:
+    lines = [f"| layers | fp16 GB | INT4 GB (ratio) | quantize s | quantize peak RssAnon GiB | cgroup peak GiB (limit "
+             f"{limit_gib:g}) | OOM kills | generate limit GiB | generate peak RssAnon GiB | load s | ms/token | floor ms "
+             "| vs floor |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = r.get("int4")
+        if not x:
+            continue
+        q, g = x["quantize"], x.get("generate", {})
+        lines.append(f"| {r['layers']} | {x['fp16_bytes'] / 1e9:.2f} | {x.get('int4_bytes', 0) / 1e9:.2f} "
+                     f"({x.get('size_ratio', '-')}) | {q['seconds']} | {q['peak_anon_bytes'] / 2**30:.2f} | "
+                     f"{q.get('cgroup_peak_bytes', 0) / 2**30:.2f} | {q.get('cgroup_oom_kills', '-')} | "
+                     f"{g.get('cgroup_limit_bytes', 0) / 2**30:.2f} | {g.get('peak_anon_bytes', 0) / 2**30:.2f} | "
+                     f"{g.get('load_seconds', '-')} | {g.get('decode_ms_per_token', '-')} | {x.get('floor_ms', '-')} | "
+                     f"{x.get('decode_over_floor', '-')} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 
 from neox_testing import VARIANTS, default_checkpoint
 from neoxrt import contract as io
+from neoxrt.bench.large import POLL_ANON
 from neoxrt.calibration.calibrate import calibrate_artifact
 from neoxrt.calibration.int4 import (
     block_scales,
@@ -181,34 +182,23 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(fp32, tmp_path, capsys
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-# peak anonymous memory of a fresh child started from this test process, polled by a thread in the child (VmHWM
-# counts the source's memory-mapped file pages too, which the kernel reclaims at will)
-QUANTIZE_PEAK = """
-import sys, threading, time
+# run in a fresh child started from this test process, which reports its own peak anonymous memory
+QUANTIZE_PEAK = POLL_ANON + """
+import sys
 from neoxrt.calibration.calibrate import calibrate_artifact
 from neoxrt.calibration.options import CalibrationOptions
-peak, done = [0], threading.Event()
-def poll():
-    while not done.is_set():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon"):
-                peak[0] = max(peak[0], int(line.split()[1]) * 1024)
-        time.sleep(0.002)
-thread = threading.Thread(target=poll, daemon=True)
-thread.start()
 options = CalibrationOptions(weights_only=True, bits=4, method=sys.argv[3], samples=4, seq_len=32)
 calibrate_artifact(sys.argv[1], sys.argv[2], options, threads=1, progress=False, log=lambda *_: None)
-done.set()
-thread.join()
-print(peak[0])
+print(peak_anon[0])
 """
 
 
-def test_streamed_quantization_peak_does_not_grow_with_depth(tmp_path):
-    """fp16 exports of 2 and 16 layers (weights in model.onnx.data), each quantized (rtn) in a fresh child that
-    reports its own peak anonymous memory: 14 more layers add 14 x 6.3 MB of fp16 weights, the peak must not
-    follow. (awq adds its activation statistics, a K x K Gram matrix per LayerNorm group: measured here +55 MB
-    for the 14 layers, 28 MB of it those matrices.)"""
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_streamed_quantization_peak_does_not_grow_with_depth(tmp_path, method):
+    """fp16 exports of 2 and 16 layers (weights in model.onnx.data), each quantized in a fresh child that
+    reports its own peak anonymous memory: 14 more layers add 14 x 6.3 MB of fp16 weights (and, for awq, 28
+    Gram matrices of 512 x 512 float64, 59 MB: the statistics are gathered and used one layer at a time), the
+    peak must not follow."""
     base = dict(VARIANTS["gelu_parallel"].to_dict(), hidden_size=512, intermediate_size=2048, num_heads=8, vocab_size=50304)
     peaks, weights = {}, {}
     for layers in (2, 16):
@@ -218,7 +208,7 @@ def test_streamed_quantization_peak_does_not_grow_with_depth(tmp_path):
         art = tmp_path / f"fp16-{layers}"
         export_checkpoint(ckpt, art, ExportOptions(dtype="fp16", external_data_threshold=0), log=lambda *_: None)
         weights[layers] = (art / io.WEIGHTS_FILE).stat().st_size
-        done = subprocess.run([sys.executable, "-c", QUANTIZE_PEAK, str(art), str(tmp_path / f"int4-{layers}"), "rtn"],
+        done = subprocess.run([sys.executable, "-c", QUANTIZE_PEAK, str(art), str(tmp_path / f"int4-{layers}"), method],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[layers] = int(done.stdout.split()[-1])
