@@ -216,3 +216,21 @@ def speculative_artifacts(root: Path) -> dict[str, Path]:
     out["wrong"] = root / "wrong"
     export_checkpoint(ckpt, out["wrong"], ExportOptions(), **quiet)
     return out
+
+
+HEAD_TEXTS = ["I loved every minute of it.", "Terrible.", "The union is strong, and the state of the economy is sound today."]
+HEAD_QUESTION = "Who went to Paris?"
+
+
+def export_heads(root: Path, tasks, seed: int = 3) -> dict:
+    """{task: (fp32 export folder, transformers reference model)}: a TEXT_CONFIG head of each task with the
+    embedded tokenizer, exported."""
+    from neoxrt.export.exporter import export_checkpoint
+    from neoxrt.export.options import ExportOptions
+
+    out = {}
+    for task in tasks:
+        model = write_head(task, root / task, TEXT_CONFIG, seed=seed, tokenizer=True)
+        export_checkpoint(root / task, root / f"{task}-art", ExportOptions(), log=lambda *_: None)
+        out[task] = (root / f"{task}-art", model)
+    return out
