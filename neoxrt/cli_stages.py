@@ -267,8 +267,8 @@ def _add_build(sub) -> None:
     from neoxrt.export.engine import HARDWARE_COMPATIBILITY, BuildOptions
 
     d = BuildOptions()  # model-independent defaults only: the model-dependent ones are derived in the build
-    p = sub.add_parser("build", help="TensorRT engine from an export (FP16, dynamic or static KV cache) or INT8 artifact "
-                                      "(needs a GPU and TensorRT)")
+    p = sub.add_parser("build", help="TensorRT engine from an export (FP16, dynamic or static KV cache, or a head), or "
+                                      "an INT8 artifact (needs a GPU and TensorRT)")
     p.add_argument("artifact_dir", help="artifact written by neoxrt export or neoxrt calibrate")
     p.add_argument("out_dir", help="engine artifact folder to write (atomically)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)

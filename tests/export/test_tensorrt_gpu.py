@@ -74,3 +74,21 @@ def test_speculative_decoding_on_engines_built_with_verify_tokens(engines, name)
     assert spec.spec_stats["rounds"] < 15 and spec.spec_stats["accepted"] > 0
     lookup = Generator.from_artifacts(engines[name]).generate(PROMPT, max_new_tokens=16, prompt_lookup_tokens=3)
     assert lookup.ids[0][:8] == want[:8]
+
+
+def test_head_engines_classify_as_the_onnx_export_does(tmp_path):
+    """A sequence-classification head (fp16 export, and its W8A8 INT8 artifact) built into engines: the
+    labels of the fp32 export on ONNX Runtime."""
+    from neox_testing import TEXT_CONFIG, write_head
+    from neoxrt.runtime import Classifier
+
+    texts = ["I loved every minute of it.", "Terrible.", "The union is strong, and the economy is sound today."]
+    write_head("text-classification", tmp_path / "ckpt", TEXT_CONFIG, seed=3, tokenizer=True)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "fp32", ExportOptions(), **QUIET)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "fp16", ExportOptions(dtype="fp16"), **QUIET)
+    calibrate_artifact(tmp_path / "fp32", tmp_path / "int8", CalibrationOptions(), progress=False, **QUIET)
+    want = [r.label for r in Classifier.from_artifacts(tmp_path / "fp32").classify(texts)]
+    for name in ("fp16", "int8"):
+        build_engine_artifact(tmp_path / name, tmp_path / f"engine-{name}", BuildOptions(max_batch=4), **QUIET)
+        got = Classifier.from_artifacts(tmp_path / f"engine-{name}").classify(texts)
+        assert [r.label for r in got] == want, name
