@@ -165,7 +165,9 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
     if draft_session is not None:
         verify_limit(draft_session, "draft", 1)
     ids, mask, pos = left_pad(rows, 0 if gen.eos_token_id is None else gen.eos_token_id)
-    max_total = width + options.max_new_tokens + kmax + 2
+    # the cache never holds more than the prompt and the new tokens: a verify step of k + 1 tokens runs only
+    # while k < the room left (so it ends at most at width + max_new_tokens - 1), the draft stays a token behind
+    max_total = width + options.max_new_tokens
     target = gen.session.decoder(batch, max_total)
     draft = _Draft(draft_session, batch, max_total, ids, mask, pos) if draft_session is not None else None
     rng = np.random.default_rng(options.seed)

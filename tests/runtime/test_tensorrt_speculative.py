@@ -157,3 +157,14 @@ def test_an_engine_built_without_verify_tokens_is_refused_in_one_line(artifacts,
     with pytest.raises(RuntimeShapeError, match="draft engine was not built for: rebuild it with neoxrt build "
                                                 "--verify-tokens K"):
         target.generate(PROMPTS[:1], max_new_tokens=4)
+
+
+def test_a_generation_filling_the_static_engine_runs_speculatively(artifacts, tmp_path):
+    """Prompt + new tokens = the engine's whole context: the verify steps fit in the cache a plain generation
+    uses (no extra slots for guesses)."""
+    target, _ = engine(artifacts, "static", tmp_path, verify_tokens=4, max_context=64)
+    target.attach_draft(Generator.from_artifacts(artifacts["int8"]))
+    width = len(target.encode(PROMPTS[:1])[0])
+    want = Generator.from_artifacts(artifacts["static"]).generate(PROMPTS[:1], max_new_tokens=64 - width,
+                                                                  ignore_eos=True).ids
+    assert target.generate(PROMPTS[:1], max_new_tokens=64 - width, ignore_eos=True).ids == want
