@@ -1,4 +1,5 @@
-"""`neoxrt calibrate`: an fp32 export -> an INT8 artifact (Q/DQ graph, same inputs and outputs).
+"""`neoxrt calibrate`: an fp32 export -> an INT8 artifact (Q/DQ graph, same inputs and outputs). Head exports
+(`--task`: input_ids and attention_mask, no KV cache) calibrate the same way; the manifest keeps task and id2label.
 
     source artifact --(windows of calibration text)--> pass 1: per-channel max|x| of every MatMul input
         --> SmoothQuant factors (LayerNorm-fed inputs) --> pass 2 (percentile/entropy): |x/s| histograms
@@ -37,7 +38,7 @@ STAGE = "calibrate"
 CACHE_FILE = "calibration_cache.npz"
 SUMMARY_FILE = "calibration.md"
 RANGES_FILE = "calibration_ranges.json"
-COPIED = ("export_options", "opset", "config", "checkpoint", "checkpoint_sha256", "dynamic_axes")
+COPIED = ("export_options", "opset", "config", "checkpoint", "checkpoint_sha256", "dynamic_axes", "task", "id2label")
 OUTLIER_RATIO = 20  # largest / median channel max|x| past which a tensor is flagged
 
 
@@ -46,9 +47,9 @@ def _source_manifest(src: Path, bits: int = 8) -> dict:
         manifest = read_manifest(src, ("export",))
     except ArtifactError as exc:
         raise CalibrationError(f"source artifact: {exc}") from None
-    if manifest.get("task", "text-generation") != "text-generation":
-        raise CalibrationError(f"source artifact {src} is a {manifest['task']} export; calibration of head artifacts "
-                               "is not supported yet (text-generation exports only)")
+    if manifest.get("task", io.TEXT_GENERATION) != io.TEXT_GENERATION and bits == 4:
+        raise CalibrationError(f"source artifact {src} is a {manifest['task']} export; INT4 is for text-generation "
+                               "exports (head artifacts calibrate to INT8: drop --bits 4)")
     options = manifest.get("export_options", {})
     if bits == 4 and options.get("dtype") not in ("fp32", "fp16"):
         raise CalibrationError(f"source artifact {src} is {options.get('dtype')}; INT4 needs an fp32 or fp16 export")

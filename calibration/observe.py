@@ -50,19 +50,23 @@ class StatsSession:
                                 size_threshold=1024)
             self.sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.activations = list(activations)
-        past = next(i for i in self.sess.get_inputs() if i.name == io.past_key(0))
-        self.layers = sum(1 for i in self.sess.get_inputs() if i.name.endswith(".key"))
-        self.heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+        past = next((i for i in self.sess.get_inputs() if i.name == io.past_key(0)), None)
+        self.layers = sum(1 for i in self.sess.get_inputs() if i.name.endswith(".key"))  # 0: a head graph
+        if past is not None:
+            self.heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+            self.kv_dtype = "float16" if past.type == "tensor(float16)" else "float32"
         self.static = any(i.name == io.WRITE_INDICES for i in self.sess.get_inputs())
-        self.kv_dtype = "float16" if past.type == "tensor(float16)" else "float32"
 
     def batches(self, windows: np.ndarray, batch: int, label: str, progress: bool):
         bar = Progress(len(windows), label, progress)
         for start in range(0, len(windows), batch):
             ids = windows[start: start + batch]
-            pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-            feeds = io.prompt_feeds(ids, np.ones_like(ids), pos, self.layers, self.heads, self.head_dim, self.kv_dtype,
-                                    self.static)
+            if self.layers:
+                pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+                feeds = io.prompt_feeds(ids, np.ones_like(ids), pos, self.layers, self.heads, self.head_dim,
+                                        self.kv_dtype, self.static)
+            else:  # a head graph: no cache, positions computed in the graph
+                feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: np.ones_like(ids)}
             yield dict(zip(self.activations, self.sess.run(self.activations, feeds)))
             bar.update(min(start + batch, len(windows)))
 

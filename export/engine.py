@@ -1,6 +1,7 @@
 """`neoxrt build`: an export or INT8 artifact -> a TensorRT engine artifact (model.engine + manifest.json).
 
-    artifact --tensorrt_ready--> graph TensorRT imports --check_tensorrt_support--> profiles (prompt, decode)
+    artifact --tensorrt_ready--> graph TensorRT imports --check_tensorrt_support--> profiles (prompt, decode
+        [, verify with --verify-tokens]; a head graph: prompt only, batch x sequence)
         --TensorRT (strongly typed; precision from the graph)--> model.engine, manifest.json
 
 Everything before the TensorRT call runs (and is tested) on CPU; the call itself lives in
@@ -47,6 +48,8 @@ class BuildOptions:
         hardware_compatibility: none, or ampere_plus (one engine for every Ampere-or-newer GPU).
         version_compatible: an engine later TensorRT versions of the same major can run.
         plugin: build a plugin-flavour export with neoxrt's Triton attention plugin.
+        verify_tokens: K > 0 adds the `verify` profile (K + 1 tokens after a past): speculative decoding's
+            verify step on this engine as the target, its catch-up step as a draft.
     """
 
     max_batch: int = 8
@@ -60,8 +63,11 @@ class BuildOptions:
     hardware_compatibility: str = "none"
     version_compatible: bool = False
     plugin: bool = False
+    verify_tokens: int = 0
 
     def __post_init__(self):
+        if self.verify_tokens < 0:
+            raise BuildError(f"--verify-tokens must be at least 0, got {self.verify_tokens}")
         if self.max_batch < 1:
             raise BuildError(f"--max-batch must be at least 1, got {self.max_batch}")
         if not 0 <= self.optimization_level <= 5:
@@ -100,11 +106,25 @@ class BuildOptions:
 
 def engine_profiles(manifest: dict, options: BuildOptions) -> tuple[dict, dict]:
     """({profile: {axis: [min, opt, max]}}, {profile: {input: [min, opt, max shapes]}}), validated, for the
-    dynamic-cache contract (past_sequence / total_sequence axes) or the static one (cache_sequence)."""
+    dynamic-cache contract (past_sequence / total_sequence axes), the static one (cache_sequence) or a head
+    graph (batch x sequence, one profile).
+
+    Raises:
+        BuildError: bad ranges; --verify-tokens on a head graph or on a graph returning the last logits only.
+    """
     options = options.for_model(int(manifest["config"]["max_position_embeddings"]))
-    static = manifest.get("export_options", {}).get("kv_cache") == "static"
+    export_options = manifest.get("export_options", {})
+    static = export_options.get("kv_cache") == "static"
+    task = manifest.get("task", io.TEXT_GENERATION)
+    head = task != io.TEXT_GENERATION
+    if options.verify_tokens and head:
+        raise BuildError(f"--verify-tokens needs a text-generation artifact (a KV cache to verify after); this is a "
+                         f"{task} export")
+    if options.verify_tokens and export_options.get("logits") == "last":
+        raise BuildError("--verify-tokens needs every position's logits: export with --logits all (this artifact "
+                         "returns the last position's only)")
     ranges = prof.axis_ranges(options.max_batch, options.max_context, options.opt_batch, options.opt_prompt,
-                              options.opt_past, static=static)
+                              options.opt_past, static=static, verify_tokens=options.verify_tokens, head=head)
     inputs = manifest["io"]["inputs"]
     shapes = prof.input_shapes(ranges, inputs)
     prof.check_consistent(shapes, inputs)
@@ -170,7 +190,8 @@ def build_engine_artifact(src, out, options: BuildOptions, force: bool = False, 
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
                 files.append(name)
-        body = {k: manifest[k] for k in ("config", "io", "checkpoint_sha256", "export_options", "plugin") if k in manifest}
+        body = {k: manifest[k] for k in ("config", "io", "checkpoint_sha256", "export_options", "plugin", "task",
+                                         "id2label") if k in manifest}
         body.update(source={"artifact": str(src.resolve()), "stage": manifest["stage"],
                             "model_sha256": manifest["files"][io.MODEL_FILE]},
                     precision=precision_of(manifest), build_options=options.to_dict(), profiles=axes,

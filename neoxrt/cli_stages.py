@@ -257,7 +257,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
                            opt_prompt=args.opt_prompt, opt_past=args.opt_past, timing_cache=args.timing_cache,
                            workspace_gib=args.workspace, optimization_level=args.optimization_level,
                            hardware_compatibility=args.hardware_compatibility,
-                           version_compatible=args.version_compatible, plugin=args.plugin)
+                           version_compatible=args.version_compatible, plugin=args.plugin,
+                           verify_tokens=args.verify_tokens)
     build_engine_artifact(args.artifact_dir, args.out_dir, options, force=args.force)
     return 0
 
@@ -266,8 +267,8 @@ def _add_build(sub) -> None:
     from neoxrt.export.engine import HARDWARE_COMPATIBILITY, BuildOptions
 
     d = BuildOptions()  # model-independent defaults only: the model-dependent ones are derived in the build
-    p = sub.add_parser("build", help="TensorRT engine from an export (FP16, dynamic or static KV cache) or INT8 artifact "
-                                      "(needs a GPU and TensorRT)")
+    p = sub.add_parser("build", help="TensorRT engine from an export (FP16, dynamic or static KV cache, or a head), or "
+                                      "an INT8 artifact (needs a GPU and TensorRT)")
     p.add_argument("artifact_dir", help="artifact written by neoxrt export or neoxrt calibrate")
     p.add_argument("out_dir", help="engine artifact folder to write (atomically)")
     p.add_argument("--max-batch", type=int, default=d.max_batch)
@@ -282,6 +283,9 @@ def _add_build(sub) -> None:
     p.add_argument("--hardware-compatibility", default="none", choices=HARDWARE_COMPATIBILITY)
     p.add_argument("--version-compatible", action="store_true")
     p.add_argument("--plugin", action="store_true", help="plugin-flavour export with neoxrt's Triton attention plugin")
+    p.add_argument("--verify-tokens", type=int, default=0, metavar="K",
+                   help="add a verify profile (K + 1 tokens after a past) for speculative decoding (neoxrt generate "
+                        "--draft / --prompt-lookup-tokens up to K)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.set_defaults(func=_cmd_build)
 

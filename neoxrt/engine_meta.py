@@ -9,6 +9,12 @@ profile -- and the engine's compatibility with the machine that loads it.
     static cache (`--kv-cache static`: past and present [B,H,C,D], one buffer written in place):
     profile "prompt":  sequence 1..T,  cache_sequence 1..T
     profile "decode":  sequence 1,     cache_sequence 2..T    (fixed shapes per batch: CUDA graphs replay)
+    with --verify-tokens K, a third profile for speculative decoding's verify step (K guesses + 1 token
+    after a past; also the draft's catch-up step of 2 tokens):
+    profile "verify":  sequence 2..K+1, past_sequence 1..T-2, total = past + sequence  (dynamic)
+                       sequence 2..K+1, cache_sequence 2..T                          (static)
+    head graphs (`--task` other than text-generation: input_ids and attention_mask, no KV cache):
+    profile "prompt":  sequence 1..T                          (the only one)
     batch 1..max_batch in all (opt: opt_batch)
 """
 
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, BuildError, RuntimeShapeError
 
-PROMPT, DECODE = "prompt", "decode"
+PROMPT, DECODE, VERIFY = "prompt", "decode", "verify"
 ENGINE_FILE = "model.engine"
 
 
@@ -37,26 +43,39 @@ class Range:
 
 
 def axis_ranges(max_batch: int, max_context: int, opt_batch: int, opt_prompt: int, opt_past: int,
-                static: bool = False) -> dict:
-    """{profile: {axis: Range}} for the prompt and decode profiles (of the static-cache contract if `static`).
+                static: bool = False, verify_tokens: int = 0, head: bool = False) -> dict:
+    """{profile: {axis: Range}} for the prompt and decode profiles (of the static-cache contract if `static`),
+    plus the verify profile when `verify_tokens` > 0; the one prompt profile of a head graph if `head`.
 
     Raises:
-        BuildError: a range with min > opt or opt > max, or a context too small for a decode step.
+        BuildError: a range with min > opt or opt > max, a context too small for a decode step (or for a
+            verify step of verify_tokens + 1 tokens).
     """
     if max_context < 2:
         raise BuildError(f"--max-context must be at least 2 (one prompt token and one new token), got {max_context}")
     batch = Range(1, opt_batch, max_batch)
+    if head:
+        return {PROMPT: {io.BATCH: batch, io.SEQUENCE: Range(1, opt_prompt, max_context)}}
+    if verify_tokens and not 1 <= verify_tokens <= max_context - 2:
+        raise BuildError(f"--verify-tokens must be in [1, {max_context - 2}] (a verify step of K + 1 tokens after a "
+                         f"past of at least one, within --max-context {max_context}), got {verify_tokens}")
     if static:
         slots = min(max_context, max(opt_prompt, opt_past + 1))
         profiles = {PROMPT: {io.BATCH: batch, io.SEQUENCE: Range(1, opt_prompt, max_context),
                              io.CACHE_SEQUENCE: Range(1, slots, max_context)},
                     DECODE: {io.BATCH: batch, io.SEQUENCE: Range(1, 1, 1),
                              io.CACHE_SEQUENCE: Range(2, max(2, slots), max_context)}}
+        if verify_tokens:
+            profiles[VERIFY] = {io.BATCH: batch, io.SEQUENCE: Range(2, verify_tokens + 1, verify_tokens + 1),
+                                io.CACHE_SEQUENCE: Range(3, max(3, slots), max_context)}
     else:
         profiles = {PROMPT: {io.BATCH: batch, io.SEQUENCE: Range(1, opt_prompt, max_context),
                              io.PAST_SEQUENCE: Range(0, 0, 0)},
                     DECODE: {io.BATCH: batch, io.SEQUENCE: Range(1, 1, 1),
                              io.PAST_SEQUENCE: Range(1, opt_past, max_context - 1)}}
+        if verify_tokens:  # total = past + sequence; a step past max_context is refused by the runtime
+            profiles[VERIFY] = {io.BATCH: batch, io.SEQUENCE: Range(2, verify_tokens + 1, verify_tokens + 1),
+                                io.PAST_SEQUENCE: Range(1, min(opt_past, max_context - 2), max_context - 2)}
     for name, axes in profiles.items():
         for axis, r in axes.items():
             if not 0 <= r.min <= r.opt <= r.max:
@@ -109,7 +128,10 @@ def check_consistent(shapes: dict, inputs: list[dict]) -> None:
 def select_profile(profiles: dict, batch: int, sequence: int, past: int, cache: int | None = None) -> str:
     """The profile that serves a step (past = tokens already in the cache; cache = static-cache slots), or a
     RuntimeShapeError saying what the engine supports."""
-    name = PROMPT if past == 0 else DECODE
+    name = PROMPT if past == 0 else DECODE if sequence == 1 else VERIFY
+    if name not in profiles:
+        raise RuntimeShapeError(f"engine has no {VERIFY} profile: a step of {sequence} tokens after a past of {past} "
+                                "needs an engine built with neoxrt build --verify-tokens K")
     axes = profiles[name]
     values = ((io.BATCH, batch), (io.SEQUENCE, sequence), (io.PAST_SEQUENCE, past), (io.CACHE_SEQUENCE, cache))
     for axis, value in values:

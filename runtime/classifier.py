@@ -4,6 +4,9 @@
     texts -> tokenizer.json -> rows of ids -> sorted by length, batches of `batch_size`, right-padded
           -> session.run({input_ids, attention_mask}) -> per row: logits [L] | logits [S, L] | start, end [S]
 
+On a TensorRT engine (`neoxrt build` of a head artifact: one profile, batch x sequence) the same rows run
+through the TensorRT session; batches and rows are kept within the profile's maxima.
+
 Padding never changes a row's result (the graph counts positions over real tokens and pools the last real
 token), so rows of any lengths share a batch. Question answering encodes (question, context) as transformers'
 `tokenizer(question, context)` does for GPT-NeoX (question ids, then context ids; whatever the tokenizer's
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from neoxrt import contract as io
+from neoxrt.engine_meta import PROMPT
 from neoxrt.errors import ArtifactError, RuntimeShapeError
 from neoxrt.manifest import read_manifest
 from neoxrt.runtime.generator import _check_io, _ort_session_for
@@ -110,12 +114,16 @@ class Classifier:
         self.vocab_size = int(manifest["config"]["vocab_size"])
         eos = manifest["config"].get("eos_token_id")
         self.pad_id = 0 if eos is None else int(eos)
+        if manifest.get("profiles"):  # a TensorRT engine: its profile bounds the rows per batch and their tokens
+            profile = manifest["profiles"][PROMPT]
+            self.batch_size = min(self.batch_size, int(profile[io.BATCH][2]))
+            self.max_positions = min(self.max_positions, int(profile[io.SEQUENCE][2]))
 
     @classmethod
     def from_artifacts(cls, path, providers=None, threads: int | None = None, batch_size: int = 8,
                        verify: bool = True) -> Classifier:
-        """Load a head artifact written by `neoxrt export` (text-classification, token-classification or
-        question-answering; ONNX Runtime).
+        """Load a head artifact written by `neoxrt export` or `neoxrt calibrate` (ONNX Runtime) or an engine of
+        one written by `neoxrt build` (TensorRT): text-classification, token-classification or question-answering.
 
         Raises:
             ArtifactError: missing folder or files, manifest mismatch, no tokenizer.json, or not a head artifact.
@@ -127,11 +135,14 @@ class Classifier:
         if task not in runs:
             raise ArtifactError(f"artifact {path} is a {task} export; Classifier runs {', '.join(runs)} exports "
                                 f"(neoxrt export --task ...)")
-        if manifest["stage"] == "build":
-            raise ArtifactError(f"artifact {path}: TensorRT engines of head graphs are not supported; run the ONNX export")
         if not (path / io.TOKENIZER_FILE).is_file():
             raise ArtifactError(f"artifact {path}: no {io.TOKENIZER_FILE}; the heads take text")
-        session = _ort_session_for(path, manifest, providers, threads)
+        if manifest["stage"] == "build":
+            from neoxrt.runtime.trt_session import TrtSession
+
+            session = TrtSession(path, manifest)
+        else:
+            session = _ort_session_for(path, manifest, providers, threads)
         _check_io(session, manifest, path)
         from tokenizers import Tokenizer
 

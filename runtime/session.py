@@ -8,6 +8,8 @@ drives. Backends: ONNX Runtime (`neoxrt.runtime.ort_session`), TensorRT (`neoxrt
     Decoder.step_all(...) -> every position's logits [B, S, V]   (speculative decoding's verify step)
     Decoder.truncate(length)                      keep the first `length` cached positions (its rollback)
     Decoder.keep_rows(rows)                       drop finished rows so they stop costing work
+    Session.verify_tokens (optional)              the most guessed tokens one step may verify (TensorRT: the
+                                                  engine's --verify-tokens; absent: any)
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ artifact of the same model, or a smaller one with the same tokenizer) or an n-gr
             distributed as the target's)
 
 K adapts: up by one when a round accepts everything, down when it accepts less than K - 1; prompt lookup
-takes K = 0 (a plain decode step) when no row's n-gram matches.
+takes K = 0 (a plain decode step) when no row's n-gram matches. A TensorRT engine verifies at most the K it was
+built for (`neoxrt build --verify-tokens K`: K's ceiling is the smaller of that and num_draft_tokens /
+prompt_lookup_tokens); an engine built without it is refused, as target or as draft (whose catch-up step
+reads 2 tokens).
 """
 
 from __future__ import annotations
@@ -136,19 +139,36 @@ def accept_sampled(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, rng) -> tup
     return accepted, tokens
 
 
+def verify_limit(session, role: str, want: int) -> int:
+    """The most guessed tokens one step of `session` verifies, at most `want` (sessions without a
+    `verify_tokens` limit, e.g. ONNX Runtime, take any number).
+
+    Raises:
+        RuntimeShapeError: a TensorRT engine built without --verify-tokens.
+    """
+    limit = getattr(session, "verify_tokens", None)
+    if limit is None:
+        return want
+    if limit < 1:
+        raise RuntimeShapeError(f"speculative decoding runs several tokens per step, which the {role} engine was not "
+                                "built for: rebuild it with neoxrt build --verify-tokens K")
+    return min(want, limit)
+
+
 def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spec: SpeculativeOptions,
                      draft_session=None) -> Iterator:
     """The generation loop with guessed tokens; yields `TokenEvent`s like `Generator._loop`."""
     from neoxrt.runtime.generator import RowBook, left_pad
 
     batch, width = len(rows), max(len(r) for r in rows)
-    kmax = spec.max_tokens
+    kmax = verify_limit(gen.session, "model", spec.max_tokens)
+    if draft_session is not None:
+        verify_limit(draft_session, "draft", 1)
     ids, mask, pos = left_pad(rows, 0 if gen.eos_token_id is None else gen.eos_token_id)
-    max_total = width + options.max_new_tokens + kmax + 2
+    # the cache never holds more than the prompt and the new tokens: a verify step of k + 1 tokens runs only
+    # while k < the room left (so it ends at most at width + max_new_tokens - 1), the draft stays a token behind
+    max_total = width + options.max_new_tokens
     target = gen.session.decoder(batch, max_total)
-    if not hasattr(target, "step_all"):
-        raise RuntimeShapeError(f"speculative decoding needs a verify step over several tokens, which the "
-                                f"{type(target).__name__} backend does not have yet (ONNX Runtime does)")
     draft = _Draft(draft_session, batch, max_total, ids, mask, pos) if draft_session is not None else None
     rng = np.random.default_rng(options.seed)
     book = RowBook(gen, rows, options)

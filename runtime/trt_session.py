@@ -14,6 +14,11 @@ Two engine contracts, as exported:
   without a graph.
 Per step only the ids, positions, mask (and write index) go up and the last-position logits come back.
 
+Speculative decoding (engines built with `--verify-tokens K`, profile `verify`): `step_all` runs K + 1 tokens
+after a past and returns every position's logits; `truncate(length)` rolls the cache back -- static cache:
+the write position moves back (what lies beyond is masked); dynamic cache: one strided device copy per cache
+tensor into the other side (the layout [B, H, P, D] depends on P). Verify steps run without a CUDA graph.
+
 Every TensorRT call that returns a bool is checked, naming the call and the tensor
 (`neoxrt.tensorrt_api.require`). This module imports neither the export stage nor Triton: plugin engines
 carry their kernel (ahead-of-time PTX), so a runtime-only install (`neoxrt[gpu]`) runs them.
@@ -27,7 +32,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.contract import TensorSpec
-from neoxrt.engine_meta import DECODE, ENGINE_FILE, check_engine_compatible, ranges_from_manifest, select_profile
+from neoxrt.engine_meta import DECODE, ENGINE_FILE, VERIFY, check_engine_compatible, ranges_from_manifest, select_profile
 from neoxrt.errors import RuntimeShapeError
 
 MIN_SLOTS = 64
@@ -61,6 +66,8 @@ class TrtSession:
         self._outputs = [TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in manifest["io"]["outputs"]]
         self.num_layers = sum(1 for s in self._inputs if s.name.endswith(".key"))
         self.static = any(s.name == io.WRITE_INDICES for s in self._inputs)
+        # the most guessed tokens one verify step takes (0: built without --verify-tokens)
+        self.verify_tokens = self.profiles[VERIFY][io.SEQUENCE].max - 1 if VERIFY in self.profiles else 0
         self.profile = None
         self.graphs: dict[tuple[int, int], object] = {}  # static cache: (batch, slots) -> CUDA graph
         self.bound = None  # the (batch, slots) whose decode shapes and addresses the context holds
@@ -91,9 +98,13 @@ class TrtSession:
     # -- one pass with host arrays ------------------------------------------------------------------------
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass with host arrays (allocates per call: for checks and reports, not generation)."""
-        ids, cache = feeds[io.INPUT_IDS], feeds[io.past_key(0)].shape[2]
-        past = int(np.max(feeds[io.WRITE_INDICES])) if self.static else cache
-        self.use_profile(ids.shape[0], ids.shape[1], past, cache if self.static else None)
+        ids = feeds[io.INPUT_IDS]
+        if self.num_layers == 0:  # a head graph: batch x sequence, one profile
+            self.use_profile(ids.shape[0], ids.shape[1], 0)
+        else:
+            cache = feeds[io.past_key(0)].shape[2]
+            past = int(np.max(feeds[io.WRITE_INDICES])) if self.static else cache
+            self.use_profile(ids.shape[0], ids.shape[1], past, cache if self.static else None)
         self.bound = None
         keep = []
         for spec in self._inputs:
@@ -172,6 +183,27 @@ class TrtDecoder:
         self.logits = api.DeviceBuffer(batch * max_total * self.vocab * 4)
 
     def step(self, input_ids, attention_mask, position_ids):
+        b, s = self._run(input_ids, attention_mask, position_ids)
+        return _last_logits(self.logits, self.logits_spec, b, s, self.vocab, self.session.stream)
+
+    def step_all(self, input_ids, attention_mask, position_ids):
+        """Every position's logits [B, S, V] (speculative decoding's verify step)."""
+        b, s = self._run(input_ids, attention_mask, position_ids)
+        return _all_logits(self.logits, self.logits_spec, b, s, self.vocab, self.session.stream)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` cached positions: per cache tensor one strided copy ([B*H] rows of length*D
+        of the P*D) into the other side."""
+        if length >= self.past_len:
+            return
+        row, pitch = length * self.head_dim * self.itemsize, self.past_len * self.head_dim * self.itemsize
+        other = 1 - self.current
+        for j in range(len(self.names)):
+            _copy_2d(self.session, self.cache[other][j].ptr, row, self.cache[self.current][j].ptr, pitch, row,
+                     self.batch * self.heads)
+        self.current, self.past_len = other, length
+
+    def _run(self, input_ids, attention_mask, position_ids) -> tuple[int, int]:
         b, s = input_ids.shape
         total = _check_step(self, input_ids, attention_mask)
         sess, stream = self.session, self.session.stream.handle
@@ -189,9 +221,8 @@ class TrtDecoder:
             sess.set_address(name.replace("past_key_values.", "present."), self.cache[nxt][j].ptr)
         sess.set_address(io.LOGITS, self.logits.ptr)
         sess.execute()
-        last = _last_logits(self.logits, self.logits_spec, b, s, self.vocab, sess.stream)
         self.current, self.past_len = nxt, total
-        return last
+        return b, s
 
     def keep_rows(self, rows: np.ndarray) -> None:
         """Compact the batch to `rows`: one device copy per (cache tensor, kept row) into the other side."""
@@ -234,9 +265,22 @@ class TrtStaticDecoder:
         self.mask = np.zeros((batch, self.slots), np.int64)
         self.logits_spec = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
         self.vocab = self.logits_spec.shape[-1]
-        self.prompt_logits = None
+        self.step_logits: dict[tuple[int, int], object] = {}  # (batch, rows) -> logits buffer of graph-less steps
 
     def step(self, input_ids, attention_mask, position_ids):
+        logits, b, s = self._run(input_ids, attention_mask, position_ids)
+        return _last_logits(logits, self.logits_spec, b, s, self.vocab, self.session.stream)
+
+    def step_all(self, input_ids, attention_mask, position_ids):
+        """Every position's logits [B, S, V] (speculative decoding's verify step: the `verify` profile)."""
+        logits, b, s = self._run(input_ids, attention_mask, position_ids)
+        return _all_logits(logits, self.logits_spec, b, s, self.vocab, self.session.stream)
+
+    def truncate(self, length: int) -> None:
+        """Rollback: later steps write from slot `length` on; the mask and causality hide what lies beyond."""
+        self.past_len = min(self.past_len, length)
+
+    def _run(self, input_ids, attention_mask, position_ids):
         b, s = input_ids.shape
         total = _check_step(self, input_ids, attention_mask)
         sess, bufs, stream = self.session, self.buffers, self.session.stream.handle
@@ -248,17 +292,17 @@ class TrtStaticDecoder:
         if s == 1 and self.past_len > 0:
             self._decode(b)
             logits = bufs.logits
-        else:  # prompt: its own shapes, no graph
-            sess.use_profile(b, s, 0, self.slots)
+        else:  # prompt or verify step: its own shapes, no graph
+            sess.use_profile(b, s, self.past_len, self.slots)
             rows = io.logits_rows(self.logits_spec, s)
-            self.prompt_logits = sess.api.DeviceBuffer(b * rows * self.vocab * 4)
-            sess.bind_static(b, s, self.slots, self.prompt_logits.ptr)
+            logits = self.step_logits.get((b, rows))
+            if logits is None:
+                logits = self.step_logits[(b, rows)] = sess.api.DeviceBuffer(b * rows * self.vocab * 4)
+            sess.bind_static(b, s, self.slots, logits.ptr)
             sess.bound = None
             sess.execute()
-            logits = self.prompt_logits
-        last = _last_logits(logits, self.logits_spec, b, s, self.vocab, sess.stream)
         self.past_len = total
-        return last
+        return logits, b, s
 
     def _decode(self, b: int) -> None:
         sess, key = self.session, (b, self.slots)
@@ -306,6 +350,22 @@ def _last_logits(buf, spec: TensorSpec, b: int, s: int, vocab: int, stream) -> n
         buf.download(last[r], stream.handle, offset=((r * rows) + rows - 1) * row)
     stream.sync()
     return last
+
+
+def _all_logits(buf, spec: TensorSpec, b: int, s: int, vocab: int, stream) -> np.ndarray:
+    """The [B, rows, V] fp32 buffer, downloaded; waits for the stream."""
+    out = np.empty((b, io.logits_rows(spec, s), vocab), np.float32)
+    buf.download(out, stream.handle)
+    stream.sync()
+    return out
+
+
+def _copy_2d(session: TrtSession, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int) -> None:
+    """Device copy of `height` rows of `width` bytes, rows `spitch` apart at src and `dpitch` apart at dst."""
+    api = session.api
+    rt = api.cudart()
+    api.check(rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                                   session.stream.handle), "cudaMemcpy2DAsync")
 
 
 def _copy_rows(session: TrtSession, src: int, dst: int, rows, per_row: int) -> None:

@@ -189,3 +189,48 @@ def head_errors(outputs: dict, reference: list[dict], mask) -> dict:
             worst = max(worst, float(np.abs(got - ref[name]).max()))
         errors[name] = worst
     return errors
+
+
+def speculative_artifacts(root: Path) -> dict[str, Path]:
+    """The default model exported three ways ("fp32" dynamic cache, "static" cache, "last": --logits last),
+    its INT8 weights-only artifact ("int8": a good draft) and a 1-layer random model with the same vocabulary
+    and tokenizer ("wrong": a draft whose guesses are nearly all wrong)."""
+    import shutil
+
+    from neoxrt.calibration.calibrate import calibrate_artifact
+    from neoxrt.calibration.options import CalibrationOptions
+    from neoxrt.export.exporter import export_checkpoint
+    from neoxrt.export.options import ExportOptions
+    from neoxrt.model import read_config
+
+    quiet = dict(log=lambda *_: None)
+    out = {"fp32": root / "fp32", "static": root / "static", "last": root / "last"}
+    export_checkpoint(default_checkpoint(), out["fp32"], ExportOptions(), **quiet)
+    export_checkpoint(default_checkpoint(), out["static"], ExportOptions(kv_cache="static"), **quiet)
+    export_checkpoint(default_checkpoint(), out["last"], ExportOptions(logits="last"), **quiet)
+    out["int8"] = root / "int8"
+    calibrate_artifact(out["fp32"], out["int8"], CalibrationOptions(weights_only=True), **quiet)
+    config = read_config(default_checkpoint())
+    ckpt = save_checkpoint(random_model(NeoXConfig(**{**config.to_dict(), "num_layers": 1}), seed=7), root / "ckpt-wrong")
+    shutil.copyfile(default_checkpoint() / "tokenizer.json", ckpt / "tokenizer.json")
+    out["wrong"] = root / "wrong"
+    export_checkpoint(ckpt, out["wrong"], ExportOptions(), **quiet)
+    return out
+
+
+HEAD_TEXTS = ["I loved every minute of it.", "Terrible.", "The union is strong, and the state of the economy is sound today."]
+HEAD_QUESTION = "Who went to Paris?"
+
+
+def export_heads(root: Path, tasks, seed: int = 3) -> dict:
+    """{task: (fp32 export folder, transformers reference model)}: a TEXT_CONFIG head of each task with the
+    embedded tokenizer, exported."""
+    from neoxrt.export.exporter import export_checkpoint
+    from neoxrt.export.options import ExportOptions
+
+    out = {}
+    for task in tasks:
+        model = write_head(task, root / task, TEXT_CONFIG, seed=seed, tokenizer=True)
+        export_checkpoint(root / task, root / f"{task}-art", ExportOptions(), log=lambda *_: None)
+        out[task] = (root / f"{task}-art", model)
+    return out

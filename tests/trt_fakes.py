@@ -15,13 +15,35 @@ Imports no onnx, torch or triton (a runtime-only install test runs it with those
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
 
+from neoxrt import contract as io
 from neoxrt import tensorrt_api
-from neoxrt.engine_meta import input_shapes, ranges_from_manifest
+from neoxrt.engine_meta import ENGINE_FILE, input_shapes, ranges_from_manifest
+
+ENGINE = {"tensorrt": "10.15.1", "gpu": "stand-in", "compute_capability": "9.0"}
+
+
+def engine_artifact(src: Path, folder: Path, **options) -> tuple[Path, dict]:
+    """An engine artifact folder of the export/calibrate artifact `src` (manifest as neoxrt build writes it,
+    profiles from `BuildOptions(**options)`; the engine file a placeholder) and its manifest."""
+    from neoxrt.export.engine import BuildOptions, engine_profiles  # not at import: runtime-only tests block it
+
+    source = json.loads((Path(src) / io.MANIFEST_FILE).read_text())
+    build = BuildOptions(**{"max_batch": 4, "max_context": 256, **options})
+    axes, _ = engine_profiles(source, build)
+    manifest = {k: source[k] for k in ("config", "io", "export_options", "task", "id2label") if k in source}
+    manifest.update(files={k: v for k, v in source["files"].items() if k in io.COMPANION_FILES},  # copied by the build
+                    stage="build", profiles=axes, profile_order=list(axes), engine=dict(ENGINE),
+                    build_options=build.for_model(source["config"]["max_position_embeddings"]).to_dict())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ENGINE_FILE).write_bytes(b"placeholder")
+    return folder, manifest
 
 
 class Memory:
@@ -48,11 +70,21 @@ class FakeCudart:
     cudaMemcpyKind = SimpleNamespace(cudaMemcpyDeviceToDevice=3)
 
     def __init__(self, memory: Memory):
-        self.memory = memory
+        self.memory, self.copies_2d = memory, 0
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         data = self.memory.view(src, nbytes).copy()
         self.memory.view(dst, nbytes)[:] = data
+        return (0,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        assert width <= dpitch and width <= spitch, (width, dpitch, spitch)
+        rows = [self.memory.view(src + r * spitch, width).copy() for r in range(height)]
+        assert not (src < dst + (height - 1) * dpitch + width and dst < src + (height - 1) * spitch + width), \
+            "cudaMemcpy2DAsync areas may not overlap"
+        for r, data in enumerate(rows):
+            self.memory.view(dst + r * dpitch, width)[:] = data
+        self.copies_2d += 1
         return (0,)
 
 
@@ -84,18 +116,19 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name):
-        b, s = self.shapes["input_ids"]
-        if name == "logits":
-            rows = s if isinstance(self.outputs[name]["shape"][1], str) else 1
-            return (b, rows, self.outputs[name]["shape"][-1])
-        past = self.shapes[name.replace("present.", "past_key_values.")]
-        static = "write_indices" in self.inputs
-        return past if static else (past[0], past[1], past[2] + s, past[3])
+        """An output's shape: its named axes take the values the bound inputs give them."""
+        axes = {}
+        for spec in self.inputs.values():
+            for axis, value in zip(spec["shape"], self.shapes[spec["name"]]):
+                if isinstance(axis, str):
+                    axes[axis] = value
+        return tuple(axes[d] if isinstance(d, str) else int(d) for d in self.outputs[name]["shape"])
 
     def execute_async_v3(self, stream):
         if self.api.fail_execute:
             return False
         record = (dict(self.shapes), dict(self.addresses))
+        self.api.steps.append((self.profile, record[0]))
         if self.api.capturing:
             self.api.recorded.append(record)
         else:
@@ -143,6 +176,7 @@ class FakeApi:
         self.memory = Memory()
         self.capturing, self.recorded, self.graphs, self.destroyed = False, [], [], set()
         self.counts = {"capture": 0, "replay": 0, "execute": 0}
+        self.steps: list[tuple[str, dict]] = []  # (profile, input shapes) of every enqueue, in order
         self.deserialized_with = None
         api = self
 

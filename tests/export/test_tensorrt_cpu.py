@@ -125,7 +125,7 @@ def test_profiles_cover_prompt_and_decode_and_agree_across_inputs(artifacts):
         engine_meta.select_profile(ranges, 1, 1, 4096)
     with pytest.raises(RuntimeShapeError, match=r"supports batch in \[1, 8\], got 9"):
         engine_meta.select_profile(ranges, 9, 3, 0)
-    with pytest.raises(RuntimeShapeError, match=r"supports sequence in \[1, 1\], got 2"):
+    with pytest.raises(RuntimeShapeError, match=r"engine has no verify profile: a step of 2 tokens after a past of"):
         engine_meta.select_profile(ranges, 1, 2, 10)  # chunked prefill is outside both profiles
 
 
@@ -149,6 +149,16 @@ def test_neoxrt_build_with_no_options_gets_past_the_defaults_on_a_small_model(ar
     assert main(["build", str(artifacts["small-256"]), str(tmp_path / "engine")]) == 2
     err = capsys.readouterr().err
     assert "TensorRT is not installed" in err and "max-context" not in err, err
+
+
+def test_neoxrt_build_takes_verify_tokens(artifacts, tmp_path, capsys):
+    """--verify-tokens reaches the profiles (past them: TensorRT missing here); out of range: one line, exit 2."""
+    assert main(["build", str(artifacts["small-256"]), str(tmp_path / "engine"), "--verify-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT is not installed" in err and "verify" not in err, err
+    assert main(["build", str(artifacts["small-256"]), str(tmp_path / "engine"), "--verify-tokens", "255"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--verify-tokens must be in [1, 254]" in err and not (tmp_path / "engine").exists()
 
 
 def test_static_cache_artifacts_get_the_static_profiles(artifacts):

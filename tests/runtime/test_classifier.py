@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from neox_testing import TEXT_CONFIG, write_head, write_variant
+from neox_testing import HEAD_QUESTION as QUESTION
+from neox_testing import HEAD_TEXTS as TEXTS
+from neox_testing import TEXT_CONFIG, export_heads, write_variant
 from neoxrt import contract as io
 from neoxrt.cli import main
 from neoxrt.errors import ArtifactError, RuntimeShapeError
@@ -18,19 +20,13 @@ from neoxrt.runtime import Classifier
 from neoxrt.runtime.classifier import MAX_ANSWER_LEN
 
 ATOL = 1e-4
-TEXTS = ["I loved every minute of it.", "Terrible.", "The union is strong, and the state of the economy is sound today."]
-QUESTION = "Who went to Paris?"
 CONTEXT = "Barack Obama went to Paris in 2009, then to Berlin."
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
-    out = {}
-    for task in ("text-classification", "token-classification", "question-answering"):
-        model = write_head(task, root / task, TEXT_CONFIG, seed=3, tokenizer=True)
-        export_checkpoint(root / task, root / f"{task}-art", ExportOptions(), log=lambda *_: None)
-        out[task] = (root / f"{task}-art", model)
+    out = export_heads(root, ("text-classification", "token-classification", "question-answering"))
     write_variant("gelu_parallel", root / "lm")
     export_checkpoint(root / "lm", root / "lm-art", ExportOptions(), log=lambda *_: None)
     out["text-generation"] = (root / "lm-art", None)
@@ -151,8 +147,8 @@ def test_bad_inputs_one_line_exit_2(artifacts, capsys):
     _one_line_error(["answer", cls, "--question", QUESTION, "--context", CONTEXT], capsys, "is a text-classification export")
     _one_line_error(["classify", lm, "--text", "hi"], capsys, "is a text-generation export")
     _one_line_error(["generate", qa, "--prompt", "hi"], capsys, "is a question-answering export")
-    _one_line_error(["calibrate", cls, str(artifacts["text-classification"][0].parent / "int8")], capsys,
-                    "calibration of head artifacts is not supported yet")
+    _one_line_error(["calibrate", cls, str(artifacts["text-classification"][0].parent / "int4"), "--weights-only",
+                     "--bits", "4"], capsys, "INT4 is for text-generation exports")
     with pytest.raises(RuntimeShapeError, match="has 100 tokens; the model holds 64"):
         Classifier.from_artifacts(cls).classify(" a" * 100)
     with pytest.raises(ArtifactError, match="tag needs a token-classification artifact"):

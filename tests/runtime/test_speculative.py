@@ -2,19 +2,15 @@
 a draft that is always wrong, prompt lookup), rows that accept different lengths, cache rollback, the
 sampling rule's distribution, and refusals."""
 
-import shutil
-
 import numpy as np
 import pytest
 
-from neox_testing import default_checkpoint
-from neoxrt.calibration.calibrate import calibrate_artifact
-from neoxrt.calibration.options import CalibrationOptions
+from neox_testing import speculative_artifacts
 from neoxrt.cli import main
 from neoxrt.errors import ArtifactError
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
-from neoxrt.model import NeoXConfig, random_model, read_config, save_checkpoint
+from neoxrt.model import NeoXConfig, random_model, save_checkpoint
 from neoxrt.runtime import Generator
 from neoxrt.runtime.generator import left_pad
 from neoxrt.runtime.speculative import accept_sampled, lookup_draft
@@ -25,20 +21,7 @@ PROMPTS = ["The state of the Union is", "Fellow citizens of the Senate and House
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec")
-    out = {"fp32": root / "fp32", "static": root / "static", "last": root / "last"}
-    export_checkpoint(default_checkpoint(), out["fp32"], ExportOptions(), **QUIET)
-    export_checkpoint(default_checkpoint(), out["static"], ExportOptions(kv_cache="static"), **QUIET)
-    export_checkpoint(default_checkpoint(), out["last"], ExportOptions(logits="last"), **QUIET)
-    out["int8"] = root / "int8"
-    calibrate_artifact(out["fp32"], out["int8"], CalibrationOptions(weights_only=True), **QUIET)
-    # a draft with the same vocabulary and tokenizer but random weights: nearly every guess is wrong
-    config = read_config(default_checkpoint())
-    ckpt = save_checkpoint(random_model(NeoXConfig(**{**config.to_dict(), "num_layers": 1}), seed=7), root / "ckpt-wrong")
-    shutil.copyfile(default_checkpoint() / "tokenizer.json", ckpt / "tokenizer.json")
-    out["wrong"] = root / "wrong"
-    export_checkpoint(ckpt, out["wrong"], ExportOptions(), **QUIET)
-    return out
+    return speculative_artifacts(tmp_path_factory.mktemp("spec"))
 
 
 @pytest.mark.parametrize("target", ["fp32", "static"])

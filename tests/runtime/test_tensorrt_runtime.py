@@ -17,17 +17,15 @@ import pytest
 from neox_testing import PROMPTS, default_checkpoint
 from neoxrt import contract as io
 from neoxrt import tensorrt_api
-from neoxrt.engine_meta import ENGINE_FILE
 from neoxrt.errors import BuildError, RuntimeShapeError
-from neoxrt.export.engine import BuildOptions, engine_profiles
+from neoxrt.export.engine import BuildOptions
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
 from neoxrt.runtime import Generator
 from neoxrt.runtime.trt_session import TrtSession, TrtStaticDecoder, cache_slots
-from trt_fakes import FakeApi
+from trt_fakes import FakeApi, engine_artifact
 
 QUIET = dict(log=lambda *_: None)
-ENGINE = {"tensorrt": "10.15.1", "gpu": "stand-in", "compute_capability": "9.0"}
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +36,6 @@ def exports(tmp_path_factory):
         export_checkpoint(default_checkpoint(), root / name, options, **QUIET)
         out[name] = root / name
     return out
-
-
-def engine_artifact(src: Path, folder: Path, **options) -> tuple[Path, dict]:
-    """An engine artifact folder (manifest as neoxrt build writes it; the engine file a placeholder)."""
-    source = json.loads((src / io.MANIFEST_FILE).read_text())
-    build = BuildOptions(**{"max_batch": 4, "max_context": 256, **options})
-    axes, _ = engine_profiles(source, build)
-    manifest = {k: source[k] for k in ("config", "io", "export_options")}
-    manifest.update(stage="build", profiles=axes, profile_order=list(axes), engine=dict(ENGINE),
-                    build_options=build.for_model(source["config"]["max_position_embeddings"]).to_dict())
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ENGINE_FILE).write_bytes(b"placeholder")
-    return folder, manifest
 
 
 def session_for(exports, kind, tmp_path, **options):
@@ -203,7 +188,7 @@ import json
 from pathlib import Path
 from neoxrt.runtime import Generator
 from neoxrt.runtime.trt_session import TrtSession
-from trt_fakes import FakeApi
+from trt_fakes import FakeApi, engine_artifact
 folder = Path({folder!r})
 manifest = json.loads((folder / "engine-manifest.json").read_text())
 session = TrtSession(folder, manifest, api=FakeApi({onnx!r}, manifest))
