@@ -101,13 +101,16 @@ def _windows(src: Path, manifest: dict, texts, options: CalibrationOptions):
 
 
 def _awq(src: Path, manifest: dict, model, weights, targets: list[Target], options: CalibrationOptions, data, threads,
-         progress: bool, log) -> tuple[dict, dict, dict, dict]:
-    """(factors per weight, mean x^2 per weight, new LayerNorm tensors, calibration record)."""
+         progress: bool, log, eight_bit: set[str]) -> tuple[dict, dict, dict, dict]:
+    """(factors per weight, mean x^2 per weight, new LayerNorm tensors, calibration record). LayerNorms feeding
+    only 8-bit weights (the LM head by default) get no factors: 256 levels leave them nothing to win (alpha 0
+    was chosen for the final LayerNorm on the default model) and at NeoX-20B width their search is the costliest
+    (K^2 N = 3.8 TFLOP per alpha for the head)."""
     from neoxrt.assets import CALIBRATION_TEXT
 
     texts = read_texts(data or [CALIBRATION_TEXT])
     windows = _windows(src, manifest, texts, options)
-    groups = smooth_groups(model, targets, through_cast=True)
+    groups = [g for g in smooth_groups(model, targets, through_cast=True) if not set(g.weights) <= eight_bit]
     acts = sorted({t.activation for t in targets})
     log(f"int4 awq: {len(windows)} windows x {options.seq_len} tokens, {len(acts)} activations, {len(groups)} "
         "LayerNorm groups")
@@ -166,10 +169,10 @@ def int4_from_onnx(src: Path, tmp: Path, manifest: dict, options: CalibrationOpt
     model, weights = open_onnx(src)
     targets, head = int4_targets(model, weights, options)
     factors, mean_sq, lazy, calibration = {}, {}, {}, {}
+    bits = {head.weight: 8} if head is not None and options.lm_head == "int8" else {}
     if options.method == "awq":
         factors, mean_sq, lazy, calibration = _awq(src, manifest, model, weights, targets, options, data, threads,
-                                                   progress, log)
-    bits = {head.weight: 8} if head is not None and options.lm_head == "int8" else {}
+                                                   progress, log, set(bits))
     quantizer = _Quantizer(weights, options.block_size, options.method, factors, mean_sq, bits)
     by_weight = {t.weight: t for t in targets}
     by_node = {t.node: t for t in targets}
