@@ -177,8 +177,9 @@ def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, ann
         server.wait_ready(stop)
         if not stop.is_set():
             o, name = options, repo_options.name
+            openai = (f", OpenAI http://{o.host}:{repo_options.openai_port}/v1" if repo_options.openai_port else "")
             announce(f"neoxrt serve: ready. HTTP {server.http_url}/v2/models/{name}/generate (and /generate_stream), "
-                     f"gRPC {o.host}:{o.grpc_port}, metrics http://{o.host}:{o.metrics_port}/metrics")
+                     f"gRPC {o.host}:{o.grpc_port}, metrics http://{o.host}:{o.metrics_port}/metrics{openai}")
             sys.stdout.flush()
         while not stop.is_set():
             time.sleep(0.2)  # a signal interrupts the sleep; its handler only sets the flag
