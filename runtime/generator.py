@@ -13,7 +13,7 @@ from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.beam import BeamOptions, beam_search
-from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens
+from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
 from neoxrt.runtime.session import Session
 from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
 
@@ -48,7 +48,7 @@ def token_logprobs(logits: np.ndarray, chosen: np.ndarray, top: int | None) -> l
     if top is None:
         return None
     logp = log_softmax(np.asarray(logits, np.float64))
-    best = np.argsort(-logp, axis=-1, kind="stable")[:, :top]
+    best = top_indices(logp, top)
     return [(float(logp[j, chosen[j]]), [(int(t), float(logp[j, t])) for t in best[j]]) for j in range(len(chosen))]
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError
 from neoxrt.runtime.generator import Generator, TokenEvent, left_pad, token_logprobs
-from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens
+from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
 
 
 class QueueFullError(NeoxrtError):
@@ -319,7 +319,7 @@ def _prompt_logprobs(logits: np.ndarray, prompt: list[int], top: int) -> list:
     """[None, (log p(token | before), [(token, log p)] of the `top` most likely), ...] from one row's prompt-step
     logits [S, V] (left padding cut off)."""
     logp = log_softmax(np.asarray(logits[:-1], np.float64))
-    best = np.argsort(-logp, axis=-1, kind="stable")[:, :top]
+    best = top_indices(logp, top)
     return [None] + [(float(logp[t, tok]), [(int(b), float(logp[t, b])) for b in best[t]])
                      for t, tok in enumerate(prompt[1:])]
 
