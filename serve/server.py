@@ -166,6 +166,10 @@ def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, ann
         ServeError: the bundled server is missing or does not get ready.
         ArtifactError: the artifact cannot be served.
     """
+    ports = (options.http_port, options.grpc_port, options.metrics_port, repo_options.openai_port or None)
+    if len(set(ports) - {None}) < len([p for p in ports if p]):
+        raise ServeError(f"--http-port, --grpc-port, --metrics-port and --openai-port must differ, got "
+                         f"{', '.join(str(p) for p in ports if p)}")
     stop = StopFlag()
     previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)}
     workdir = Path(tempfile.mkdtemp(prefix="neoxrt-serve-"))
