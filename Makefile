@@ -112,7 +112,7 @@ bench-openai: venv
 
 # lm-evaluation-harness (not CI): `local-completions` against `neoxrt serve --openai-port` and lm-eval's `hf` model on
 # the same checkpoint (the embedded pythia-14m-sotu), a multiple-choice task written from the held-out corpus;
-# exits 1 unless the accuracies are equal; bench-results/eval-lm.{md,json}
+# exits 1 unless the accuracies equal the hf model's in float64 (float32 reported too); bench-results/eval-lm.{md,json}
 eval-lm: venv
 	$(BIN)/python -m pip install -q -e '.[export,dev,serve,eval]'
 	$(BIN)/python -m neoxrt.serve.eval_lm
