@@ -10,7 +10,7 @@ PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
 .PHONY: venv demo test lint export generate report int8 int4 engine gpu-check bench-export bench bench-large bench-heads \
-        bench-serve
+        bench-serve bench-openai eval-lm
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -121,3 +121,15 @@ bench: venv
 # shape, fp32 and INT8 weights-only; bench-results/serve.{md,json,png}
 bench-serve: venv
 	$(BIN)/python -m neoxrt.serve.bench
+
+# the OpenAI endpoint's cost against Triton's path on one `neoxrt serve` (16 clients, SSE, Pythia-160m shape,
+# rounds interleaved); bench-results/openai.{md,json}
+bench-openai: venv
+	$(BIN)/python -m neoxrt.serve.bench_openai
+
+# lm-evaluation-harness (not CI): `local-completions` against `neoxrt serve --openai-port` and lm-eval's `hf` model on
+# the same checkpoint (the embedded pythia-14m-sotu), a multiple-choice task written from the held-out corpus;
+# exits 1 unless the accuracies equal the hf model's in float64 (float32 reported too); bench-results/eval-lm.{md,json}
+eval-lm: venv
+	$(BIN)/python -m pip install -q -e '.[export,dev,serve,eval]'
+	$(BIN)/python -m neoxrt.serve.eval_lm

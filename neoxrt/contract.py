@@ -34,7 +34,10 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"  # the checkpoint's generation defaults, carried along
-COMPANION_FILES = (TOKENIZER_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE)  # copied from stage to stage
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # special tokens and, for chat models, the chat template
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.43 saves the chat template here
+# copied from stage to stage where the checkpoint has them
+COMPANION_FILES = (TOKENIZER_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 
 
 def past_key(layer: int) -> str:

@@ -13,7 +13,7 @@ from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.beam import BeamOptions, beam_search
-from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens
+from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
 from neoxrt.runtime.session import Session
 from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
 
@@ -48,7 +48,7 @@ def token_logprobs(logits: np.ndarray, chosen: np.ndarray, top: int | None) -> l
     if top is None:
         return None
     logp = log_softmax(np.asarray(logits, np.float64))
-    best = np.argsort(-logp, axis=-1, kind="stable")[:, :top]
+    best = top_indices(logp, top)
     return [(float(logp[j, chosen[j]]), [(int(t), float(logp[j, t])) for t in best[j]]) for j in range(len(chosen))]
 
 
@@ -138,11 +138,11 @@ class Generator:
         self._check_all_logits()
         self.draft = draft
 
-    def _check_all_logits(self) -> None:
+    def _check_all_logits(self, why: str = "speculative decoding verifies every guessed token") -> None:
         spec = next(o for o in self.session.io_spec()[1] if o.name == io.LOGITS)
         if io.logits_rows(spec, 2) != 2:
-            raise ArtifactError("speculative decoding verifies every guessed token: export the model with "
-                                "--logits all (this artifact returns the last position's logits only)")
+            raise ArtifactError(f"{why}: export the model with --logits all (this artifact returns the last "
+                                "position's logits only)")
 
     @classmethod
     def _load(cls, path, backend: str, providers, threads: int | None, verify: bool) -> Generator:
@@ -326,7 +326,7 @@ class Generator:
         Raises:
             ArtifactError: the graph returns the last position's logits only.
         """
-        self._check_all_logits()
+        self._check_all_logits("prompt log-probabilities score every prompt token")
         rows = self.encode(prompts)
         ids, mask, pos = left_pad(rows, 0 if self.eos_token_id is None else self.eos_token_id)
         logits = self.session.decoder(len(rows), ids.shape[1]).step_all(ids, mask, pos)

@@ -35,8 +35,8 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError
-from neoxrt.runtime.generator import Generator, TokenEvent, left_pad
-from neoxrt.runtime.sampling import GenerationOptions, next_tokens
+from neoxrt.runtime.generator import Generator, TokenEvent, left_pad, token_logprobs
+from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
 
 
 class QueueFullError(NeoxrtError):
@@ -46,7 +46,9 @@ class QueueFullError(NeoxrtError):
 @dataclass
 class Request:
     """One submitted request. `on_event` gets its `TokenEvent`s (row = the request id) from the scheduler's
-    thread; `on_error` gets the exception if a step fails; `is_cancelled` is polled once per step."""
+    thread; `on_error` gets the exception if a step fails; `is_cancelled` is polled once per step;
+    `on_prompt_logprobs`, when given, gets the prompt's log-probabilities from its prompt step (before its first
+    event), as `Generator.prompt_logprobs` computes them, each with the `options.logprobs` most likely tokens."""
 
     id: int
     prompt: list[int]
@@ -54,6 +56,7 @@ class Request:
     on_event: Callable[[TokenEvent], None]
     on_error: Callable[[Exception], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
+    on_prompt_logprobs: Callable[[list], None] | None = None
     # decoding state
     rng: np.random.Generator = field(init=False)
     seen: np.ndarray = field(init=False)
@@ -115,13 +118,20 @@ class Scheduler:
 
     # -- submitting -------------------------------------------------------------------------------------
     def submit(self, prompt, on_event: Callable[[TokenEvent], None], on_error=None, is_cancelled=None,
-               **options) -> int:
+               on_prompt_logprobs=None, **options) -> int:
         """Queue a request (text or token ids; keywords: `GenerationOptions`). Returns its id.
+
+        Args:
+            on_prompt_logprobs: called once with [None, (log p, [(token, log p)] top N), ...] per prompt token
+                (N = `logprobs`, 0 without), computed from the prompt step's logits: echo costs no extra pass.
 
         Raises:
             RuntimeShapeError: bad prompt or options, or prompt + max_new_tokens past the model's context.
+            ArtifactError: prompt log-probabilities asked of a graph that returns the last position's logits only.
             QueueFullError: `max_queue` requests are already waiting.
         """
+        if on_prompt_logprobs is not None:
+            self.generator._check_all_logits("prompt log-probabilities score every prompt token")
         (ids,) = self.generator.encode([prompt])
         # the artifact's generation_config.json defaults under the request's keywords, as Generator.stream takes them
         opts = GenerationOptions(**self.generator._with_defaults([ids], options, beams=False))
@@ -131,7 +141,7 @@ class Scheduler:
                 self.stats.rejected += 1
                 raise QueueFullError(f"server busy: {len(self._queue)} requests already queued (max_queue "
                                      f"{self.max_queue}); retry later")
-            request = Request(next(self._ids), ids, opts, on_event, on_error, is_cancelled)
+            request = Request(next(self._ids), ids, opts, on_event, on_error, is_cancelled, on_prompt_logprobs)
             self._queue.append(request)
             self.stats.requests += 1
             self.stats.queued = len(self._queue)
@@ -204,6 +214,10 @@ class Scheduler:
         feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos, **self._empty_past(len(joining))}
         out = self.session.run(feeds)
         present = [out[name.replace("past_key_values.", "present.")] for name in self._cache_names()]
+        for j, r in enumerate(joining):
+            if r.on_prompt_logprobs is not None:
+                r.on_prompt_logprobs(_prompt_logprobs(out[io.LOGITS][j, ids.shape[1] - len(r.prompt):], r.prompt,
+                                                      r.options.logprobs or 0))
         firsts = self._pick(joining, np.asarray(out[io.LOGITS][:, -1], np.float32))
         self._merge(joining, present, mask, firsts)
         self._retire_finished()
@@ -234,10 +248,11 @@ class Scheduler:
                 chosen[j] = next_tokens(logits[j:j + 1], [r.seen], r.options, r.rng, [len(r.generated)],
                                         sorted(self._stops(r.options)))[0]
         for j, r in enumerate(requests):
-            self._emit(r, int(chosen[j]))
+            scored = token_logprobs(logits[j:j + 1], chosen[j:j + 1], r.options.logprobs)
+            self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))
         return chosen
 
-    def _emit(self, r: Request, token: int) -> None:
+    def _emit(self, r: Request, token: int, logprob: float | None = None, top=None) -> None:
         r.generated.append(token)
         r.seen = np.append(r.seen, token)
         self.stats.tokens += 1
@@ -248,7 +263,7 @@ class Scheduler:
         elif len(r.generated) >= r.options.max_new_tokens:
             reason = reason or "length"
         r.finish_reason = reason
-        r.on_event(TokenEvent(r.id, token, piece, reason))
+        r.on_event(TokenEvent(r.id, token, piece, reason, logprob, top))
 
     def _stops(self, options: GenerationOptions) -> set[int]:
         stops = set(options.stop_token_ids)
@@ -298,6 +313,15 @@ class Scheduler:
         _, heads, _, head_dim = spec.shape
         empty = np.zeros((batch, heads, 0, head_dim), spec.dtype)
         return {name: empty for name in self._cache_names()}
+
+
+def _prompt_logprobs(logits: np.ndarray, prompt: list[int], top: int) -> list:
+    """[None, (log p(token | before), [(token, log p)] of the `top` most likely), ...] from one row's prompt-step
+    logits [S, V] (left padding cut off)."""
+    logp = log_softmax(np.asarray(logits[:-1], np.float64))
+    best = top_indices(logp, top)
+    return [None] + [(float(logp[t, tok]), [(int(b), float(logp[t, b])) for b in best[t]])
+                     for t, tok in enumerate(prompt[1:])]
 
 
 def _processed(o: GenerationOptions) -> bool:

@@ -18,12 +18,24 @@ from neoxrt.serve.request import parse_request
 class TritonBackend:
     """`pb` is the `triton_python_backend_utils` module (only importable inside Triton)."""
 
-    def __init__(self, pb, name: str, artifact, max_batch: int, max_queue: int, threads: int | None):
+    def __init__(self, pb, name: str, artifact, max_batch: int, max_queue: int, threads: int | None,
+                 openai: tuple[str, int] = ("127.0.0.1", 0)):
+        """`openai` (host, port): also serve the OpenAI-compatible endpoint on the same scheduler (port 0: off)."""
         self.pb = pb
         self.generator = Generator.from_artifacts(artifact, threads=threads)
         self.metrics = _Metrics(pb, name, max_batch)
         self.scheduler = Scheduler(self.generator, max_batch=max_batch, max_queue=max_queue, on_step=self.metrics.update)
         self.scheduler.start()
+        self.frontend = None
+        if openai[1]:
+            from neoxrt.serve.openai_app import OpenAIFrontend
+
+            self.frontend = OpenAIFrontend(self.scheduler, self.generator, name, artifact, *openai)
+            try:
+                self.frontend.start()
+            except Exception:
+                self.scheduler.stop()
+                raise
 
     def submit(self, request) -> None:
         sender = request.get_response_sender()
@@ -42,6 +54,8 @@ class TritonBackend:
         sender.send(response, flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def stop(self) -> None:
+        if self.frontend is not None:
+            self.frontend.stop()
         self.scheduler.stop()
 
 

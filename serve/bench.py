@@ -36,32 +36,55 @@ ANCHORS = [  # issue 15, vLLM 0.32 CPU backend, same shape and machine kind, 2 t
 TARGETS = dict(speedup=4.0, ttft_p50_ms=300.0, rss_mib=1536.0, ready_s=10.0)
 
 
-def _rss_mib(pid: int) -> float:
-    """RSS of `pid` and all its descendants."""
-    total, frontier = 0, [pid]
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc)."""
     parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
+    found, frontier = [], [pid]
     while frontier:
         p = frontier.pop()
+        found.append(p)
+        frontier += [c for c, parent in parents.items() if parent == p]
+    return found
+
+
+def _rss_mib(pid: int) -> float:
+    """RSS of `pid` and all its descendants."""
+    total = 0
+    for p in _tree(pid):
         try:
             total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:
             pass
-        frontier += [c for c, parent in parents.items() if parent == p]
     return total / 2**20
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and all its live descendants."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Served:
     """`neoxrt serve ARTIFACT` as a child process, stopped by pid."""
 
-    def __init__(self, artifact: Path, threads: int, max_batch: int, port: int):
+    def __init__(self, artifact: Path, threads: int, max_batch: int, port: int, openai: bool = False):
+        """Ports: HTTP `port`, gRPC +1, metrics +2 and, with `openai`, the OpenAI endpoint +3."""
         self.http, self.metrics = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 2}"
+        self.openai = f"http://127.0.0.1:{port + 3}/v1"
         argv = [sys.executable, "-m", "neoxrt.cli", "serve", str(artifact), "--http-port", str(port), "--grpc-port",
                 str(port + 1), "--metrics-port", str(port + 2), "--threads", str(threads), "--max-batch", str(max_batch)]
+        argv += ["--openai-port", str(port + 3)] if openai else []
         start = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         while True:
@@ -89,13 +112,26 @@ class Served:
 
 
 def stream_one(http: str, prompt: str, new_tokens: int) -> dict:
-    body = json.dumps({"text_input": prompt, "max_tokens": new_tokens, "stream": True, "ignore_eos": True}).encode()
+    """One streamed generate_stream request to Triton (SSE, an event per token)."""
+    body = {"text_input": prompt, "max_tokens": new_tokens, "stream": True, "ignore_eos": True}
+    return timed_sse(f"{http}/v2/models/neoxrt/generate_stream", body)
+
+
+def stream_openai(base: str, prompt: str, new_tokens: int) -> dict:
+    """One streamed /v1/completions request (SSE, a chunk per token, then `data: [DONE]`)."""
+    body = {"model": "neoxrt", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    return timed_sse(f"{base}/completions", body)
+
+
+def timed_sse(url: str, body: dict) -> dict:
+    """POST `body`, read the event stream; time to the first event and to the end, events (= tokens) counted."""
     start = time.perf_counter()
     first, tokens = None, 0
-    req = urllib.request.Request(f"{http}/v2/models/neoxrt/generate_stream", body)
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
         for line in r:
-            if line.startswith(b"data: "):
+            if line.startswith(b"data: {"):
                 event = json.loads(line[6:])
                 if "error" in event:
                     raise RuntimeError(event["error"])
@@ -105,15 +141,17 @@ def stream_one(http: str, prompt: str, new_tokens: int) -> dict:
     return dict(ttft_ms=(first - start) * 1e3, latency_ms=(end - start) * 1e3, tokens=tokens)
 
 
-def phase(served: Served, prompts: list[str], clients: int, requests_each: int, new_tokens: int) -> dict:
-    """`clients` threads, each sending `requests_each` requests back to back."""
+def phase(served: Served, prompts: list[str], clients: int, requests_each: int, new_tokens: int, send=None) -> dict:
+    """`clients` threads, each sending `requests_each` requests back to back (`send(prompt, new_tokens)`; default:
+    Triton's generate_stream)."""
+    send = send or (lambda prompt, n: stream_one(served.http, prompt, n))
     before = served.counters()
     results: list[dict] = []
     lock = threading.Lock()
 
     def client(c: int) -> None:
         for i in range(requests_each):
-            r = stream_one(served.http, prompts[(c * requests_each + i) % len(prompts)], new_tokens)
+            r = send(prompts[(c * requests_each + i) % len(prompts)], new_tokens)
             with lock:
                 results.append(r)
 
@@ -231,25 +269,34 @@ def chart(result: dict, path: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m neoxrt.serve.bench", description=__doc__.split("\n")[0])
+def common_args(p: argparse.ArgumentParser, port: int, requests_each: int) -> None:
+    """The options every serving bench takes."""
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests-each", type=int, default=2, help="requests per concurrent client, back to back")
-    p.add_argument("--single-requests", type=int, default=4, help="requests of the one-client phase")
+    p.add_argument("--requests-each", type=int, default=requests_each, help="requests per concurrent client, back to back")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--artifacts", type=int, default=2, choices=(1, 2), help="1: fp32 only; 2: and INT8 weights-only")
-    p.add_argument("--port", type=int, default=18400)
+    p.add_argument("--port", type=int, default=port)
     p.add_argument("--root", default="artifacts/bench-serve")
     p.add_argument("--out", default="bench-results")
+
+
+def write_results(out: Path, stem: str, result: dict, md: str) -> None:
+    """`out/stem.json` and `out/stem.md`; the markdown printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m neoxrt.serve.bench", description=__doc__.split("\n")[0])
+    common_args(p, port=18400, requests_each=2)
+    p.add_argument("--single-requests", type=int, default=4, help="requests of the one-client phase")
+    p.add_argument("--artifacts", type=int, default=2, choices=(1, 2), help="1: fp32 only; 2: and INT8 weights-only")
     args = p.parse_args(argv)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(result, indent=1))
-    (out / "serve.md").write_text(markdown(result))
-    chart(result, out / "serve.png")
-    print(markdown(result))
+    write_results(Path(args.out), "serve", result, markdown(result))
+    chart(result, Path(args.out) / "serve.png")
     return 0
 
 

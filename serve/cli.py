@@ -12,7 +12,8 @@ COMMANDS = ("serve", "triton-repo")
 def _repo_options(args: argparse.Namespace):
     from neoxrt.serve.repository import RepoOptions
 
-    return RepoOptions(name=args.name, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+    return RepoOptions(name=args.name, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
+                       openai_port=args.openai_port, openai_host=getattr(args, "host", "127.0.0.1"))
 
 
 def _cmd_triton_repo(args: argparse.Namespace) -> int:
@@ -36,6 +37,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together, in-flight (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more are refused (64)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0: all cores)")
+    p.add_argument("--openai-port", type=int, default=0,
+                   help="also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) on "
+                        "this port, on the same scheduler as the Triton model (default 0: off)")
 
 
 def _add_triton_repo(sub) -> None:

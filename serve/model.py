@@ -15,7 +15,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
         self.backend = TritonBackend(pb_utils, config["name"], folder, max_batch=int(params["max_batch"]),
-                                     max_queue=int(params["max_queue"]), threads=int(params["threads"]) or None)
+                                     max_queue=int(params["max_queue"]), threads=int(params["threads"]) or None,
+                                     openai=(params.get("openai_host", "127.0.0.1"), int(params.get("openai_port", 0))))
 
     def execute(self, requests):
         for request in requests:

@@ -32,6 +32,8 @@ class RepoOptions:
     max_batch: int = 16  # rows decoded together (in-flight batching)
     max_queue: int = 64  # requests waiting beyond those; more get a busy error
     threads: int = 0  # ONNX Runtime intra-op threads (0: all cores)
+    openai_port: int = 0  # the OpenAI-compatible endpoint, in the model's own process (0: off)
+    openai_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name.startswith("."):
@@ -39,6 +41,9 @@ class RepoOptions:
         if self.max_batch < 1 or self.max_queue < 0 or self.threads < 0:
             raise ServeError(f"--max-batch must be >= 1, --max-queue and --threads >= 0, got {self.max_batch}, "
                              f"{self.max_queue}, {self.threads}")
+        if not 0 <= self.openai_port <= 65535 or not self.openai_host or '"' in self.openai_host:
+            raise ServeError(f"--openai-port must be in [0, 65535] (0: off) with a host address, got "
+                             f"{self.openai_host!r}:{self.openai_port}")
 
 
 def config_pbtxt(options: RepoOptions) -> str:
@@ -47,7 +52,7 @@ def config_pbtxt(options: RepoOptions) -> str:
         return f'  {{ name: "{f.name}" data_type: {f.triton_type} dims: [ {", ".join(map(str, f.dims))} ]{optional} }}'
 
     params = {"artifact": ARTIFACT_DIR, "max_batch": options.max_batch, "max_queue": options.max_queue,
-              "threads": options.threads}
+              "threads": options.threads, "openai_host": options.openai_host, "openai_port": options.openai_port}
     return "\n".join([
         f'name: "{options.name}"',
         'backend: "python"',

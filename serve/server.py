@@ -166,6 +166,10 @@ def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, ann
         ServeError: the bundled server is missing or does not get ready.
         ArtifactError: the artifact cannot be served.
     """
+    ports = (options.http_port, options.grpc_port, options.metrics_port, repo_options.openai_port or None)
+    if len(set(ports) - {None}) < len([p for p in ports if p]):
+        raise ServeError(f"--http-port, --grpc-port, --metrics-port and --openai-port must differ, got "
+                         f"{', '.join(str(p) for p in ports if p)}")
     stop = StopFlag()
     previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)}
     workdir = Path(tempfile.mkdtemp(prefix="neoxrt-serve-"))
@@ -177,8 +181,9 @@ def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, ann
         server.wait_ready(stop)
         if not stop.is_set():
             o, name = options, repo_options.name
+            openai = (f", OpenAI http://{o.host}:{repo_options.openai_port}/v1" if repo_options.openai_port else "")
             announce(f"neoxrt serve: ready. HTTP {server.http_url}/v2/models/{name}/generate (and /generate_stream), "
-                     f"gRPC {o.host}:{o.grpc_port}, metrics http://{o.host}:{o.metrics_port}/metrics")
+                     f"gRPC {o.host}:{o.grpc_port}, metrics http://{o.host}:{o.metrics_port}/metrics{openai}")
             sys.stdout.flush()
         while not stop.is_set():
             time.sleep(0.2)  # a signal interrupts the sleep; its handler only sets the flag

@@ -172,3 +172,29 @@ def test_generation_config_defaults_apply_as_in_generate(generator, monkeypatch)
     with_defaults = alone(generator, "The state of the Union is", dict(max_new_tokens=16))[0]
     monkeypatch.setattr(generator, "defaults", {})
     assert got.ids[rid] == with_defaults != alone(generator, "The state of the Union is", dict(max_new_tokens=16))[0]
+
+
+def test_logprobs_and_prompt_logprobs_equal_the_generators(generator):
+    """Token log-probs (with the top 3) and the prompt's (echo) from the shared prompt step, next to a running
+    row of another length, equal Generator.generate(logprobs=3) and Generator.prompt_logprobs."""
+    sched, got, prompts = Scheduler(generator, max_batch=4), Collect(), {}
+    events = []
+    sched.submit("Tonight", got, max_new_tokens=20, ignore_eos=True)
+    sched.step()
+    prompt = "Gentlemen of the Senate and House of Representatives"
+    rid = sched.submit(prompt, lambda e: (events.append(e), got(e)), max_new_tokens=6, logprobs=3,
+                       on_prompt_logprobs=lambda p: prompts.setdefault("p", p))
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    ref = generator.generate([prompt], max_new_tokens=6, logprobs=3).logprobs[0]
+    assert got.ids[rid] == [r["token"] for r in ref]
+    for event, r in zip(events, ref):
+        assert event.logprob == pytest.approx(r["logprob"], abs=1e-4)
+        assert [t for t, _ in event.top_logprobs] == [t for t, _ in r["top"]]
+    want = generator.prompt_logprobs([prompt])[0]
+    p = prompts["p"]
+    assert p[0] is None and len(p) == len(want)
+    assert [lp for lp, _ in p[1:]] == pytest.approx(want[1:], abs=1e-4)
+    ids = generator.encode([prompt])[0]
+    assert all(len(top) == 3 and max(v for _, v in top) >= lp - 1e-9 for lp, top in p[1:])
+    assert sum(top[0][0] == tok for (_, top), tok in zip(p[1:], ids[1:])) >= 1  # some prompt token is the argmax

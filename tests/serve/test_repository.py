@@ -28,11 +28,20 @@ def test_triton_repo_writes_a_python_backend_repository(artifact, tmp_path, caps
     assert main(["triton-repo", str(tmp_path / "missing"), str(tmp_path / "r2")]) == 2
     assert main(["triton-repo", str(artifact), str(tmp_path / "r3"), "--name", "a/b"]) == 2
     assert "--name must be" in capsys.readouterr().err and not (tmp_path / "r3").exists()
+    assert main(["triton-repo", str(artifact), str(tmp_path / "r4"), "--openai-port", "70000"]) == 2
+    assert "--openai-port must be in [0, 65535]" in capsys.readouterr().err and not (tmp_path / "r4").exists()
+    assert main(["triton-repo", str(artifact), str(tmp_path / "r5"), "--openai-port", "8080"]) == 0
+    assert 'key: "openai_port" value: { string_value: "8080" }' in (tmp_path / "r5" / "neoxrt" / "config.pbtxt").read_text()
+
+
+def test_serve_refuses_clashing_ports(artifact, capsys):
+    assert main(["serve", str(artifact), "--http-port", "18990", "--openai-port", "18990"]) == 2
+    assert "must differ, got 18990, 8001, 8002, 18990" in capsys.readouterr().err
 
 
 def test_serving_path_imports_neither_onnx_nor_torch():
     code = ("import sys; from neoxrt.cli import build_parser; build_parser('serve').parse_args(['serve', 'x']); "
-            "import neoxrt.serve.server, neoxrt.serve.backend, neoxrt.serve.repository; "
+            "import neoxrt.serve.server, neoxrt.serve.backend, neoxrt.serve.repository, neoxrt.serve.openai_app; "
             "print(sorted(m for m in ('onnx', 'torch', 'transformers', 'neoxrt.export') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]"
