@@ -29,14 +29,17 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from neoxrt import contract as io
-from neoxrt.errors import ArtifactError, NeoxrtError
+from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
 from neoxrt.runtime.generator import Generator, TokenEvent, left_pad
 from neoxrt.runtime.sampling import GenerationOptions, next_tokens
+
+# the keywords a request may carry: GenerationOptions' fields, and transformers' max_length
+REQUEST_OPTIONS = frozenset(f.name for f in fields(GenerationOptions)) | {"max_length"}
 
 
 class QueueFullError(NeoxrtError):
@@ -122,6 +125,10 @@ class Scheduler:
             RuntimeShapeError: bad prompt or options, or prompt + max_new_tokens past the model's context.
             QueueFullError: `max_queue` requests are already waiting.
         """
+        unknown = sorted(set(options) - REQUEST_OPTIONS)
+        if unknown:  # a request's field that no option takes: named, not a TypeError
+            raise RuntimeShapeError(f"unknown generation option {unknown[0]!r}; expected one of "
+                                    f"{', '.join(sorted(REQUEST_OPTIONS))}")
         (ids,) = self.generator.encode([prompt])
         # the artifact's generation_config.json defaults under the request's keywords, as Generator.stream takes them
         opts = GenerationOptions(**self.generator._with_defaults([ids], options, beams=False))

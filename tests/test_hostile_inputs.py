@@ -61,7 +61,7 @@ def artifact(tmp_path_factory):
 def test_negative_seed_is_one_line(artifact, capsys):
     assert main(["generate", str(artifact), "--prompt", "x", "--seed", "-5", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "seed must be an integer in [0, 2**63), got -5" in err
+    assert err.count("\n") == 1 and "argument --seed: expected a seed in [0, 2**63), got -5" in err
 
 
 @pytest.mark.parametrize("key", ["io", "files", "config"])
