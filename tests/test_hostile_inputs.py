@@ -27,7 +27,7 @@ CONFIG_CASES = {
     "rotary_pct -0.5": ({"rotary_pct": -0.5, "partial_rotary_factor": None}, "rotary_pct must be in (0, 1]"),
     "max_position_embeddings -1": ({"max_position_embeddings": -1}, "max_position_embeddings must be a positive integer"),
     "layer_norm_eps 'tiny'": ({"layer_norm_eps": "tiny"}, "layer_norm_eps must be a finite number, found 'tiny'"),
-    "rope base 0": ({"rope_theta": None, "rotary_emb_base": 0}, "must be > 0"),
+    "rope base 0": ({"rope_theta": None, "rotary_emb_base": 0}, "must be a finite number >= 1, found 0"),
 }
 
 

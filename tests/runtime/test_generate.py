@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_exit_2(default_artifact, tmp_path, capsys):
     cases = {
         "empty prompt": ([art, "--prompt", ""], "empty prompt"),
         "past context": ([art, "--prompt", "Hi", "--max-new-tokens", "2048"], "exceeds the model's context of 2048"),
-        "negative temperature": ([art, "--prompt", "Hi", "--temperature", "-1"], "argument --temperature: expected a number >= 0"),
+        "negative temperature": ([art, "--prompt", "Hi", "--temperature", "-1"], "--temperature: expected a number >= 0"),
         "nan temperature": ([art, "--prompt", "Hi", "--temperature", "nan"], "argument --temperature: expected a finite number"),
         "top_p 0": ([art, "--prompt", "Hi", "--top-p", "0"], "argument --top-p: expected a number in (0, 1]"),
         "top_p > 1": ([art, "--prompt", "Hi", "--top-p", "1.5"], "argument --top-p: expected a number in (0, 1]"),
