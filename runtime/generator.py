@@ -411,5 +411,5 @@ def _check_io(session: Session, manifest: dict, path: Path) -> None:
     want_out = [t["name"] for t in manifest["io"]["outputs"]]
     got_in, got_out = [s.name for s in inputs], [s.name for s in outputs]
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-        raise ArtifactError(f"artifact {path}: the model's inputs/outputs do not match its manifest "
+        raise ArtifactError(f"artifact {path}: the model's inputs/outputs do not match its manifest's io "
                             f"(expected {len(want_in)} inputs / {len(want_out)} outputs, found {len(got_in)} / {len(got_out)})")

@@ -74,3 +74,38 @@ def test_manifest_without_a_required_key_is_one_line(artifact, tmp_path, capsys,
     assert main(["generate", str(art), "--prompt", "x", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"manifest.json lacks {key!r}" in err
+
+
+def _edited(artifact, tmp_path, edit):
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    manifest = json.loads((art / io.MANIFEST_FILE).read_text())
+    edit(art, manifest)
+    (art / io.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return art
+
+
+def _tokenizer_changed_and_unlisted(art, manifest):
+    (art / io.TOKENIZER_FILE).write_text((art / io.TOKENIZER_FILE).read_text().replace('"the"', '"thy"', 1))
+    del manifest["files"][io.TOKENIZER_FILE]
+
+
+MANIFEST_CASES = {
+    "entry removed beside a changed file": (_tokenizer_changed_and_unlisted,
+                                            "tokenizer.json is in the folder but not in manifest.json 'files'"),
+    "a path outside the folder": (lambda art, m: m["files"].update({"../x": "0" * 64}), "'files' names '../x'"),
+    "a digest that is not a string": (lambda art, m: m["files"].update({io.MODEL_FILE: 5}), "'files.model.onnx' must be"),
+    "a config field retyped": (lambda art, m: m["config"].update(vocab_size="big"),
+                               "'config.vocab_size' must be a positive integer, found 'big'"),
+    "an eos outside the vocabulary": (lambda art, m: m["config"].update(eos_token_id=10**6), "'config.eos_token_id' must be"),
+    "an io dtype unknown": (lambda art, m: m["io"]["inputs"][0].update(dtype="float128"), "'io.inputs[0].dtype' must be"),
+}
+
+
+@pytest.mark.parametrize("name", MANIFEST_CASES)
+def test_manifest_sections_are_checked_before_use(artifact, tmp_path, capsys, name):
+    edit, fragment = MANIFEST_CASES[name]
+    art = _edited(artifact, tmp_path, edit)
+    assert main(["generate", str(art), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
