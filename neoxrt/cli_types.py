@@ -2,8 +2,8 @@
 
 Each type refuses what no option can mean -- NaN or infinite floats, zero or negative counts, a seed outside
 [0, 2**63) -- with argparse's "argument --NAME: ..." prefix naming the option; ranges that depend on the model
-or on other options stay with the stage's options dataclass. Imports only the standard library, so any CLI
-file (one per stage) can use it.
+or on other options stay with the stage's options dataclass. Imports only the standard library and the
+contract, so any CLI file (one per stage) can use it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+
+from neoxrt.contract import MAX_COUNT
 
 SEED_LIMIT = 2**63  # numpy's default_rng and the manifests take any seed in [0, 2**63)
 
@@ -54,8 +56,9 @@ def _ranged(parse, ok, what: str, doc: str):
     return convert
 
 
-positive_int = _ranged(_int, lambda v: v >= 1, "an integer >= 1", "An integer >= 1 (counts, sizes, lengths).")
-count = _ranged(_int, lambda v: v >= 0, "an integer >= 0", "An integer >= 0 (0 = off / none).")
+positive_int = _ranged(_int, lambda v: 1 <= v <= MAX_COUNT, "an integer in [1, 2**31)",
+                      "An integer >= 1 (counts, sizes, lengths).")
+count = _ranged(_int, lambda v: 0 <= v <= MAX_COUNT, "an integer in [0, 2**31)", "An integer >= 0 (0 = off / none).")
 seed = _ranged(_int, lambda v: 0 <= v < SEED_LIMIT, "a seed in [0, 2**63)", "A random seed: an integer in [0, 2**63).")
 port = _ranged(_int, lambda v: 1 <= v <= 65535, "a port in [1, 65535]", "A TCP port.")
 positive_float = _ranged(finite_float, lambda v: v > 0, "a number > 0", "A finite number > 0.")

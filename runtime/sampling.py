@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neoxrt.contract import MAX_COUNT
 from neoxrt.errors import RuntimeShapeError
 
 
@@ -23,12 +24,12 @@ def _token_ids(name: str, ids) -> tuple[int, ...]:
     return tuple(int(t) for t in ids)
 
 
-# (field, low, high or None, what is expected): integers; seed and logprobs may also be None
+# (field, low, high, what is expected): integers; seed and logprobs may also be None; counts at most MAX_COUNT
 _INTEGERS = (
-    ("max_new_tokens", 1, None, "an integer >= 1"),
-    ("top_k", 0, None, "an integer >= 0 (0 = off)"),
-    ("min_new_tokens", 0, None, "an integer >= 0"),
-    ("no_repeat_ngram_size", 0, None, "an integer >= 0"),
+    ("max_new_tokens", 1, MAX_COUNT, "an integer >= 1"),
+    ("top_k", 0, MAX_COUNT, "an integer >= 0 (0 = off)"),
+    ("min_new_tokens", 0, MAX_COUNT, "an integer >= 0"),
+    ("no_repeat_ngram_size", 0, MAX_COUNT, "an integer >= 0"),
     ("seed", 0, 2**63 - 1, "an integer in [0, 2**63)"),
     ("logprobs", 0, 20, "an integer in [0, 20]"),
 )
@@ -75,7 +76,7 @@ class GenerationOptions:
             value = getattr(self, name)
             if value is None and name in ("seed", "logprobs"):
                 continue
-            if not _is_int(value) or value < low or (high is not None and value > high):
+            if not _is_int(value) or not low <= value <= high:
                 raise RuntimeShapeError(f"{name} must be {what}, got {value!r}")
             object.__setattr__(self, name, int(value))
         for name, ok, what in _REALS:
