@@ -38,7 +38,7 @@ COMMANDS = {
         "--repetition-penalty": FLOATS, "--min-new-tokens": INTS, "--no-repeat-ngram-size": INTS, "--typical-p": FLOATS,
         "--logprobs": INTS, "--num-beams": INTS, "--length-penalty": FLOATS, "--num-return-sequences": INTS,
         "--prompt-lookup-tokens": INTS, "--threads": INTS, "--stop-token-ids": st.sampled_from(["1,2", "-1", "a", "", "5"]),
-        "--max-new-tokens ": st.sampled_from(["2048", "4096"])}, 40),
+        "--max-new-tokens ": st.sampled_from(["2048", "4096"])}, 30),
     "export": (["{ckpt}", "{out}"], {"--opset": st.one_of(st.sampled_from(["17", "18", "23", "24"]), INTS),
                                     "--external-data-threshold": st.one_of(st.sampled_from(["0", "4096", "2147483648"]), INTS),
                                     "--dtype": st.sampled_from(["fp32", "fp16", "fp8", ""]),

@@ -26,7 +26,7 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(all
 
 
 @fuzz
-@budget(150)
+@budget(60)
 @given(key=st.sampled_from(sorted(BASE)), value=VALUES)
 def test_any_config_value_is_accepted_and_runs_or_named(key, value):
     data = {**BASE, key: value}
