@@ -109,3 +109,23 @@ def test_manifest_sections_are_checked_before_use(artifact, tmp_path, capsys, na
     assert main(["generate", str(art), "--prompt", "x", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fragment in err, err
+
+
+def _subcommands() -> list[str]:
+    from neoxrt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], *([c] for c in _subcommands() if c not in ("bench", "inspect")),
+                                  ["inspect"], ["bench", "--rounds", "0"], ["generate", "A", "--top-p", "nan"]])
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "usage:" not in err, err
+
+
+def test_help_still_exits_0(capsys):
+    assert main(["generate", "--help"]) == 0
+    assert "--max-new-tokens" in capsys.readouterr().out
