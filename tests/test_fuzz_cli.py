@@ -48,7 +48,8 @@ COMMANDS = {
         "--samples": SMALL, "--seq-len": st.one_of(SMALL, st.just("16")), "--percentile": FLOATS,
         "--smoothquant": FLOATS, "--seed": SEEDS, "--accuracy-level": SMALL, "--threads": SMALL}, 4),
     "compare": (["{art}", "--against", "{art}", "--windows", "1", "--seq-len", "16", "--max-new-tokens", "2", "--json"], {
-        "--windows": SMALL, "--seq-len": SMALL, "--max-new-tokens": SMALL}, 4),
+        "--windows": SMALL, "--seq-len": SMALL, "--max-new-tokens": SMALL,
+        "--threshold": st.sampled_from(["logits_max_abs=nan", "top1_agreement=inf", "x=1", "logits_max_abs=0.5", "="])}, 4),
     "build": (["{art}", "{out}"], {
         "--max-batch": INTS, "--max-context": INTS, "--opt-batch": INTS, "--opt-prompt": INTS, "--opt-past": INTS,
         "--workspace": FLOATS, "--optimization-level": INTS}, 20),
