@@ -16,7 +16,16 @@ import math
 from pathlib import Path
 
 from neoxrt import __version__
-from neoxrt.contract import CONFIG_FILE, GENERATION_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from neoxrt.contract import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    TASKS,
+    TEXT_GENERATION,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+)
 from neoxrt.errors import ArtifactError
 
 # session config entries an artifact asks ONNX Runtime to use ({key: value}, both strings)
@@ -187,6 +196,9 @@ def check_sections(folder: Path, manifest: dict) -> None:
     for key, kind in OPTIONAL.items():
         if key in manifest:
             _field(folder, key, manifest[key], kind)
+    if manifest.get("task", TEXT_GENERATION) not in TASKS:  # an empty task read as "a  export" (found by fuzzing)
+        raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} 'task' must be one of {', '.join(TASKS)}, "
+                            f"found {manifest['task']!r:.80}")
     config = manifest["config"]
     for key, kind in CONFIG_FIELDS.items():
         if key not in config:

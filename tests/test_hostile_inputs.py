@@ -99,6 +99,7 @@ MANIFEST_CASES = {
                                "'config.vocab_size' must be a positive integer, found 'big'"),
     "an eos outside the vocabulary": (lambda art, m: m["config"].update(eos_token_id=10**6), "'config.eos_token_id' must be"),
     "an io dtype unknown": (lambda art, m: m["io"]["inputs"][0].update(dtype="float128"), "'io.inputs[0].dtype' must be"),
+    "an empty task (fuzz finding)": (lambda art, m: m.update(task=""), "'task' must be one of text-generation"),
 }
 
 
@@ -129,3 +130,38 @@ def test_usage_errors_are_one_line_exit_2(argv, capsys):
 def test_help_still_exits_0(capsys):
     assert main(["generate", "--help"]) == 0
     assert "--max-new-tokens" in capsys.readouterr().out
+
+
+# what the fuzz suite found (tests/**/test_fuzz_*.py), kept as plain cases
+def test_fp16_export_of_a_weight_past_float16_range_is_named(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from neox_testing import write_variant
+
+    folder = write_variant("gelu_parallel", tmp_path / "big")
+    state = load_file(str(folder / "model.safetensors"))
+    state["gpt_neox.layers.1.attention.dense.weight"][3, 7] = 1e5
+    save_file(state, str(folder / "model.safetensors"))
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(out), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gpt_neox.layers.1.attention.dense.weight has a value past float16's range" in err
+    assert "at index [3, 7]" in err and not out.exists() and not list(tmp_path.glob(".out*"))
+    assert main(["export", str(folder), str(out)]) == 0  # fp32 holds it
+
+
+def test_a_tiny_rope_factor_is_refused(tmp_path, capsys):
+    folder = _config_case(tmp_path, rope_scaling={"type": "linear", "factor": 2.7e-135})
+    assert main(["export", str(folder), str(tmp_path / "out")]) == 2
+    assert "rope scaling factor must be a finite number >= 1, found 2.7e-135" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["generate", "A", "--num-beams", "9223372036854775808"], "argument --num-beams: expected an integer in [1, 2**31)"),
+    (["compare", "{art}", "--against", "{art}", "--seq-len", "1"], "--seq-len must be an integer >= 2, got 1"),
+    (["compare", "{art}", "--against", "{art}", "--threshold", "logits_max_abs=nan"], "expected a finite number, got 'nan'"),
+])
+def test_fuzz_findings_are_one_line(artifact, argv, fragment, capsys):
+    assert main([a.format(art=artifact) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err, err
