@@ -9,8 +9,8 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test lint export generate report int8 int4 engine gpu-check bench-export bench bench-large bench-heads \
-        bench-serve bench-openai eval-lm
+.PHONY: venv demo test fuzz lint export generate report int8 int4 engine gpu-check bench-export bench bench-large \
+        bench-heads bench-serve bench-openai eval-lm
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,12 @@ trt-wheels: $(TRT_STAMP)
 
 test: venv trt-wheels
 	NEOXRT_TRT_WHEELS=$(TRT_WHEELS_DIR) $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# the fuzz suite (tests marked fuzz: config, checkpoint tensors, manifest, CLI options, server requests) with
+# FUZZ_SCALE times each test's CI budget, random instead of derandomised; prints each test's example counts
+FUZZ_SCALE ?= 20
+fuzz: venv
+	NEOXRT_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q -p no:cacheprovider -m fuzz --hypothesis-show-statistics
 
 lint: venv
 	$(BIN)/ruff check .

@@ -81,6 +81,8 @@ class CalibrationOptions:
             raise CalibrationError(f"--smoothquant alpha must be in (0, 1] (or off), got {self.smoothquant}")
         if self.weight_range not in WEIGHT_RANGES:
             raise CalibrationError(f"--weight-range must be one of {', '.join(WEIGHT_RANGES)}, got {self.weight_range!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise CalibrationError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.batch < 1:
             raise CalibrationError(f"batch must be at least 1, got {self.batch}")
 

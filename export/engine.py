@@ -13,6 +13,7 @@ made elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
 import time
@@ -75,8 +76,12 @@ class BuildOptions:
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise BuildError(f"--hardware-compatibility must be one of {', '.join(HARDWARE_COMPATIBILITY)}, "
                              f"got {self.hardware_compatibility!r}")
-        if self.workspace_gib <= 0:
-            raise BuildError(f"--workspace must be positive (GiB), got {self.workspace_gib}")
+        if not (isinstance(self.workspace_gib, (int, float)) and math.isfinite(self.workspace_gib) and self.workspace_gib > 0):
+            raise BuildError(f"--workspace must be a finite number > 0 (GiB), got {self.workspace_gib}")
+        for name in ("max_context", "opt_batch", "opt_prompt", "opt_past"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise BuildError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.opt_batch is None:
             object.__setattr__(self, "opt_batch", self.max_batch)
         if self.max_context is None:

@@ -31,6 +31,7 @@ BLOCK_BYTES = 64 << 20
 SAFETENSORS_FLOATS = {"F32": np.dtype("float32"), "F16": np.dtype("float16"), "BF16": np.dtype("uint16"),
                       "F64": np.dtype("float64")}
 _MAX_HEADER = 100 << 20
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -110,17 +111,26 @@ class LazyArray:
 
     def _check_finite(self, src: np.ndarray, row_offset: int = 0, col_offset: int = 0) -> None:
         """The fast test first (fp16: the largest magnitude bit pattern is below the exponent-all-ones one; 2.4x
-        faster than a float sum), the index only when it fails."""
+        faster than a float sum), the index only when it fails. A cast to float16 from a wider type also refuses
+        finite values past float16's range (they would become infinities in the artifact)."""
+        limit = FP16_MAX if self.dtype == np.float16 and src.dtype != np.float16 else None
         if src.dtype == np.float16:
             if int(np.max(src.view(np.uint16) & np.uint16(0x7FFF))) < 0x7C00:
                 return
+        elif limit is not None:
+            if src.size == 0 or np.max(np.abs(src)) <= limit:  # NaN compares False: found below
+                return
         elif np.isfinite(src).all():
             return
-        r, c = (int(i[0]) for i in np.nonzero(~np.isfinite(src)))
+        bad = ~np.isfinite(src) if limit is None else ~(np.abs(src) <= limit)
+        r, c = (int(i[0]) for i in np.nonzero(bad))
         flat = (r + row_offset) * math.prod(self.source.shape[1:]) + c + col_offset
-        index = np.unravel_index(flat, self.source.shape) if self.source.shape else ()
-        raise CheckpointError(f"checkpoint: {self.source.hf_name} has a non-finite value "
-                              f"({src[r, c]}) at index {list(map(int, index))}")
+        index = list(map(int, np.unravel_index(flat, self.source.shape))) if self.source.shape else []
+        value = src[r, c]
+        if np.isfinite(value):
+            raise CheckpointError(f"checkpoint: {self.source.hf_name} has a value past float16's range ({value} beyond "
+                                  f"+-{FP16_MAX:g}) at index {index}; export it in fp32")
+        raise CheckpointError(f"checkpoint: {self.source.hf_name} has a non-finite value ({value}) at index {index}")
 
     def numpy(self) -> np.ndarray:
         """The whole tensor in memory (small models and tests)."""

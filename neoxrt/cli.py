@@ -7,6 +7,7 @@ import json
 import sys
 
 from neoxrt import __version__
+from neoxrt.cli_types import OneLineParser, parse_args
 from neoxrt.errors import NeoxrtError
 
 EXIT_USAGE = 2
@@ -40,7 +41,7 @@ def _subcommands(command: str | None = None):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neoxrt", description=__doc__)
+    parser = OneLineParser(prog="neoxrt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neoxrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _subcommands(command):
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(argv[1:])
     parser = build_parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):  # a usage error (one line, exit 2) or --help / --version
+        return args
     try:
         return args.func(args)
     except NeoxrtError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from neoxrt import cli_types as t
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from neoxrt.export.exporter import export_checkpoint
@@ -34,26 +36,19 @@ def _add_export(sub) -> None:
     p.add_argument("--attention", default="fused", choices=ATTENTIONS,
                    help="fused (default, ONNX Attention-23 + RotaryEmbedding-23), decomposed (opset 17+, what optimum "
                         "loads), plugin (TensorRT plugin node)")
-    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset (default: the flavour's lowest)")
+    p.add_argument("--opset", type=t.positive_int, default=None, help="ai.onnx opset (default: the flavour's lowest)")
     p.add_argument("--logits", default="all", choices=LOGITS,
                    help="all (optimum's contract, default) or last: [B, 1, V], faster prompts for generation")
     p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHES,
                    help="dynamic (optimum's contract, default) or static: fixed slots updated in place, no per-step "
                         "cache copy (fused attention, opset 24)")
-    p.add_argument("--external-data-threshold", type=int, default=None, metavar="BYTES",
+    p.add_argument("--external-data-threshold", type=t.count, default=None, metavar="BYTES",
                    help="weights past this many bytes go to model.onnx.data, streamed tensor by tensor (default 256 MiB, "
                         "at most 2 GB)")
     p.add_argument("--task", default=None, choices=TASKS,
                    help="the head to export (optimum's task names; default: the one config.json architectures names)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.set_defaults(func=_cmd_export)
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -100,38 +95,38 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from an artifact folder (ONNX Runtime or TensorRT)")
     p.add_argument("artifact_dir")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--input-ids", action="append", type=_ids, help="prompt as token ids 1,2,3 (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default without --do-sample)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop-token-ids", type=_ids, default=None, help="extra stop ids 1,2 (EOS always stops)")
+    p.add_argument("--input-ids", action="append", type=t.token_ids, help="prompt as token ids 1,2,3 (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=t.positive_int, default=32)
+    p.add_argument("--temperature", type=t.nonnegative_float, default=None, help="0 = greedy (the default without --do-sample)")
+    p.add_argument("--top-k", type=t.count, default=0)
+    p.add_argument("--top-p", type=t.fraction, default=1.0)
+    p.add_argument("--repetition-penalty", type=t.positive_float, default=1.0)
+    p.add_argument("--seed", type=t.seed, default=None)
+    p.add_argument("--stop-token-ids", type=t.token_ids, default=None, help="extra stop ids 1,2 (EOS always stops)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=t.positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
                    help="auto: TensorRT for engine artifacts (neoxrt build), ONNX Runtime otherwise")
     p.add_argument("--do-sample", action="store_true", help="sample (temperature 1 unless given), as transformers")
-    p.add_argument("--min-new-tokens", type=int, default=0, help="no EOS or stop id before this many new tokens")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
-    p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass")
-    p.add_argument("--bad-words-ids", type=_ids, action="append", metavar="1,2",
+    p.add_argument("--min-new-tokens", type=t.count, default=0, help="no EOS or stop id before this many new tokens")
+    p.add_argument("--no-repeat-ngram-size", type=t.count, default=0, help="never repeat an n-gram of this size")
+    p.add_argument("--typical-p", type=t.fraction, default=1.0, help="locally typical sampling mass")
+    p.add_argument("--bad-words-ids", type=t.token_ids, action="append", metavar="1,2",
                    help="a token sequence never to produce (repeatable)")
-    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+    p.add_argument("--logprobs", type=t.count, default=None, metavar="N",
                    help="with --json: each token's log-probability and the N most likely alternatives")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (as transformers)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score = sum log p / length**this")
+    p.add_argument("--num-beams", type=t.positive_int, default=1, help="beam search with this many beams (as transformers)")
+    p.add_argument("--length-penalty", type=t.finite_float, default=1.0, help="beam search: score = sum log p / length**this")
     p.add_argument("--early-stopping", default="false", choices=("true", "false", "never"),
                    help="beam search: transformers' early_stopping")
-    p.add_argument("--num-return-sequences", type=int, default=1,
+    p.add_argument("--num-return-sequences", type=t.positive_int, default=1,
                    help="sequences per prompt (beams, or samples when sampling)")
     p.add_argument("--draft", default=None, metavar="DRAFT_DIR",
                    help="speculative decoding: an artifact with the same tokenizer (e.g. this model's --weights-only INT8) "
                         "guesses tokens, this model checks them in one step (same tokens as without it)")
-    p.add_argument("--num-draft-tokens", type=int, default=None, metavar="K",
+    p.add_argument("--num-draft-tokens", type=t.positive_int, default=None, metavar="K",
                    help="with --draft: the most tokens guessed per step (default 4, adapts to the acceptance)")
-    p.add_argument("--prompt-lookup-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--prompt-lookup-tokens", type=t.count, default=0, metavar="N",
                    help="speculative decoding without a draft: guess up to N tokens from an n-gram match in the text so far")
     p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (prompt excluded)')
     p.set_defaults(func=_cmd_generate)
@@ -180,9 +175,9 @@ def _add_compare(sub) -> None:
                    help="compare our artifact even if its files no longer match its manifest (the report lists them)")
     p.add_argument("--text", action="append", help="text file(s) for teacher-forced checks (default: embedded held-out slice)")
     p.add_argument("--prompts", help="file with one prompt per line for forward and free-running checks")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128, help="teacher-forced window length")
-    p.add_argument("--windows", type=int, default=16, help="number of teacher-forced windows")
+    p.add_argument("--max-new-tokens", type=t.positive_int, default=32)
+    p.add_argument("--seq-len", type=t.positive_int, default=128, help="teacher-forced window length")
+    p.add_argument("--windows", type=t.positive_int, default=16, help="number of teacher-forced windows")
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE", help="override a default threshold")
     p.add_argument("--report", help="folder for report.md, report.json and PNG plots")
     p.add_argument("--json", action="store_true")
@@ -193,8 +188,8 @@ def _alpha(text: str) -> float | None:
     if text.lower() in ("off", "none", "0"):
         return None
     try:
-        return float(text)
-    except ValueError:
+        return t.fraction(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected an alpha in (0, 1] or 'off', got {text!r}") from None
 
 
@@ -222,30 +217,31 @@ def _add_calibrate(sub) -> None:
     p.add_argument("out_dir", help="INT8 / INT4 artifact folder to write (atomically)")
     p.add_argument("--data", nargs="+", type=Path, metavar="FILE",
                    help="calibration text file(s) (default: the embedded calibration slice, disjoint from the eval slice)")
-    p.add_argument("--samples", type=int, default=d.samples, help=f"windows to draw (default {d.samples})")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
+    p.add_argument("--samples", type=t.positive_int, default=d.samples, help=f"windows to draw (default {d.samples})")
+    p.add_argument("--seq-len", type=t.positive_int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
     p.add_argument("--method", default=None, metavar="METHOD",
                    help=f"INT8 activation ranges: {', '.join(METHODS)} (default percentile; ort-dynamic = onnxruntime "
                         f"quantize_dynamic baseline, no data); INT4: {', '.join(INT4_METHODS)} (default awq; rtn = round "
                         "to nearest, no data; ort-nbits = onnxruntime MatMulNBitsQuantizer baseline)")
-    p.add_argument("--percentile", type=float, default=d.percentile, help=f"for --method percentile (default {d.percentile})")
+    p.add_argument("--percentile", type=t.finite_float, default=d.percentile,
+                   help=f"for --method percentile (default {d.percentile})")
     p.add_argument("--smoothquant", type=_alpha, default=d.smoothquant, metavar="ALPHA",
                    help=f"SmoothQuant strength in (0, 1], or off (default {d.smoothquant})")
     p.add_argument("--weights-only", action="store_true", help="int8 weights, fp32 activations (lowest risk)")
     p.add_argument("--weight-range", default=d.weight_range, choices=("reduced", "full"),
                    help="W8A8 weights in [-63, 63] (reduced, default: exact on x86 CPUs without VNNI, where ONNX "
                         "Runtime's int16 pair sums saturate) or [-127, 127] (full: TensorRT, VNNI CPUs)")
-    p.add_argument("--bits", type=int, default=d.bits, help="weight bits with --weights-only: 8 (default) or 4")
-    p.add_argument("--block-size", type=int, default=d.block_size,
+    p.add_argument("--bits", type=t.positive_int, default=d.bits, help="weight bits with --weights-only: 8 (default) or 4")
+    p.add_argument("--block-size", type=t.positive_int, default=d.block_size,
                    help="INT4 block along K: 32 (default), 64, 128 (16 and 256 too); must divide every weight's K")
-    p.add_argument("--accuracy-level", type=int, default=d.accuracy_level,
+    p.add_argument("--accuracy-level", type=t.count, default=d.accuracy_level,
                    help=f"INT4 MatMulNBits accuracy_level (default {d.accuracy_level}: int8 products on CPU)")
     p.add_argument("--lm-head", default=d.lm_head, choices=LM_HEADS,
                    help=f"INT4 artifacts: the LM head's weights (default {d.lm_head}: 8-bit blocks; int4; float = the source's)")
-    p.add_argument("--seed", type=int, default=d.seed, help="window sampling seed")
+    p.add_argument("--seed", type=t.seed, default=d.seed, help="window sampling seed")
     p.add_argument("--cache", type=Path, help="calibration cache file (default: OUT_DIR/calibration_cache.npz if present)")
     p.add_argument("--recalibrate", action="store_true", help="ignore and replace an existing calibration cache")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads while collecting statistics")
+    p.add_argument("--threads", type=t.positive_int, default=None, help="ONNX Runtime threads while collecting statistics")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.set_defaults(func=_cmd_calibrate)
 
@@ -271,19 +267,19 @@ def _add_build(sub) -> None:
                                       "an INT8 artifact (needs a GPU and TensorRT)")
     p.add_argument("artifact_dir", help="artifact written by neoxrt export or neoxrt calibrate")
     p.add_argument("out_dir", help="engine artifact folder to write (atomically)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch)
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-batch", type=t.positive_int, default=d.max_batch)
+    p.add_argument("--max-context", type=t.positive_int, default=None,
                    help="largest prompt + generated tokens (default: min(2048, the model's max_position_embeddings))")
-    p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
-    p.add_argument("--opt-prompt", type=int, default=None, help="prompt length TensorRT tunes for (default 128)")
-    p.add_argument("--opt-past", type=int, default=None, help="cache length TensorRT tunes decode for (default: half)")
+    p.add_argument("--opt-batch", type=t.positive_int, default=None, help="batch TensorRT tunes for (default: --max-batch)")
+    p.add_argument("--opt-prompt", type=t.positive_int, default=None, help="prompt length TensorRT tunes for (default 128)")
+    p.add_argument("--opt-past", type=t.positive_int, default=None, help="cache length TensorRT tunes decode for (default: half)")
     p.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update")
-    p.add_argument("--workspace", type=float, default=d.workspace_gib, metavar="GIB")
-    p.add_argument("--optimization-level", type=int, default=d.optimization_level, help="builder level 0..5")
+    p.add_argument("--workspace", type=t.positive_float, default=d.workspace_gib, metavar="GIB")
+    p.add_argument("--optimization-level", type=t.count, default=d.optimization_level, help="builder level 0..5")
     p.add_argument("--hardware-compatibility", default="none", choices=HARDWARE_COMPATIBILITY)
     p.add_argument("--version-compatible", action="store_true")
     p.add_argument("--plugin", action="store_true", help="plugin-flavour export with neoxrt's Triton attention plugin")
-    p.add_argument("--verify-tokens", type=int, default=0, metavar="K",
+    p.add_argument("--verify-tokens", type=t.count, default=0, metavar="K",
                    help="add a verify profile (K + 1 tokens after a past) for speculative decoding (neoxrt generate "
                         "--draft / --prompt-lookup-tokens up to K)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")

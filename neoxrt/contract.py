@@ -28,6 +28,9 @@ END_LOGITS = "end_logits"
 LAST_HIDDEN_STATE = "last_hidden_state"  # feature extraction
 WRITE_INDICES = "write_indices"  # static KV cache: the slot each row's new tokens are written at
 
+# the largest count or length any option or request field takes (int32, as Triton's request fields): larger ones
+# are refused by name instead of overflowing a C long inside numpy
+MAX_COUNT = 2**31 - 1
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"

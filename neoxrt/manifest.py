@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from neoxrt import __version__
-from neoxrt.contract import MANIFEST_FILE
+from neoxrt.contract import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    TASKS,
+    TEXT_GENERATION,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+)
 from neoxrt.errors import ArtifactError
 
 # session config entries an artifact asks ONNX Runtime to use ({key: value}, both strings)
@@ -97,6 +107,7 @@ def read_manifest(folder: Path, stages: tuple[str, ...], verify_files: bool = Tr
         raise ArtifactError(
             f"artifact {folder}: made by neoxrt {version}, this is neoxrt {__version__}; export it again"
         )
+    check_sections(folder, manifest)
     config = manifest.get(ORT_SESSION_CONFIG, {})
     if not isinstance(config, dict) or not all(isinstance(v, str) for kv in config.items() for v in kv):
         raise ArtifactError(f"artifact {folder}: manifest {ORT_SESSION_CONFIG} must map strings to strings, got {config!r}")
@@ -136,6 +147,94 @@ def check_schema(folder: Path, manifest) -> None:
         specs = manifest["io"].get(side)
         if not isinstance(specs, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in specs):
             raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} io.{side} must be a list of tensor specs with names")
+
+
+# NeoXConfig.to_dict() as manifests record it (neoxrt.model is not imported: the runtime is torch-free)
+_POSITIVE, _NUMBER, _TOKEN = "a positive integer", "a finite number", "a token id or null"
+CONFIG_FIELDS = {
+    "vocab_size": _POSITIVE, "hidden_size": _POSITIVE, "num_layers": _POSITIVE, "num_heads": _POSITIVE,
+    "intermediate_size": _POSITIVE, "max_position_embeddings": _POSITIVE, "rotary_pct": _NUMBER,
+    "rotary_base": _NUMBER, "rope_type": str, "rope_factor": _NUMBER, "layer_norm_eps": _NUMBER,
+    "use_parallel_residual": bool, "hidden_act": str, "attention_bias": bool, "tie_word_embeddings": bool,
+    "bos_token_id": _TOKEN, "eos_token_id": _TOKEN,
+}
+# keys that some stages write: when present, of this type
+OPTIONAL = {"toolkit": str, "checkpoint": str, "checkpoint_sha256": str, "export_options": dict, "opset": int,
+            "dynamic_axes": dict, "task": str, "id2label": dict, "file_checks": dict, "plugin": dict, "source": dict,
+            "calibration": dict, "quantization": dict, "precision": str, "build_options": dict, "profiles": dict,
+            "profile_order": list, "engine": dict}
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+# the files a later stage or the runtime reads: present in the folder means listed in `files` (and so checked)
+ARTIFACT_FILES = (MODEL_FILE, WEIGHTS_FILE, TOKENIZER_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, "model.engine")
+
+
+def _kind_ok(value, kind, vocab) -> bool:
+    if kind == _POSITIVE:
+        return type(value) is int and value > 0
+    if kind == _NUMBER:
+        return type(value) in (int, float) and math.isfinite(value)
+    if kind == _TOKEN:
+        return value is None or type(value) is int and (type(vocab) is not int or 0 <= value < vocab)
+    return type(value) is kind if kind in (int, bool) else isinstance(value, kind)
+
+
+def _field(folder: Path, key: str, value, kind, vocab=None) -> None:
+    if not _kind_ok(value, kind, vocab):
+        what = kind if isinstance(kind, str) else {str: "a string", dict: "an object", list: "a list", int: "an integer",
+                                                   bool: "true or false"}[kind]
+        raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} {key!r} must be {what}, found {value!r:.80}")
+
+
+def check_sections(folder: Path, manifest: dict) -> None:
+    """The sections' insides, once the version is ours: every config field, every io tensor spec (name, dtype,
+    shape), the optional keys' types, and `files` (plain file names with sha256 strings, listing the stage's
+    model and every artifact file in the folder: an entry removed beside a changed file is refused).
+
+    Raises:
+        ArtifactError: naming the first bad field (`config.vocab_size`, `io.inputs[2].shape`, `files`).
+    """
+    for key, kind in OPTIONAL.items():
+        if key in manifest:
+            _field(folder, key, manifest[key], kind)
+    if manifest.get("task", TEXT_GENERATION) not in TASKS:  # an empty task read as "a  export" (found by fuzzing)
+        raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} 'task' must be one of {', '.join(TASKS)}, "
+                            f"found {manifest['task']!r:.80}")
+    config = manifest["config"]
+    for key, kind in CONFIG_FIELDS.items():
+        if key not in config:
+            raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} lacks 'config.{key}'")
+        _field(folder, f"config.{key}", config[key], kind, config.get("vocab_size"))
+    for side in ("inputs", "outputs"):
+        if not manifest["io"][side]:
+            raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} io.{side} is empty; expected the graph's tensors")
+        for i, spec in enumerate(manifest["io"][side]):
+            where = f"io.{side}[{i}]"
+            if spec.get("dtype") not in TENSOR_DTYPES:
+                raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} '{where}.dtype' must be one of "
+                                    f"{', '.join(TENSOR_DTYPES)}, found {spec.get('dtype')!r:.80}")
+            shape = spec.get("shape")
+            if not isinstance(shape, list) or not all(type(d) is str or type(d) is int and d >= 0 for d in shape):
+                raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} '{where}.shape' must be a list of axis names "
+                                    f"and sizes >= 0, found {shape!r:.80}")
+    _check_files(folder, manifest)
+
+
+def _check_files(folder: Path, manifest: dict) -> None:
+    files = manifest["files"]
+    for name, digest in files.items():
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} 'files' names {name!r:.80}; expected a file name "
+                                "in the artifact folder")
+        if not isinstance(digest, str):
+            raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} 'files.{name}' must be a sha256 string, "
+                                f"found {digest!r:.80}")
+    model = "model.engine" if manifest["stage"] == "build" else MODEL_FILE
+    if model not in files:
+        raise ArtifactError(f"artifact {folder}: {MANIFEST_FILE} 'files' does not list {model}; expected its sha256")
+    unlisted = [name for name in ARTIFACT_FILES if name not in files and (folder / name).exists()]
+    if unlisted:
+        raise ArtifactError(f"artifact {folder}: {unlisted[0]} is in the folder but not in {MANIFEST_FILE} 'files'; "
+                            "expected every artifact file listed with its sha256")
 
 
 def verify_manifest_files(folder: Path, manifest: dict, full: bool) -> None:

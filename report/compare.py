@@ -36,6 +36,13 @@ class CompareOptions:
     thresholds: list[str] = field(default_factory=list)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name, low in (("max_new_tokens", 1), ("seq_len", 2), ("windows", 1), ("batch", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                # a window of one token predicts nothing: perplexity over zero tokens (was a ZeroDivisionError)
+                raise NeoxrtError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
 
 def _windows(tokenizer, texts: list[Path], seq_len: int, count: int) -> np.ndarray:
     ids: list[int] = []

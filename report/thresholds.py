@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 from neoxrt.errors import NeoxrtError
 
 # name -> (kind, value): kind "max" passes when value <= threshold, "min" when value >= threshold
@@ -43,7 +45,10 @@ def thresholds_for(precision: str, overrides: list[str] | None = None, defaults:
         if not sep or name not in table:
             raise NeoxrtError(f"--threshold expects NAME=VALUE with NAME in {', '.join(table)}, got {item!r}")
         try:
-            table[name] = (table[name][0], float(value))
+            number = float(value)
         except ValueError:
-            raise NeoxrtError(f"--threshold {name}: expected a number, got {value!r}") from None
+            number = math.nan
+        if not math.isfinite(number):
+            raise NeoxrtError(f"--threshold {name}: expected a finite number, got {value!r}")
+        table[name] = (table[name][0], number)
     return table

@@ -30,16 +30,18 @@ class BeamOptions:
     num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
+        from neoxrt.contract import MAX_COUNT
         from neoxrt.errors import RuntimeShapeError
 
-        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 1:
+        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or not 1 <= self.num_beams <= MAX_COUNT:
             raise RuntimeShapeError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
         if self.early_stopping not in (True, False, "never"):
             raise RuntimeShapeError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not isinstance(self.length_penalty, (int, float)) or not np.isfinite(self.length_penalty):
             raise RuntimeShapeError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         n = self.num_return_sequences
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or (self.num_beams > 1 and n > self.num_beams):
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_COUNT or \
+                (self.num_beams > 1 and n > self.num_beams):
             raise RuntimeShapeError(f"num_return_sequences must be in [1, num_beams={self.num_beams}] for beam search, "
                                     f"got {n!r}")
 

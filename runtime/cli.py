@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from neoxrt import cli_types as t
 from neoxrt import contract as io
 
 
@@ -60,16 +61,16 @@ def add_answer(sub) -> None:
     p.add_argument("artifact_dir")
     p.add_argument("--question", required=True)
     p.add_argument("--context", required=True)
-    p.add_argument("--max-answer-len", type=int, default=15, help="longest answer in tokens (default 15)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--max-answer-len", type=t.positive_int, default=15, help="longest answer in tokens (default 15)")
+    p.add_argument("--stride", type=t.count, default=None,
                    help="context tokens shared by neighbouring windows of a long context (default min(128, half a window))")
     _common(p, '{"answer", "start", "end", "score"} (character offsets into the context)')
     p.set_defaults(func=_cmd_answer)
 
 
 def _common(p: argparse.ArgumentParser, json_help: str) -> None:
-    p.add_argument("--batch-size", type=int, default=8, help="rows per ONNX Runtime run (default 8)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--batch-size", type=t.positive_int, default=8, help="rows per ONNX Runtime run (default 8)")
+    p.add_argument("--threads", type=t.positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--json", action="store_true", help=json_help)
 
 

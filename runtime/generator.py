@@ -3,6 +3,7 @@ steps, each row stopping on its own (EOS, stop ids, stop strings, max tokens).""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,8 +189,11 @@ class Generator:
                 if self.tokenizer is None:
                     raise ArtifactError("text prompt given but the artifact has no tokenizer.json; pass token ids")
                 ids = self.tokenizer.encode(prompt).ids
-            else:
+            elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
                 ids = [int(t) for t in prompt]
+            else:
+                raise RuntimeShapeError(f"prompt must be a string or a list of token ids, got {prompt!r:.80}")
             if not ids:
                 raise RuntimeShapeError("empty prompt: expected at least one token")
             bad = [t for t in ids if not 0 <= t < int(self.config["vocab_size"])]
@@ -275,6 +279,8 @@ class Generator:
         kwargs = {**defaults, **kwargs}
         if "max_length" in kwargs:
             max_length = kwargs.pop("max_length")
+            if not isinstance(max_length, numbers.Integral) or isinstance(max_length, bool):
+                raise RuntimeShapeError(f"max_length must be an integer, got {max_length!r}")
             if "max_new_tokens" not in kwargs or "max_new_tokens" in self.defaults:
                 kwargs["max_new_tokens"] = int(max_length) - max(len(r) for r in rows)
         return kwargs
@@ -405,5 +411,5 @@ def _check_io(session: Session, manifest: dict, path: Path) -> None:
     want_out = [t["name"] for t in manifest["io"]["outputs"]]
     got_in, got_out = [s.name for s in inputs], [s.name for s in outputs]
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-        raise ArtifactError(f"artifact {path}: the model's inputs/outputs do not match its manifest "
+        raise ArtifactError(f"artifact {path}: the model's inputs/outputs do not match its manifest's io "
                             f"(expected {len(want_in)} inputs / {len(want_out)} outputs, found {len(got_in)} / {len(got_out)})")

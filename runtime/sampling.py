@@ -4,11 +4,42 @@ repetition penalty, then temperature, top-k, top-p; temperature 0 is greedy (exa
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from neoxrt.contract import MAX_COUNT
 from neoxrt.errors import RuntimeShapeError
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _token_ids(name: str, ids) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)) or \
+            not all(_is_int(t) and t >= 0 for t in ids):
+        raise RuntimeShapeError(f"{name} must be lists of token ids (integers >= 0), got {ids!r:.80}")
+    return tuple(int(t) for t in ids)
+
+
+# (field, low, high, what is expected): integers; seed and logprobs may also be None; counts at most MAX_COUNT
+_INTEGERS = (
+    ("max_new_tokens", 1, MAX_COUNT, "an integer >= 1"),
+    ("top_k", 0, MAX_COUNT, "an integer >= 0 (0 = off)"),
+    ("min_new_tokens", 0, MAX_COUNT, "an integer >= 0"),
+    ("no_repeat_ngram_size", 0, MAX_COUNT, "an integer >= 0"),
+    ("seed", 0, 2**63 - 1, "an integer in [0, 2**63)"),
+    ("logprobs", 0, 20, "an integer in [0, 20]"),
+)
+# (field, range test, what is expected): finite numbers
+_REALS = (
+    ("temperature", lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("repetition_penalty", lambda v: v > 0, "a finite number > 0"),
+    ("typical_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+)
 
 
 @dataclass(frozen=True)
@@ -32,48 +63,46 @@ class GenerationOptions:
     logprobs: int | None = None  # report each token's log-probability and the N most likely alternatives
 
     def __post_init__(self) -> None:
-        if self.do_sample not in (None, True, False):
+        """Every field typed and ranged, named as the keyword (a server request's field or a CLI option maps to it).
+
+        Raises:
+            RuntimeShapeError: one line naming the first bad field, what was expected and what was found.
+        """
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise RuntimeShapeError(f"do_sample must be true or false, got {self.do_sample!r}")
         if self.temperature is None:
             object.__setattr__(self, "temperature", 1.0 if self.do_sample else 0.0)
-        if self.do_sample is True and isinstance(self.temperature, (int, float)) and self.temperature == 0:
-            raise RuntimeShapeError("do_sample=True needs temperature > 0 (temperature 0 is greedy decoding)")
-        for name in ("min_new_tokens", "no_repeat_ngram_size"):
+        for name, low, high, what in _INTEGERS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise RuntimeShapeError(f"{name} must be an integer >= 0, got {value!r}")
-        if not isinstance(self.typical_p, (int, float)) or not 0.0 < self.typical_p <= 1.0:
-            raise RuntimeShapeError(f"typical_p must be in (0, 1], got {self.typical_p!r}")
-        try:
-            words = tuple(tuple(int(t) for t in w) for w in self.bad_words_ids)
-        except (TypeError, ValueError):
-            raise RuntimeShapeError(f"bad_words_ids must be lists of token ids, got {self.bad_words_ids!r}") from None
+            if value is None and name in ("seed", "logprobs"):
+                continue
+            if not _is_int(value) or not low <= value <= high:
+                raise RuntimeShapeError(f"{name} must be {what}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        for name, ok, what in _REALS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+                raise RuntimeShapeError(f"{name} must be {what}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.do_sample is True and self.temperature == 0:
+            raise RuntimeShapeError("do_sample=True needs temperature > 0 (temperature 0 is greedy decoding)")
+        if not isinstance(self.ignore_eos, bool):
+            raise RuntimeShapeError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop_token_ids", _token_ids("stop_token_ids", self.stop_token_ids))
+        words = self.bad_words_ids
+        if isinstance(words, (str, bytes)) or not isinstance(words, (list, tuple)):
+            raise RuntimeShapeError(f"bad_words_ids must be lists of token ids, got {words!r:.80}")
+        words = tuple(_token_ids("bad_words_ids", w) for w in words)
         if any(not w for w in words):
             raise RuntimeShapeError("bad_words_ids must not contain an empty list")
         object.__setattr__(self, "bad_words_ids", words)
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= 20):
-            raise RuntimeShapeError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
-        self._check_basic()
-
-    def _check_basic(self) -> None:
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**63):
-            raise RuntimeShapeError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise RuntimeShapeError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise RuntimeShapeError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RuntimeShapeError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if math.isnan(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise RuntimeShapeError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if math.isnan(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise RuntimeShapeError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        if any(not s for s in self.stop_strings):
+        strings = self.stop_strings
+        if isinstance(strings, (str, bytes)) or not isinstance(strings, (list, tuple)) or \
+                not all(isinstance(x, str) for x in strings):
+            raise RuntimeShapeError(f"stop_strings must be a list of strings, got {strings!r:.80}")
+        if any(not x for x in strings):
             raise RuntimeShapeError("stop_strings must not contain an empty string")
+        object.__setattr__(self, "stop_strings", tuple(strings))
 
     @property
     def greedy(self) -> bool:

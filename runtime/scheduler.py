@@ -29,14 +29,17 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from neoxrt import contract as io
-from neoxrt.errors import ArtifactError, NeoxrtError
+from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
 from neoxrt.runtime.generator import Generator, TokenEvent, left_pad, token_logprobs
 from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
+
+# the keywords a request may carry: GenerationOptions' fields, and transformers' max_length
+REQUEST_OPTIONS = frozenset(f.name for f in fields(GenerationOptions)) | {"max_length"}
 
 
 class QueueFullError(NeoxrtError):
@@ -130,6 +133,10 @@ class Scheduler:
             ArtifactError: prompt log-probabilities asked of a graph that returns the last position's logits only.
             QueueFullError: `max_queue` requests are already waiting.
         """
+        unknown = sorted(set(options) - REQUEST_OPTIONS)
+        if unknown:  # a request's field that no option takes: named, not a TypeError
+            raise RuntimeShapeError(f"unknown generation option {unknown[0]!r}; expected one of "
+                                    f"{', '.join(sorted(REQUEST_OPTIONS))}")
         if on_prompt_logprobs is not None:
             self.generator._check_all_logits("prompt log-probabilities score every prompt token")
         (ids,) = self.generator.encode([prompt])

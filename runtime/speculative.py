@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neoxrt.contract import MAX_COUNT
 from neoxrt.errors import RuntimeShapeError
 from neoxrt.runtime.sampling import GenerationOptions, draw, next_tokens, token_probs
 
@@ -45,7 +46,8 @@ class SpeculativeOptions:
     def __post_init__(self) -> None:
         for name in ("num_draft_tokens", "prompt_lookup_tokens", "max_ngram"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name != "prompt_lookup_tokens" else 0):
+            if not isinstance(value, int) or isinstance(value, bool) or \
+                    not (1 if name != "prompt_lookup_tokens" else 0) <= value <= MAX_COUNT:
                 raise RuntimeShapeError(f"{name} must be an integer >= {1 if name != 'prompt_lookup_tokens' else 0}, "
                                         f"got {value!r}")
 

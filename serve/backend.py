@@ -44,7 +44,7 @@ class TritonBackend:
             reply = _Reply(self, sender, parsed.stream, parsed.options.get("stop_strings", ()))
             self.scheduler.submit(parsed.prompt, reply.on_event, on_error=reply.on_error,
                                   is_cancelled=sender.is_cancelled, **parsed.options)
-        except NeoxrtError as exc:
+        except Exception as exc:  # noqa: BLE001 -- any bad request is answered with an error, the model stays up
             self._error(sender, exc)
         self.metrics.update(self.scheduler.stats)
 

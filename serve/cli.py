@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from neoxrt import cli_types as t
+
 COMMANDS = ("serve", "triton-repo")
 
 
@@ -34,9 +36,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="neoxrt", help="model name in Triton's URLs (default neoxrt)")
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together, in-flight (default 16)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more are refused (64)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0: all cores)")
+    p.add_argument("--max-batch", type=t.positive_int, default=16, help="rows decoded together, in-flight (default 16)")
+    p.add_argument("--max-queue", type=t.count, default=64, help="requests waiting beyond those; more are refused (64)")
+    p.add_argument("--threads", type=t.count, default=0, help="ONNX Runtime intra-op threads (default 0: all cores)")
     p.add_argument("--openai-port", type=int, default=0,
                    help="also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) on "
                         "this port, on the same scheduler as the Triton model (default 0: off)")
@@ -56,9 +58,9 @@ def _add_serve(sub) -> None:
     p.add_argument("artifact", help="artifact folder (neoxrt export, calibrate or build)")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=t.port, default=8000)
+    p.add_argument("--grpc-port", type=t.port, default=8001)
+    p.add_argument("--metrics-port", type=t.port, default=8002)
     p.set_defaults(func=_cmd_serve)
 
 

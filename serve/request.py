@@ -4,6 +4,7 @@ these input names)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import numpy as np
 from neoxrt.errors import NeoxrtError
 
 DEFAULT_MAX_TOKENS = 32  # as `neoxrt generate`
+SEED_LIMIT = 2**63
 
 
 class RequestError(NeoxrtError):
@@ -66,23 +68,22 @@ def parse_request(get: Callable[[str], np.ndarray | None]) -> ParsedRequest:
         raise RequestError("text_input is empty: expected a prompt of at least one token")
     options: dict = {"max_new_tokens": _integer(get, "max_tokens", DEFAULT_MAX_TOKENS, low=1)}
     for name in ("temperature", "top_p", "repetition_penalty"):  # ranges: GenerationOptions, by the same names
-        value = _one(get, name)
+        value = _number(get, name)
         if value is not None:
-            options[name] = float(value)
+            options[name] = value
     if get("top_k") is not None:
         options["top_k"] = _integer(get, "top_k", 0, low=0)
     if get("seed") is not None:
-        options["seed"] = _integer(get, "seed", 0, low=0)
+        options["seed"] = _integer(get, "seed", 0, low=0, high=SEED_LIMIT - 1)
     stop = get("stop")
     if stop is not None:
         strings = tuple(s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s) for s in np.ravel(stop))
         if any(not s for s in strings):
             raise RequestError("stop must not contain an empty string")
         options["stop_strings"] = strings
-    if _one(get, "ignore_eos"):
+    if _flag(get, "ignore_eos"):
         options["ignore_eos"] = True
-    stream = _one(get, "stream")
-    return ParsedRequest(prompt, options, bool(stream) if stream is not None else False)
+    return ParsedRequest(prompt, options, _flag(get, "stream"))
 
 
 def _one(get, name: str):
@@ -95,12 +96,34 @@ def _one(get, name: str):
     return flat[0].item() if hasattr(flat[0], "item") and not isinstance(flat[0], bytes) else flat[0]
 
 
-def _integer(get, name: str, default: int, low: int) -> int:
+def _integer(get, name: str, default: int, low: int, high: int | None = None) -> int:
     value = _one(get, name)
     if value is None:
         return default
-    if isinstance(value, float) and not value.is_integer() or isinstance(value, (bytes, str)):
-        raise RequestError(f"{name} must be an integer >= {low}, got {value!r}")
-    if int(value) < low:
-        raise RequestError(f"{name} must be an integer >= {low}, got {int(value)}")
+    what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high + 1})"
+    if isinstance(value, (bool, bytes, str)) or not isinstance(value, (int, float)) or \
+            isinstance(value, float) and not value.is_integer():
+        raise RequestError(f"{name} must be {what}, got {value!r:.80}")
+    if not low <= int(value) <= (high if high is not None else int(value)):
+        raise RequestError(f"{name} must be {what}, got {int(value)}")
     return int(value)
+
+
+def _number(get, name: str) -> float | None:
+    """A finite number or None (not sent); its range is GenerationOptions' (same name)."""
+    value = _one(get, name)
+    if value is None:
+        return None
+    if isinstance(value, (bool, bytes, str)) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value!r:.80}")
+    return float(value)
+
+
+def _flag(get, name: str) -> bool:
+    """true / false (or 1 / 0); False when not sent."""
+    value = _one(get, name)
+    if value is None:
+        return False
+    if value not in (True, False) or isinstance(value, (bytes, str, float)):
+        raise RequestError(f"{name} must be true or false, got {value!r:.80}")
+    return bool(value)

@@ -4,7 +4,6 @@ against the weight-bandwidth floor. Writes bench-results/bench.{md,json,png}."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -287,13 +286,17 @@ def chart(lines: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="neoxrt bench")
+    from neoxrt import cli_types as t
+
+    parser = t.OneLineParser(prog="neoxrt bench")
     parser.add_argument("--quick", action="store_true", help="Pythia-160m shape, batch 1, context 128 only")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=t.positive_int, default=2)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--out", default="bench-results")
-    parser.add_argument("--rounds", type=int, default=1, help="run every engine this many times, interleaved")
-    args = parser.parse_args(argv)
+    parser.add_argument("--rounds", type=t.positive_int, default=1, help="run every engine this many times, interleaved")
+    args = t.parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     from neoxrt.assets import DEFAULT_MODEL_DIR
 
     root = Path("artifacts/bench")

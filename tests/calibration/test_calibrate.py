@@ -169,7 +169,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(fp32, fp16, tmp_path, 
         ([str(fp32), "OUT", "--data", str(tmp_path / "nope.txt")], "file not found"),
         ([str(fp16), "OUT"], "is fp16; calibration needs an fp32 export"),
         ([str(tmp_path / "cached"), "OUT"], "expected stage export, found 'calibrate'"),
-        ([str(fp32), "OUT", "--samples", "0"], "--samples must be at least 1"),
+        ([str(fp32), "OUT", "--samples", "0"], "argument --samples: expected an integer in [1, 2**31), got 0"),
         ([str(fp32), "OUT", "--cache", str(tmp_path / "cached" / CACHE_FILE), "--samples", "16", "--seq-len", "32"],
          "was made for other inputs (seq_len 64 vs 32)"),
     ]

@@ -81,4 +81,4 @@ def test_cli_beams(trained, tmp_path, capsys):
                  "--num-return-sequences", "2", "--max-new-tokens", "8", "--json"]) == 0
     assert '"ids":[[' in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "art"), "--prompt", "x", "--num-beams", "0"]) == 2
-    assert "num_beams must be an integer >= 1" in capsys.readouterr().err
+    assert "argument --num-beams: expected an integer in [1, 2**31), got 0" in capsys.readouterr().err

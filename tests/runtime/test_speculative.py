@@ -111,4 +111,4 @@ def test_refusals(artifacts, tmp_path, capsys):
     with pytest.raises(ArtifactError, match="--logits all"):
         Generator.from_artifacts(artifacts["last"], draft=artifacts["int8"])
     assert main(["generate", str(artifacts["fp32"]), "--prompt", "x", "--prompt-lookup-tokens", "-1"]) == 2
-    assert "prompt_lookup_tokens must be an integer >= 0" in capsys.readouterr().err
+    assert "argument --prompt-lookup-tokens: expected an integer in [0, 2**31), got -1" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_request_fields_map_to_generation_options():
     (dict(text_input=b"a", max_tokens=0), "max_tokens must be an integer >= 1, got 0"),
     (dict(text_input=b"a", max_tokens=[1, 2]), "max_tokens must be one value, got 2"),
     (dict(text_input=b"a", top_k=-2), "top_k must be an integer >= 0, got -2"),
-    (dict(text_input=b"a", seed=1.5), "seed must be an integer >= 0"),
+    (dict(text_input=b"a", seed=1.5), "seed must be an integer in [0, 9223372036854775808"),
     (dict(text_input=b"a", stop=[b""]), "stop must not contain an empty string"),
 ])
 def test_bad_fields_are_named(values, message):

@@ -102,6 +102,7 @@ def test_sixteen_concurrent_requests_equal_their_one_at_a_time_outputs(server, g
     ({"text_input": "We", "max_tokens": 5000}, "max_new_tokens (5000) exceeds the model's context of 2048"),
     ({"text_input": "word " * 2100, "max_tokens": 4}, "exceeds the model's context of 2048"),
     ({"text_input": "We", "temperature": -1}, "temperature must be a number >= 0"),
+    ({"text_input": "We", "seed": -1}, "seed must be an integer in [0, 9223372036854775808), got -1"),
 ])
 def test_bad_requests_are_refused_by_name_and_the_server_stays_ready(server, body, message):
     status, reply = server.generate(**body)
