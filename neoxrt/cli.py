@@ -1,9 +1,14 @@
-"""The `neoxrt` command line. Every `NeoxrtError` becomes one line on stderr and exit code 2."""
+"""The `neoxrt` command line. Every `NeoxrtError` becomes one line on stderr and exit code 2.
+
+Each stage keeps its subcommands in its own `cli.py` (COMMANDS, ADDERS); this module only maps a command to
+its stage and imports that stage alone, so `neoxrt serve` never imports onnx or torch and `neoxrt generate`
+never imports the exporter. Shared argument types and --json output: `neoxrt/cli_types.py`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
 from neoxrt import __version__
@@ -11,37 +16,30 @@ from neoxrt.cli_types import OneLineParser, parse_args
 from neoxrt.errors import NeoxrtError
 
 EXIT_USAGE = 2
+# in --help order; `neoxrt bench` has its own parser (neoxrt.bench.run)
+STAGES = ("neoxrt.model.cli", "neoxrt.export.cli", "neoxrt.calibration.cli", "neoxrt.runtime.cli", "neoxrt.report.cli",
+          "neoxrt.serve.cli")
+COMMAND_STAGE = {"inspect": "neoxrt.model.cli", "export": "neoxrt.export.cli", "build": "neoxrt.export.cli",
+                 "verify": "neoxrt.export.cli", "calibrate": "neoxrt.calibration.cli", "generate": "neoxrt.runtime.cli",
+                 "classify": "neoxrt.runtime.cli", "answer": "neoxrt.runtime.cli", "compare": "neoxrt.report.cli",
+                 "serve": "neoxrt.serve.cli", "triton-repo": "neoxrt.serve.cli"}
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from neoxrt.model import load_model
-
-    model = load_model(args.checkpoint)
-    print(model.config.to_json())
-    print(f"parameters: {model.num_parameters()}")
-    return 0
+def _add_bench(sub) -> None:
+    # listed for --help; main hands `neoxrt bench ...` to neoxrt.bench.run, which parses its own options
+    sub.add_parser("bench", help="speed against transformers and Optimum (see make bench; --quick, --threads)")
 
 
-def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="print a checkpoint's parsed config and exact parameter count")
-    p.add_argument("checkpoint", help="checkpoint folder (Hugging Face format) or hub id")
-    p.set_defaults(func=_cmd_inspect)
-
-
-def _subcommands(command: str | None = None):
-    """(adder) for every subcommand; stages add theirs here. The serving commands alone when `command` is
-    one of them: their parsers import no other stage (no onnx, no torch)."""
-    from neoxrt.serve import cli as serve_cli
-
-    if command in serve_cli.COMMANDS:
-        return serve_cli.ADDERS
-    from neoxrt import cli_stages
-
-    return [_add_inspect, *cli_stages.ADDERS, *serve_cli.ADDERS]
+def _subcommands(command: str | None = None) -> list:
+    """The adders of `command`'s stage alone, or of every stage (and bench) for --help or an unknown command."""
+    if command in COMMAND_STAGE:
+        return list(importlib.import_module(COMMAND_STAGE[command]).ADDERS)
+    adders = [add for stage in STAGES for add in importlib.import_module(stage).ADDERS]
+    return adders + [_add_bench]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="neoxrt", description=__doc__)
+    parser = OneLineParser(prog="neoxrt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"neoxrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _subcommands(command):
@@ -67,10 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"neoxrt {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=None, separators=(",", ":")))
 
 
 if __name__ == "__main__":

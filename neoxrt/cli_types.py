@@ -1,4 +1,4 @@
-"""Argument types every subcommand shares, and a parser whose errors are one line.
+"""Argument types every subcommand shares, a parser whose errors are one line, and --json output.
 
 Each type refuses what no option can mean -- NaN or infinite floats, zero or negative counts, a seed outside
 [0, 2**63) -- with argparse's "argument --NAME: ..." prefix naming the option; ranges that depend on the model
@@ -85,3 +85,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     except SystemExit as exc:
         sys.stderr.flush()
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+
+
+def print_json(obj) -> None:
+    """One line of compact JSON on stdout (the subcommands' --json output)."""
+    import json
+
+    print(json.dumps(obj, indent=None, separators=(",", ":")))

@@ -1,4 +1,4 @@
-"""`neoxrt classify` and `neoxrt answer`: the head artifacts from the command line (torch-free)."""
+"""`neoxrt generate`, `neoxrt classify` and `neoxrt answer`: the runtime from the command line (torch-free)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from neoxrt.cli import print_json
+    from neoxrt.cli_types import print_json
     from neoxrt.errors import RuntimeShapeError
 
     if not args.text:
@@ -46,7 +46,7 @@ def add_classify(sub) -> None:
 
 
 def _cmd_answer(args: argparse.Namespace) -> int:
-    from neoxrt.cli import print_json
+    from neoxrt.cli_types import print_json
 
     result = _load(args).answer(args.question, args.context, max_answer_len=args.max_answer_len, stride=args.stride)
     if args.json:
@@ -74,4 +74,86 @@ def _common(p: argparse.ArgumentParser, json_help: str) -> None:
     p.add_argument("--json", action="store_true", help=json_help)
 
 
-ADDERS = [add_classify, add_answer]
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import sys
+
+    from neoxrt.cli_types import print_json
+    from neoxrt.errors import RuntimeShapeError
+    from neoxrt.runtime import Generator
+
+    prompts = list(args.prompt or []) + list(args.input_ids or [])
+    if not prompts:
+        raise RuntimeShapeError("give --prompt TEXT or --input-ids 1,2,3")
+    kwargs = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
+                  **({"temperature": args.temperature} if args.temperature is not None else {}),
+                  repetition_penalty=args.repetition_penalty, seed=args.seed, stop_token_ids=tuple(args.stop_token_ids or ()),
+                  stop_strings=tuple(args.stop or ()), prompt_lookup_tokens=args.prompt_lookup_tokens,
+                  min_new_tokens=args.min_new_tokens, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                  typical_p=args.typical_p, bad_words_ids=tuple(args.bad_words_ids or ()), logprobs=args.logprobs,
+                  **({"do_sample": True} if args.do_sample else {}),
+                  **({"num_beams": args.num_beams, "length_penalty": args.length_penalty,
+                      "early_stopping": {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)}
+                     if args.num_beams != 1 else {}),
+                  **({"num_return_sequences": args.num_return_sequences} if args.num_return_sequences != 1 else {}),
+                  **({"num_draft_tokens": args.num_draft_tokens} if args.num_draft_tokens else {}))
+    generator = Generator.from_artifacts(args.artifact_dir, backend=args.backend, threads=args.threads, draft=args.draft)
+    if args.json:
+        result = generator.generate(prompts, **kwargs)
+        print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons,
+                    **({"logprobs": result.logprobs} if result.logprobs is not None else {})})
+        return 0
+    if len(prompts) == 1 and args.num_beams == 1 and args.num_return_sequences == 1:  # stream to the terminal
+        for event in generator.stream(prompts, **kwargs):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    result = generator.generate(prompts, **kwargs)
+    for row, ids in enumerate(result.ids):
+        print(f"[{row}] " + (result.text[row] if result.text is not None else ",".join(map(str, ids))))
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from an artifact folder (ONNX Runtime or TensorRT)")
+    p.add_argument("artifact_dir")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--input-ids", action="append", type=t.token_ids, help="prompt as token ids 1,2,3 (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=t.positive_int, default=32)
+    p.add_argument("--temperature", type=t.nonnegative_float, default=None, help="0 = greedy (the default without --do-sample)")
+    p.add_argument("--top-k", type=t.count, default=0)
+    p.add_argument("--top-p", type=t.fraction, default=1.0)
+    p.add_argument("--repetition-penalty", type=t.positive_float, default=1.0)
+    p.add_argument("--seed", type=t.seed, default=None)
+    p.add_argument("--stop-token-ids", type=t.token_ids, default=None, help="extra stop ids 1,2 (EOS always stops)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--threads", type=t.positive_int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt"),
+                   help="auto: TensorRT for engine artifacts (neoxrt build), ONNX Runtime otherwise")
+    p.add_argument("--do-sample", action="store_true", help="sample (temperature 1 unless given), as transformers")
+    p.add_argument("--min-new-tokens", type=t.count, default=0, help="no EOS or stop id before this many new tokens")
+    p.add_argument("--no-repeat-ngram-size", type=t.count, default=0, help="never repeat an n-gram of this size")
+    p.add_argument("--typical-p", type=t.fraction, default=1.0, help="locally typical sampling mass")
+    p.add_argument("--bad-words-ids", type=t.token_ids, action="append", metavar="1,2",
+                   help="a token sequence never to produce (repeatable)")
+    p.add_argument("--logprobs", type=t.count, default=None, metavar="N",
+                   help="with --json: each token's log-probability and the N most likely alternatives")
+    p.add_argument("--num-beams", type=t.positive_int, default=1, help="beam search with this many beams (as transformers)")
+    p.add_argument("--length-penalty", type=t.finite_float, default=1.0, help="beam search: score = sum log p / length**this")
+    p.add_argument("--early-stopping", default="false", choices=("true", "false", "never"),
+                   help="beam search: transformers' early_stopping")
+    p.add_argument("--num-return-sequences", type=t.positive_int, default=1,
+                   help="sequences per prompt (beams, or samples when sampling)")
+    p.add_argument("--draft", default=None, metavar="DRAFT_DIR",
+                   help="speculative decoding: an artifact with the same tokenizer (e.g. this model's --weights-only INT8) "
+                        "guesses tokens, this model checks them in one step (same tokens as without it)")
+    p.add_argument("--num-draft-tokens", type=t.positive_int, default=None, metavar="K",
+                   help="with --draft: the most tokens guessed per step (default 4, adapts to the acceptance)")
+    p.add_argument("--prompt-lookup-tokens", type=t.count, default=0, metavar="N",
+                   help="speculative decoding without a draft: guess up to N tokens from an n-gram match in the text so far")
+    p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (prompt excluded)')
+    p.set_defaults(func=_cmd_generate)
+
+
+COMMANDS = ("generate", "classify", "answer")
+ADDERS: list = [_add_generate, add_classify, add_answer]
