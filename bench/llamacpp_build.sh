@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp (llama-bench, llama-quantize, llama-perplexity, llama-cli) from the source vendored in the
+# Build llama.cpp (llama-bench, llama-quantize, llama-perplexity) from the source vendored in the
 # llama-cpp-python sdist, cached under $CACHE (default .cache/llama.cpp): the sdist is downloaded once, the
 # cmake build dir is reused, so a second run only checks the targets are up to date.
 set -euo pipefail
@@ -22,5 +22,5 @@ if [ ! -f "$BUILD/CMakeCache.txt" ]; then
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DBUILD_SHARED_LIBS=OFF > "$CACHE/cmake-configure.log"
 fi
-cmake --build "$BUILD" -j "$JOBS" --target llama-bench llama-quantize llama-perplexity llama-cli
+cmake --build "$BUILD" -j "$JOBS" --target llama-bench llama-quantize llama-perplexity
 echo "$BUILD/bin"
