@@ -10,7 +10,7 @@ PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
 .PHONY: venv demo test fuzz lint export generate report int8 int4 engine gpu-check bench-export bench bench-large \
-        bench-heads bench-serve bench-openai eval-lm
+        bench-heads bench-serve bench-openai eval-lm bench-llamacpp
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -122,6 +122,13 @@ bench-heads: venv
 # neoxrt against transformers (eager, sdpa) and Optimum + ONNX Runtime; bench-results/bench.{md,json,png}
 bench: venv
 	$(BIN)/python -m neoxrt.bench.run
+
+# neoxrt against llama.cpp at equal precision (fp32/f32, INT8 weights-only/q8_0, INT4/q4_0), Pythia-160m shape
+# and the trained 14m model, interleaved in one run; not in CI. llama.cpp is built once from the source vendored
+# in the llama-cpp-python sdist (cached in .cache/llama.cpp); bench-results/llamacpp.{md,json}
+LLAMACPP_ARGS ?=
+bench-llamacpp: venv
+	$(BIN)/python -m neoxrt.bench.llamacpp $(LLAMACPP_ARGS)
 
 # neoxrt serve through the real Triton server: 1 client against 16 concurrent (SSE, 64 new tokens), Pythia-160m
 # shape, fp32 and INT8 weights-only; bench-results/serve.{md,json,png}
