@@ -1,6 +1,7 @@
 """`make bench-heads`: sequence classification (a reward-model-like workload), batch 8 x 128 tokens, Pythia-160m
-shape (random weights): neoxrt's export on `Classifier` against transformers (sdpa, eager) and Optimum's own
-export on `ORTModelForSequenceClassification`. Each engine runs in its own process, threads pinned equal,
+shape (random weights): neoxrt's export (fp32, and its INT8 W8A8 / weights-only calibrations, each with its
+label agreement and max logit difference against the fp32 artifact) on `Classifier` against transformers (sdpa,
+eager) and Optimum's own export on `ORTModelForSequenceClassification`. Each engine runs in its own process, threads pinned equal,
 engines interleaved over rounds; per engine the median of its runs, pooled over rounds. Writes
 artifacts/bench/heads.json and prints a Markdown table.
 
