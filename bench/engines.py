@@ -27,6 +27,7 @@ def _neoxrt(artifact: str, threads: int, draft: str | None = None, kwargs: dict 
                 stamps.append(time.perf_counter())
         return stamps
 
+    run.spec_stats = lambda: gen.spec_stats  # rounds / drafted / accepted of the last speculative generation
     return run
 
 
@@ -130,6 +131,8 @@ def main(argv: list[str]) -> int:
             per_block = [float(np.median(steps[i * block:(i + 1) * block]) * 1e3) for i in range(blocks)]
         results[f"b{batch}_c{context}"] = {"prompt_ms": prompt_runs, "decode_ms_per_token": per_block,
                                            "batch": batch, "context": context}
+        if getattr(run, "spec_stats", None) and run.spec_stats():  # the timed generation's acceptance
+            results[f"b{batch}_c{context}"]["spec_stats"] = dict(run.spec_stats())
     print("RESULT " + json.dumps({"cases": results, "peak_rss_mib": peak_rss_mib()}))
     return 0
 

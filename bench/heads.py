@@ -1,6 +1,7 @@
 """`make bench-heads`: sequence classification (a reward-model-like workload), batch 8 x 128 tokens, Pythia-160m
-shape (random weights): neoxrt's export on `Classifier` against transformers (sdpa, eager) and Optimum's own
-export on `ORTModelForSequenceClassification`. Each engine runs in its own process, threads pinned equal,
+shape (random weights): neoxrt's export (fp32, and its INT8 W8A8 / weights-only calibrations, each with its
+label agreement and max logit difference against the fp32 artifact) on `Classifier` against transformers (sdpa,
+eager) and Optimum's own export on `ORTModelForSequenceClassification`. Each engine runs in its own process, threads pinned equal,
 engines interleaved over rounds; per engine the median of its runs, pooled over rounds. Writes
 artifacts/bench/heads.json and prints a Markdown table.
 
@@ -20,7 +21,11 @@ import numpy as np
 
 from neoxrt.bench.shapes import SHAPES
 
-ENGINES = ["neoxrt-ort-fused", "neoxrt-ort-decomposed", "optimum-ort", "hf-sdpa", "hf-eager"]
+ENGINES = ["neoxrt-ort-fused", "neoxrt-ort-decomposed", "neoxrt-ort-int8", "neoxrt-ort-int8-weights", "optimum-ort",
+           "hf-sdpa", "hf-eager"]
+# INT8 rows: `neoxrt calibrate` of the fused fp32 export (defaults: W8A8 SmoothQuant; --weights-only)
+INT8_VARIANTS = {"neoxrt-ort-int8": {}, "neoxrt-ort-int8-weights": {"weights_only": True}}
+REFERENCE = "neoxrt-ort-fused"  # every row's logits are compared with the fp32 artifact's on the bench inputs
 ROOT = Path("artifacts/bench")
 
 
@@ -53,7 +58,7 @@ def _engine(spec: dict):
         from neoxrt.runtime import Classifier
 
         classifier = Classifier.from_artifacts(spec["artifact"], threads=threads, batch_size=spec["batch"], verify=False)
-        return lambda ids, mask: classifier.run_rows(ids.tolist())
+        return lambda ids, mask: np.stack([out["logits"] for out in classifier.run_rows(ids.tolist())])
     import torch
 
     torch.set_num_threads(threads)
@@ -82,13 +87,13 @@ def child(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 50000, (spec["batch"], spec["context"])).astype(np.int64)  # no pad token (0)
     mask = np.ones_like(ids)
-    run(ids, mask)  # warm-up
+    logits = np.asarray(run(ids, mask), np.float32)  # warm-up; its logits for the accuracy columns
     times = []
     for _ in range(spec["runs"]):
         start = time.perf_counter()
         run(ids, mask)
         times.append((time.perf_counter() - start) * 1e3)
-    return {"ms": times}
+    return {"ms": times, "logits": logits.tolist()}
 
 
 def prepare(ckpt: Path, root: Path) -> dict[str, str]:
@@ -100,6 +105,15 @@ def prepare(ckpt: Path, root: Path) -> dict[str, str]:
             subprocess.run([sys.executable, "-m", "neoxrt", "export", str(ckpt), str(out), "--attention", flavour,
                             "--force"], check=True)
         artifacts[f"neoxrt-ort-{flavour}"] = str(out)
+    for engine, options in INT8_VARIANTS.items():
+        out = root / f"seqcls-{engine.removeprefix('neoxrt-ort-')}"
+        if not (out / "manifest.json").is_file():
+            from neoxrt.calibration.calibrate import calibrate_artifact
+            from neoxrt.calibration.options import CalibrationOptions
+
+            calibrate_artifact(Path(artifacts[REFERENCE]), out, CalibrationOptions(**options), force=True,
+                               progress=False, log=lambda *_: None)
+        artifacts[engine] = str(out)
     out = root / "seqcls-optimum"
     if not (out / "model.onnx").is_file():
         from optimum.onnxruntime import ORTModelForSequenceClassification
@@ -107,6 +121,15 @@ def prepare(ckpt: Path, root: Path) -> dict[str, str]:
         ORTModelForSequenceClassification.from_pretrained(ckpt, export=True).save_pretrained(out)
     artifacts["optimum-ort"] = str(out)
     return artifacts
+
+
+def accuracy(logits: np.ndarray, reference: np.ndarray | None) -> dict:
+    """Label agreement (argmax per row, as 'k/n') and the largest |logit difference| against the reference."""
+    if reference is None:
+        return {"label_agreement": None, "max_abs_logit_diff": None}
+    same = int((logits.argmax(axis=-1) == reference.argmax(axis=-1)).sum())
+    return {"label_agreement": f"{same}/{len(reference)}",
+            "max_abs_logit_diff": float(f"{np.abs(logits - reference).max():.3g}")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = classifier_checkpoint(args.shape, ROOT)
     artifacts = prepare(ckpt, ROOT)
     times: dict[str, list[float]] = {e: [] for e in args.engines}
+    logits: dict[str, np.ndarray] = {}
     for rnd in range(args.rounds):
         for engine in (args.engines if rnd % 2 == 0 else args.engines[::-1]):
             spec = {"engine": engine, "threads": args.threads, "batch": args.batch, "context": args.context,
@@ -131,20 +155,22 @@ def main(argv: list[str] | None = None) -> int:
                                   capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             times[engine].append(float(np.median(result["ms"])))
+            logits[engine] = np.asarray(result["logits"], np.float32)
             print(f"round {rnd + 1} {engine}: {times[engine][-1]:.1f} ms", file=sys.stderr)
     median = {e: float(np.median(t)) for e, t in times.items()}
     rows = [{"engine": e, "ms": round(median[e], 1), "round_medians": [round(t, 1) for t in times[e]],
              "vs_hf_sdpa": round(median[e] / median["hf-sdpa"], 2) if "hf-sdpa" in median else None,
-             "vs_optimum": round(median[e] / median["optimum-ort"], 2) if "optimum-ort" in median else None}
-            for e in args.engines]
+             "vs_optimum": round(median[e] / median["optimum-ort"], 2) if "optimum-ort" in median else None,
+             **accuracy(logits[e], logits.get(REFERENCE))} for e in args.engines]
     (ROOT / "heads.json").write_text(json.dumps({"shape": args.shape, "batch": args.batch, "context": args.context,
                                                  "threads": args.threads, "rows": rows}, indent=2))
     print(f"\n{args.shape} text-classification, batch {args.batch} x {args.context} tokens, {args.threads} threads, "
           f"{args.rounds} rounds x {args.runs} runs\n")
-    print("| engine | ms per batch (median) | round medians | vs hf-sdpa | vs optimum |\n|---|---|---|---|---|")
+    print(f"| engine | ms per batch (median) | round medians | vs hf-sdpa | vs optimum | labels = {REFERENCE} | "
+          "max abs logit diff |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['engine']} | {r['ms']} | {', '.join(map(str, r['round_medians']))} | {r['vs_hf_sdpa']}x | "
-              f"{r['vs_optimum']}x |")
+              f"{r['vs_optimum']}x | {r['label_agreement']} | {r['max_abs_logit_diff']} |")
     return 0
 
 

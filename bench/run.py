@@ -19,9 +19,11 @@ from neoxrt.bench.shapes import shape_checkpoint
 
 ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-fused-static-last",
            "neoxrt-ort-int8", "neoxrt-ort-int8-weights",
-           "neoxrt-ort-int8-dynamic", "neoxrt-spec-int8", "neoxrt-spec-lookup", "optimum-ort", "optimum-ort-int8-dynamic",
-           "hf-sdpa", "hf-eager"]
+           "neoxrt-ort-int8-dynamic", "neoxrt-ort-int4-weights", "neoxrt-spec-int8", "neoxrt-spec-int4",
+           "neoxrt-spec-lookup", "optimum-ort", "optimum-ort-int8-dynamic", "hf-sdpa", "hf-eager"]
 INT8_ENGINES = {"neoxrt-ort-int8", "neoxrt-ort-int8-weights", "neoxrt-ort-int8-dynamic", "optimum-ort-int8-dynamic"}
+# 4-bit blocks of 32 with a float scale (4.5 bits per weight); the LM head's 8-bit blocks make the floor a lower bound
+INT4_ENGINES = {"neoxrt-ort-int4-weights"}
 # neoxrt-ort-<variant> -> (export artifact name, its ExportOptions, calibration options or None)
 NEOXRT_VARIANTS = {"decomposed": ("decomposed", {"attention": "decomposed"}, None),
                    "fused": ("fused", {}, None),
@@ -29,9 +31,11 @@ NEOXRT_VARIANTS = {"decomposed": ("decomposed", {"attention": "decomposed"}, Non
                    "fused-static-last": ("fused-static-last", {"logits": "last", "kv_cache": "static"}, None),
                    "int8": ("fused", {}, {}),
                    "int8-weights": ("fused", {}, {"weights_only": True}),
-                   "int8-dynamic": ("fused", {}, {"method": "ort-dynamic"})}
+                   "int8-dynamic": ("fused", {}, {"method": "ort-dynamic"}),
+                   "int4-weights": ("fused", {}, {"weights_only": True, "bits": 4, "method": "rtn"})}
 # speculative decoding on the fp32 fused export: neoxrt-spec-<name> -> (draft variant or None, generate() keywords)
-SPEC_ENGINES = {"int8": ("int8-weights", {"num_draft_tokens": 4}), "lookup": (None, {"prompt_lookup_tokens": 5})}
+SPEC_ENGINES = {"int8": ("int8-weights", {"num_draft_tokens": 4}), "int4": ("int4-weights", {"num_draft_tokens": 4}),
+                "lookup": (None, {"prompt_lookup_tokens": 5})}
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
 
 
@@ -118,6 +122,10 @@ def merge_rounds(rounds: list[dict]) -> dict:
             into = cases.setdefault(key, {**case, "prompt_ms": [], "decode_ms_per_token": []})
             into["prompt_ms"] += case["prompt_ms"]
             into["decode_ms_per_token"] += case["decode_ms_per_token"]
+            if "spec_stats" in case:
+                pooled = into.setdefault("spec_pooled", {"rounds": 0, "drafted": 0, "accepted": 0})
+                for k in pooled:
+                    pooled[k] += case["spec_stats"][k]
     return {"cases": cases, "peak_rss_mib": max(r["peak_rss_mib"] for r in rounds)}
 
 
@@ -161,8 +169,9 @@ def summarise(result: dict, bandwidth: float) -> list[dict]:
     lines = []
     for model, data in result["models"].items():
         for engine, row in data["engines"].items():
-            bytes_per_weight = 1.0 if engine in INT8_ENGINES else 4.0
-            precision = "int8" if engine in INT8_ENGINES else "fp32-speculative" if "-spec-" in engine else "fp32"
+            bytes_per_weight = 1.0 if engine in INT8_ENGINES else 0.5625 if engine in INT4_ENGINES else 4.0
+            precision = ("int8" if engine in INT8_ENGINES else "int4" if engine in INT4_ENGINES
+                         else "fp32-speculative" if "-spec-" in engine else "fp32")
             floor_ms = decode_weight_bytes(data["config"], bytes_per_weight) / (bandwidth * 1e9) * 1e3
             for key, case in row["cases"].items():
                 decode = float(np.median(case["decode_ms_per_token"]))
@@ -175,8 +184,17 @@ def summarise(result: dict, bandwidth: float) -> list[dict]:
                     "tokens_per_s": case["batch"] * 1e3 / decode,
                     "peak_rss_mib": row["peak_rss_mib"],
                     "floor_ms": floor_ms if case["batch"] == 1 else None,
+                    "speculative": _acceptance(case.get("spec_pooled")),
                 })
     return lines
+
+
+def _acceptance(stats: dict | None) -> dict | None:
+    """Acceptance rate (accepted / drafted guesses) and tokens per verify step (batch 1: accepted + 1 per round)."""
+    if not stats or not stats["rounds"]:
+        return None
+    return {**stats, "acceptance": stats["accepted"] / max(stats["drafted"], 1),
+            "tokens_per_verify": (stats["accepted"] + stats["rounds"]) / stats["rounds"]}
 
 
 def _find(lines, model, engine, case):
@@ -224,7 +242,8 @@ def targets(lines) -> list[dict]:
         if fp32:
             add(f"INT8 decode {engine} / fp32 neoxrt-ort-fused (1.6x faster)", int8["decode_ms"] / fp32["decode_ms"],
                 0.625)
-    for engine, limit in (("neoxrt-spec-int8", 0.55), ("neoxrt-spec-lookup", 1.05)):  # fp32-exact tokens
+    spec_limits = (("neoxrt-spec-int8", 0.55), ("neoxrt-spec-int4", 0.55), ("neoxrt-spec-lookup", 1.05))
+    for engine, limit in spec_limits:  # fp32-exact tokens
         row = _find(lines, m, engine, "b1_c128")
         if row and fp32:
             add(f"speculative decode {engine} / fp32 neoxrt-ort-fused", row["decode_ms"] / fp32["decode_ms"], limit)
@@ -256,7 +275,12 @@ def markdown(result: dict, lines: list[dict]) -> str:
             md.append(f"| {x['engine']} | {x['case']} | {x['prompt_ms']:.1f} | {x['decode_ms']:.2f} "
                       f"({x['decode_spread_ms'][0]:.2f}..{x['decode_spread_ms'][1]:.2f}) | {x['tokens_per_s']:.1f} | "
                       f"{_ratio(x, opt)} | {_ratio(x, sdpa)} | {floor} | {x['peak_rss_mib']:.0f} |")
-        for precision in ("fp32", "int8"):
+        for x in (y for y in lines if y["model"] == model and y["speculative"]):
+            s = x["speculative"]
+            md.append(f"\n{x['engine']} {x['case']}: {s['accepted']} of {s['drafted']} guesses accepted "
+                      f"({s['acceptance']:.2f}), {s['tokens_per_verify']:.2f} tokens per verify step "
+                      f"({s['rounds']} verify steps)")
+        for precision in ("fp32", "int8", "int4"):
             floor_ms = next((x["floor_ms"] for x in lines if x["model"] == model and x["floor_ms"]
                              and x["precision"] == precision), None)
             if floor_ms:

@@ -99,3 +99,52 @@ def test_rounds_are_pooled_per_case():
     assert merged["cases"]["b1_c128"]["decode_ms_per_token"] == [10.0, 11.0, 30.0]
     assert merged["cases"]["b1_c128"]["prompt_ms"] == [1.0, 2.0] and merged["peak_rss_mib"] == 120.0
     assert a["cases"]["b1_c128"]["decode_ms_per_token"] == [10.0, 11.0]  # inputs untouched
+
+
+def test_speculative_rows_pool_acceptance_and_int4_rows_stay_out_of_the_fp32_targets():
+    from neoxrt.bench.run import merge_rounds
+
+    result = _result(ours_ms=30.0, optimum_ms=45.0, sdpa_ms=70.0, long_ms=33.0)
+    engines = result["models"]["pythia-160m"]["engines"]
+    case = engines["neoxrt-ort-decomposed"]["cases"]["b1_c128"]
+
+    def spec_round(ms, rounds, drafted, accepted):
+        stats = {"rounds": rounds, "drafted": drafted, "accepted": accepted}
+        return {"cases": {"b1_c128": {**case, "decode_ms_per_token": [ms], "spec_stats": stats}}, "peak_rss_mib": 1.0}
+
+    engines["neoxrt-ort-fused"] = {"cases": {"b1_c128": {**case, "decode_ms_per_token": [40.0]}}, "peak_rss_mib": 1.0}
+    engines["neoxrt-spec-int4"] = merge_rounds([spec_round(20.0, 10, 40, 30), spec_round(20.0, 6, 24, 10)])
+    engines["neoxrt-ort-int4-weights"] = {"cases": {"b1_c128": {**case, "decode_ms_per_token": [5.0]}},
+                                          "peak_rss_mib": 1.0}
+    lines = summarise(result, 20.0)
+    spec = _find_row(lines, "neoxrt-spec-int4")["speculative"]
+    assert (spec["rounds"], spec["drafted"], spec["accepted"]) == (16, 64, 40)
+    assert spec["acceptance"] == 40 / 64 and spec["tokens_per_verify"] == 56 / 16
+    assert _find_row(lines, "neoxrt-ort-int4-weights")["precision"] == "int4"
+    got = {t["target"]: (t["value"], t["met"]) for t in targets(lines)}
+    assert got["speculative decode neoxrt-spec-int4 / fp32 neoxrt-ort-fused"] == (0.5, True)
+    assert "decode neoxrt-ort-int4-weights / optimum-ort" not in got  # the fastest fp32 engine is still ours in fp32
+    result["targets"] = targets(lines)
+    assert "neoxrt-spec-int4 b1_c128: 40 of 64 guesses accepted (0.62), 3.50 tokens per verify step" in markdown(
+        result, lines)
+
+
+def _find_row(lines, engine):
+    return next(x for x in lines if x["engine"] == engine and x["case"] == "b1_c128")
+
+
+def test_heads_accuracy_compares_labels_and_logits_with_the_reference():
+    import numpy as np
+
+    from neoxrt.bench.heads import ENGINES, INT8_VARIANTS, accuracy
+    from neoxrt.calibration.options import CalibrationOptions
+
+    reference = np.array([[1.0, 0.0], [0.0, 2.0], [0.5, 0.4]], np.float32)
+    assert accuracy(reference.copy(), reference) == {"label_agreement": "3/3", "max_abs_logit_diff": 0.0}
+    flipped = reference + np.array([[0, 0], [0, 0.25], [0, 0.2]], np.float32)  # the last row's label flips
+    got = accuracy(flipped, reference)
+    assert got["label_agreement"] == "2/3" and abs(got["max_abs_logit_diff"] - 0.25) < 1e-6
+    assert accuracy(reference, None)["label_agreement"] is None
+    for engine, options in INT8_VARIANTS.items():
+        assert engine in ENGINES
+        CalibrationOptions(**options)
