@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neoxrt.calibration.int4 import clip_search, dequantize_blocks, quantize_blocks
+from neoxrt.calibration.int4 import clip_search, column_slices, dequantize_blocks, quantize_blocks
 
 ALPHAS = np.linspace(0.0, 1.0, 11)
 
@@ -84,9 +84,9 @@ def quantized(w: np.ndarray, block: int, mean_sq: np.ndarray | None, s: np.ndarr
     return deq if s is None else deq / s[:, None]
 
 
-def search_group(weights: list, st: ActivationStats, block: int, chunk_bytes: int = 64 << 20) -> GroupChoice:
+def search_group(weights: list, st: ActivationStats, block: int) -> GroupChoice:
     """The alpha (and factors) with the least output error over the weights fed by one activation; each weight
-    read in column slices of about `chunk_bytes` of fp32 (the error is a sum over output columns)."""
+    read in column slices (int4.column_slices: the error is a sum over output columns)."""
     gram = st.gram.astype(np.float32)
     best = None
     err0 = None
@@ -94,10 +94,7 @@ def search_group(weights: list, st: ActivationStats, block: int, chunk_bytes: in
         s = scale_factors(st.mean_abs, alpha)
         err = 0.0
         for weight in weights:
-            k, n = weight.shape
-            step = max(1, chunk_bytes // (4 * k))
-            for c in range(0, n, step):
-                w = np.asarray(weight[:, c: c + step], np.float32)
+            for _, w in column_slices(weight):
                 d = quantized(w, block, st.mean_sq, s) - w
                 err += float(np.einsum("kn,kn->", gram @ d, d))
         if alpha == 0.0:

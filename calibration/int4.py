@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from neoxrt.calibration.targets import replace_graph
+
 BITS = 4
 QMIN, QMAX = -8, 7
 # the LM head may take 8 bits (same layout, one byte per value, zero point 128; the TensorRT form dequantizes it)
@@ -29,7 +31,18 @@ LEVELS = {4: (-8, 7), 8: (-128, 127)}
 MS_DOMAIN = "com.microsoft"
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 DQ_OPSET = 21  # DequantizeLinear with INT4 and block_size
+CHUNK_BYTES = 64 << 20  # fp32 bytes of one weight slice being quantized or searched
 CLIP_RATIOS = np.linspace(0.70, 8 / 7, 16)  # scale = max|w| / 7 * r; r > 1 lets -8 carry the largest weight
+
+
+def column_slices(weight, chunk_bytes: int = CHUNK_BYTES):
+    """Yield (column slice, its fp32 values) of a [K, N] weight (an array or a memory map) in slices of about
+    `chunk_bytes` of fp32: per-block quantization and the output error are per column, so slicing N changes
+    neither, and a weight never needs to be whole in fp32."""
+    k, n = weight.shape
+    step = max(1, chunk_bytes // (4 * k))
+    for c in range(0, n, step):
+        yield slice(c, c + step), np.asarray(weight[:, c: c + step], np.float32)
 
 
 def block_scales(w: np.ndarray, block: int, ratio: np.ndarray | float = 1.0, bits: int = BITS) -> np.ndarray:
@@ -149,13 +162,7 @@ def dq_from_matmulnbits(model: onnx.ModelProto, base_dir: str | None = None) -> 
     if not dropped:
         return model
     kept = [t for t in graph.initializer if t.name not in dropped]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    opset = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset.version < DQ_OPSET:
-        opset.version = DQ_OPSET
+    replace_graph(model, nodes, kept + added, min_opset=DQ_OPSET)
     if not any(n.domain == MS_DOMAIN for n in graph.node):
         kept_ops = [o for o in model.opset_import if o.domain != MS_DOMAIN]
         del model.opset_import[:]

@@ -11,7 +11,7 @@
           passes 256 MiB)
 
 Memory bound: the graph proto, the activation sums (K floats per activation, K x K per LayerNorm group) and
-one weight at a time: its packed bytes and scales, and one column slice of CHUNK_BYTES in fp32 with the clip
+one weight at a time: its packed bytes and scales, and one column slice of int4.CHUNK_BYTES in fp32 with the clip
 search's temporaries (a few times that);
 untouched weights (embedding, LayerNorms) are copied block by block from the source's mapping.
 """
@@ -32,6 +32,7 @@ from neoxrt.calibration.int4 import (
     MS_DOMAIN,
     block_scales,
     clip_search,
+    column_slices,
     matmulnbits_node,
     pack_matmulnbits,
     quantize_blocks,
@@ -39,11 +40,10 @@ from neoxrt.calibration.int4 import (
 from neoxrt.calibration.layered import LayeredStats
 from neoxrt.calibration.onnx_weights import ArrayTensor, MappedTensor, data_less, open_onnx
 from neoxrt.calibration.options import CalibrationOptions
-from neoxrt.calibration.targets import Target, lm_head, quant_targets, smooth_groups
+from neoxrt.calibration.targets import Target, lm_head, quant_targets, replace_graph, smooth_groups
 from neoxrt.errors import CalibrationError
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
-CHUNK_BYTES = 64 << 20  # fp32 bytes of one weight slice being quantized
 
 
 class _Quantizer:
@@ -68,17 +68,15 @@ class _Quantizer:
             h = h / np.square(s)
         packed = np.empty((n, k // self.block, self.block * bits // 8), np.uint8)
         scales = np.empty((n, k // self.block), np.float32)
-        step = max(1, CHUNK_BYTES // (4 * k))
-        for c in range(0, n, step):
-            w = np.asarray(source[:, c: c + step], np.float32)
+        for cols, w in column_slices(source):
             if s is not None:
                 w = w * s[:, None]
             if self.method == "rtn":
                 chunk = block_scales(w, self.block, bits=bits)
             else:
                 chunk = clip_search(w, self.block, h, bits)
-            packed[c: c + step] = pack_matmulnbits(quantize_blocks(w, chunk, bits), self.block, bits)
-            scales[c: c + step] = chunk.T
+            packed[cols] = pack_matmulnbits(quantize_blocks(w, chunk, bits), self.block, bits)
+            scales[cols] = chunk.T
         return packed, scales.reshape(-1)
 
     def part(self, name: str, index: int) -> np.ndarray:
@@ -203,10 +201,7 @@ def int4_from_onnx(src: Path, tmp: Path, manifest: dict, options: CalibrationOpt
         k, n = weights[t.weight].shape
         nodes.append(matmulnbits_node(node, k, n, options.block_size, options.accuracy_level, t.weight,
                                       bits.get(t.weight, BITS)))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    replace_graph(model, nodes, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     # weights stay external where the source's were (its size or the exporter's threshold put them there)

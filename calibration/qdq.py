@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from neoxrt.calibration.targets import Target
+from neoxrt.calibration.targets import Target, replace_graph
 
 QMAX = 127
 REDUCED_QMAX = 63  # 7-bit weights: u8 x s8 pair sums stay inside int16 on x86 without VNNI (options.weight_range)
@@ -81,11 +81,5 @@ def qdq_from_onnx(model: onnx.ModelProto, targets: list[Target], thresholds: dic
         nodes.append(node)
     replaced = {t.weight for t in targets}
     kept = [init for init in graph.initializer if init.name not in replaced]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    opset = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset.version < 13:  # per-axis DequantizeLinear needs opset 13
-        opset.version = 13
+    replace_graph(model, nodes, kept + added, min_opset=13)  # per-axis DequantizeLinear needs opset 13
     return model

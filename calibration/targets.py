@@ -93,3 +93,17 @@ def lm_head(model: onnx.ModelProto, targets: list[Target], output: str) -> Targe
             return by_node.get(node.name)
         name = node.input[0]
     return None
+
+
+def replace_graph(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto],
+                  min_opset: int | None = None) -> None:
+    """Put `nodes` and `initializers` in place of the graph's, and raise the default-domain opset to `min_opset`
+    where it is lower (the Q/DQ forms need 13 for per-axis scales, 21 for INT4 blocks)."""
+    graph = model.graph
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    opset = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if min_opset is not None and opset is not None and opset.version < min_opset:
+        opset.version = min_opset
