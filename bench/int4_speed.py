@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.bench.llamacpp import MODELS, artifact, time_neoxrt
+from neoxrt.bench.llamacpp import artifact, model_checkpoint, time_neoxrt
 from neoxrt.bench.run import read_bandwidth
-from neoxrt.bench.shapes import shape_checkpoint
 
 
 def with_accuracy_level(src: Path, level: int) -> Path:
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
              "| model | engine | decode ms/token | prompt ms | vs int8-weights | vs fp32 | weight MB | floor ms | vs floor |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in args.models.split(","):
-        checkpoint = Path(MODELS[name]) if MODELS.get(name) else shape_checkpoint(name, Path("artifacts/bench"))
+        checkpoint = model_checkpoint(name)
         paths = {v: artifact(checkpoint, name, v, root) for v in ("fp32", "int8-weights", "int4")}
         for level in [int(x) for x in args.levels.split(",")]:
             paths[f"int4-acc{level}"] = with_accuracy_level(paths["int4"], level)

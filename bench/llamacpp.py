@@ -32,6 +32,12 @@ PAIRS = {"fp32": ("f32", None),
 MODELS = {"pythia-160m": None, "trained-14m": "neoxrt/assets/pythia-14m-sotu"}
 
 
+def model_checkpoint(name: str) -> Path:
+    """The checkpoint of a benchmark model: the embedded trained one, or a random shape (any name
+    bench/shapes.py knows) written once."""
+    return Path(MODELS[name]) if MODELS.get(name) else shape_checkpoint(name, Path("artifacts/bench"))
+
+
 def build(cache: Path) -> Path:
     """llama.cpp's binaries folder (built once, then reused)."""
     env = {**os.environ, "CACHE": str(cache), "PY": sys.executable}
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     results = {}
     for name in args.models.split(","):
-        checkpoint = Path(MODELS[name]) if MODELS[name] else shape_checkpoint(name, Path("artifacts/bench"))
+        checkpoint = model_checkpoint(name)
         rows = bench(name, checkpoint, contexts, args.passes, args.new, args.threads, cache, bins, root, log)
         results[name] = summarise(rows)
     out.mkdir(parents=True, exist_ok=True)
