@@ -234,3 +234,18 @@ def export_heads(root: Path, tasks, seed: int = 3) -> dict:
         export_checkpoint(root / task, root / f"{task}-art", ExportOptions(), log=lambda *_: None)
         out[task] = (root / f"{task}-art", model)
     return out
+
+
+def assert_refused(command: str, cases: list[tuple[list[str], str]], tmp_path: Path, capsys) -> None:
+    """Each `neoxrt COMMAND ARGS` (the word OUT in ARGS replaced by tmp_path/out) exits 2 with one stderr line
+    holding its message, and leaves neither the output folder nor a temporary one behind."""
+    from neoxrt.cli import main
+
+    out = tmp_path / "out"
+    for args, message in cases:
+        code = main([command, *[str(out) if a == "OUT" else a for a in args]])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, args
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

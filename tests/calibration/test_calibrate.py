@@ -8,10 +8,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from neox_testing import default_checkpoint
+from neox_testing import assert_refused, default_checkpoint
 from neoxrt.calibration.calibrate import CACHE_FILE, RANGES_FILE, SUMMARY_FILE, calibrate_artifact
 from neoxrt.calibration.options import CalibrationOptions
-from neoxrt.cli import main
 from neoxrt.errors import CalibrationError
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
@@ -173,12 +172,5 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(fp32, fp16, tmp_path, 
         ([str(fp32), "OUT", "--cache", str(tmp_path / "cached" / CACHE_FILE), "--samples", "16", "--seq-len", "32"],
          "was made for other inputs (seq_len 64 vs 32)"),
     ]
-    for args, message in cases:
-        out = tmp_path / "out"
-        code = main(["calibrate", *[str(out) if a == "OUT" else a for a in args]])
-        err = capsys.readouterr().err.strip()
-        assert code == 2, args
-        assert message in err and len(err.splitlines()) == 1, err
-        assert not out.exists()
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert_refused("calibrate", cases, tmp_path, capsys)
     assert np.all([p.name != "out" for p in tmp_path.iterdir()])

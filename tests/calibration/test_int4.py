@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from neox_testing import VARIANTS, default_checkpoint
+from neox_testing import VARIANTS, assert_refused, default_checkpoint
 from neoxrt import contract as io
 from neoxrt.bench.large import POLL_ANON
 from neoxrt.calibration.calibrate import calibrate_artifact
@@ -26,7 +26,6 @@ from neoxrt.calibration.int4 import (
     unpack_matmulnbits,
 )
 from neoxrt.calibration.options import CalibrationOptions
-from neoxrt.cli import main
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
 from neoxrt.export.tensorrt_graph import check_tensorrt_support, tensorrt_ready
@@ -172,14 +171,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(fp32, tmp_path, capsys
         ([str(fp32), "OUT", "--weights-only", "--bits", "4", "--method", "entropy"], "--method with --bits 4 must be"),
         ([str(tmp_path / "done"), "OUT", "--weights-only", "--bits", "4"], "expected stage export, found 'calibrate'"),
     ]
-    for args, message in cases:
-        out = tmp_path / "out"
-        code = main(["calibrate", *[str(out) if a == "OUT" else a for a in args]])
-        err = capsys.readouterr().err.strip()
-        assert code == 2, args
-        assert message in err and len(err.splitlines()) == 1, err
-        assert not out.exists()
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert_refused("calibrate", cases, tmp_path, capsys)
 
 
 # run in a fresh child started from this test process, which reports its own peak anonymous memory
