@@ -116,10 +116,12 @@ class Generator:
             ArtifactError: missing folder or files, manifest mismatch (files, toolkit version, I/O), a draft
                 with another vocabulary or tokenizer.
         """
-        generator = cls._load(path, backend, providers, threads, verify)
+        # a target and its draft run by turns: on ONNX Runtime their threads stop spinning after each run
+        turns = draft is not None
+        generator = cls._load(path, backend, providers, threads, verify, turns)
         if draft is not None:
             generator.attach_draft(draft if isinstance(draft, Generator) else
-                                   cls._load(draft, backend, providers, threads, verify))
+                                   cls._load(draft, backend, providers, threads, verify, turns))
         return generator
 
     def attach_draft(self, draft: Generator) -> None:
@@ -146,7 +148,7 @@ class Generator:
                                 "position's logits only)")
 
     @classmethod
-    def _load(cls, path, backend: str, providers, threads: int | None, verify: bool) -> Generator:
+    def _load(cls, path, backend: str, providers, threads: int | None, verify: bool, turns: bool = False) -> Generator:
         path = Path(path)
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -163,7 +165,7 @@ class Generator:
 
             session = TrtSession(path, manifest)
         else:
-            session = _ort_session_for(path, manifest, providers, threads)
+            session = _ort_session_for(path, manifest, providers, threads, turns=turns)
         _check_io(session, manifest, path)
         tokenizer = None
         if (path / io.TOKENIZER_FILE).is_file():
@@ -393,8 +395,9 @@ def generation_defaults(path: Path) -> dict:
     return defaults
 
 
-def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file: str = io.MODEL_FILE):
-    from neoxrt.runtime.ort_session import OrtSession
+def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file: str = io.MODEL_FILE,
+                     turns: bool = False):
+    from neoxrt.runtime.ort_session import OrtSession, turn_taking_options
 
     model = path / model_file
     if not model.is_file():
@@ -402,7 +405,8 @@ def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file:
     if manifest.get("plugin"):
         raise ArtifactError(f"artifact {path}: plugin graphs run on TensorRT; export with --attention decomposed or fused "
                             "for ONNX Runtime")
-    return OrtSession(model, providers=providers, threads=threads, config=manifest.get(ORT_SESSION_CONFIG))
+    return OrtSession(model, providers=providers, threads=threads, config=manifest.get(ORT_SESSION_CONFIG),
+                      options=turn_taking_options() if turns else None)
 
 
 def _check_io(session: Session, manifest: dict, path: Path) -> None:

@@ -13,7 +13,7 @@ from neoxrt.export.options import ExportOptions
 from neoxrt.model import NeoXConfig, random_model, save_checkpoint
 from neoxrt.runtime import Generator
 from neoxrt.runtime.generator import left_pad
-from neoxrt.runtime.speculative import accept_sampled, lookup_draft
+from neoxrt.runtime.speculative import accept_sampled, lookup_draft, next_k
 
 QUIET = dict(log=lambda *_: None)
 PROMPTS = ["The state of the Union is", "Fellow citizens of the Senate and House", "We the people"]
@@ -36,6 +36,21 @@ def test_greedy_tokens_identical_with_a_draft(artifacts, target, draft):
     stats = spec.spec_stats
     rate = stats["accepted"] / stats["drafted"]
     assert (rate > 0.8) if draft == "int8" else (rate < 0.5), stats
+
+
+def _stops_spinning(session) -> bool:
+    options = session.sess.get_session_options()
+    try:
+        return options.get_session_config_entry("session.force_spinning_stop") == "1"
+    except Exception:  # noqa: BLE001 -- the entry is absent: ORT's default, spinning on after a run
+        return False
+
+
+def test_target_and_draft_do_not_spin_against_each_other(artifacts):
+    """They run by turns on the same cores: neither session's threads spin on after its run returns."""
+    spec = Generator.from_artifacts(artifacts["fp32"], draft=artifacts["int8"], threads=2)
+    assert _stops_spinning(spec.session) and _stops_spinning(spec.draft.session)
+    assert not _stops_spinning(Generator.from_artifacts(artifacts["fp32"], threads=2).session)  # alone: as ORT's
 
 
 def test_rows_accepting_different_lengths_stay_exact(artifacts):
@@ -112,3 +127,14 @@ def test_refusals(artifacts, tmp_path, capsys):
         Generator.from_artifacts(artifacts["last"], draft=artifacts["int8"])
     assert main(["generate", str(artifacts["fp32"]), "--prompt", "x", "--prompt-lookup-tokens", "-1"]) == 2
     assert "argument --prompt-lookup-tokens: expected an integer in [0, 2**31), got -1" in capsys.readouterr().err
+
+
+def test_k_grows_after_full_acceptance_and_falls_toward_what_was_accepted():
+    assert next_k(4, 4, 4, 12) == 6 and next_k(11, 11, 11, 12) == 12 and next_k(12, 12, 12, 12) == 12
+    assert next_k(12, 0, 12, 12) == 6 and next_k(12, 10, 12, 12) == 11 and next_k(6, 5, 6, 12) == 5
+    assert next_k(1, 0, 1, 12) == 1 and next_k(2, 0, 2, 12) == 1
+    k, ks = 12, []
+    for _ in range(6):  # a draft that is always wrong: down to one guess a round within a few rounds
+        k = next_k(k, 0, k, 12)
+        ks.append(k)
+    assert ks == [6, 3, 2, 1, 1, 1]
