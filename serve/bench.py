@@ -324,16 +324,22 @@ def chart(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{r['server'].replace('neoxrt ', '').replace(' weights-only', ' w-only')}\n{r['clients']} client(s)"
-              for r in result["rows"]]
-    a.bar(labels, [r["tokens_per_s"] for r in result["rows"]], color="tab:blue")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = result["rows"]
+    labels = [f"{r['server'].replace(' weights-only', ' w-o')}, {r['clients']}" for r in rows]
+    colors = ["tab:blue" if r["server"].startswith("neoxrt") else "tab:gray" for r in rows]
+    a.bar(labels, [r["tokens_per_s"] for r in rows], color=colors)
     a.set_ylabel("tokens/s (aggregate)")
-    b.bar(labels, [r["ttft_p50_ms"] for r in result["rows"]], color="tab:orange")
-    b.axhline(TARGETS["ttft_p50_ms"], color="gray", linestyle="--")
+    b.bar(labels, [r["ttft_p50_ms"] for r in rows], color=colors)
+    b.axhline(TARGETS["ttft_p50_ms"], color="tab:red", linestyle="--", label="target p50 TTFT")
     b.set_ylabel("TTFT p50 (ms)")
+    b.set_yscale("log")
+    b.legend(fontsize=7)
     for ax in (a, b):
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=35)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    fig.suptitle("server, clients: blue neoxrt, gray vLLM (same run)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
