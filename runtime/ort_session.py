@@ -163,10 +163,21 @@ class _Bound:
         self.vocab = self.logits_spec.shape[-1]
         self.logits: dict[tuple[int, int], np.ndarray] = {}
         self.binding = session.sess.io_binding()
+        self.presents = [n.replace("past_key_values.", "present.") for n in self.names]
+        # the binding's C object and the CPU device, looked up once: the Python wrapper builds an OrtDevice on
+        # every call (~20 us a tensor, 2 x layers + 4 tensors a step: 0.6 ms of a 1.7 ms 14m step)
+        self._io = getattr(self.binding, "_iobinding", None)
+        self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device() if self._io is not None else None
 
     def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
-        bind = self.binding.bind_output if output else self.binding.bind_input
-        bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self._bind_ptr(name, array.dtype, array.shape, array.ctypes.data, output)
+
+    def _bind_ptr(self, name: str, dtype, shape, pointer: int, output: bool) -> None:
+        """Bind `name` to host memory at `pointer` (it must stay alive and unmoved until the run)."""
+        if self._io is not None:
+            (self._io.bind_output if output else self._io.bind_input)(name, self._cpu, dtype, list(shape), pointer)
+        else:  # an ONNX Runtime without the private handle: the public API
+            (self.binding.bind_output if output else self.binding.bind_input)(name, "cpu", 0, dtype, list(shape), pointer)
 
     def _begin(self, input_ids, attention_mask, position_ids, extra: dict | None = None) -> tuple[int, np.ndarray]:
         """Check the step, bind the id inputs (and `extra`); returns (total, logits buffer)."""
@@ -182,8 +193,7 @@ class _Bound:
         logits = self.logits.get((b, s))
         if logits is None:  # once for the prompt shape, once for the decode shape
             logits = self.logits[(b, s)] = np.empty((b, io.logits_rows(self.logits_spec, s), self.vocab), np.float32)
-        self.binding.clear_binding_inputs()
-        self.binding.clear_binding_outputs()
+        # every step binds the same names, each new binding replacing the last: nothing to clear
         feeds = {io.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
                  io.ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
                  io.POSITION_IDS: np.ascontiguousarray(position_ids, np.int64), **(extra or {})}
@@ -203,6 +213,7 @@ class OrtBoundDecoder(_Bound):
         super().__init__(session, batch, max_total)
         size = batch * self.heads * max_total * self.head_dim
         self.buffers = [[np.zeros(size, self.dtype) for _ in self.names] for _ in range(2)]  # [ping|pong][tensor]
+        self.pointers = [[b.ctypes.data for b in side] for side in self.buffers]  # a view starts at its buffer's
         self.current = 0
 
     def _view(self, side: int, j: int, length: int) -> np.ndarray:
@@ -216,10 +227,11 @@ class OrtBoundDecoder(_Bound):
         """Every position's logits [B, S, V] (the bound buffer: valid until the next step of that shape)."""
         total, logits = self._begin(input_ids, attention_mask, position_ids)
         nxt = 1 - self.current
-        for j, name in enumerate(self.names):
-            self._bind(name, self._view(self.current, j, self.past_len), output=False)
-            present = name.replace("past_key_values.", "present.")
-            self._bind(present, self._view(nxt, j, total), output=True)
+        past = (self.batch, self.heads, self.past_len, self.head_dim)
+        present = (self.batch, self.heads, total, self.head_dim)
+        for j, (name, out) in enumerate(zip(self.names, self.presents)):  # _view's memory, by pointer
+            self._bind_ptr(name, self.dtype, past, self.pointers[self.current][j], output=False)
+            self._bind_ptr(out, self.dtype, present, self.pointers[nxt][j], output=True)
         self.session.sess.run_with_iobinding(self.binding)
         self.current, self.past_len = nxt, total
         return logits
@@ -256,6 +268,7 @@ class OrtStaticDecoder(_Bound):
         super().__init__(session, batch, max_total)
         self.cache = [np.zeros((batch, self.heads, max_total, self.head_dim), self.dtype) for _ in self.names]
         self.mask = np.zeros((batch, max_total), np.int64)
+        self.bound_batch = 0  # the batch the cache tensors are bound for (they do not move between steps)
 
     def step(self, input_ids, attention_mask, position_ids):
         return self.step_all(input_ids, attention_mask, position_ids)[:, -1]
@@ -270,9 +283,11 @@ class OrtStaticDecoder(_Bound):
         extra = {io.WRITE_INDICES: np.full(b, self.past_len, np.int64), io.ATTENTION_MASK: self.mask[:b]}
         total, logits = self._begin(input_ids, attention_mask, position_ids, extra)
         self.mask[:b, :total] = attention_mask
-        for name, buf in zip(self.names, self.cache):
-            self._bind(name, buf[:b], output=False)
-            self._bind(name.replace("past_key_values.", "present."), buf[:b], output=True)
+        if self.bound_batch != b:
+            for name, out, buf in zip(self.names, self.presents, self.cache):
+                self._bind(name, buf[:b], output=False)
+                self._bind(out, buf[:b], output=True)
+            self.bound_batch = b
         self.session.sess.run_with_iobinding(self.binding)
         self.past_len = total
         return logits

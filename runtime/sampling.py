@@ -166,6 +166,8 @@ def apply_no_repeat_ngram(logits: np.ndarray, seen: list[np.ndarray], n: int) ->
 
 def apply_bad_words(logits: np.ndarray, seen: list[np.ndarray], words: tuple[tuple[int, ...], ...]) -> np.ndarray:
     """transformers' NoBadWordsLogitsProcessor: ban a word's last token when the row ends with the rest of it."""
+    if not words:
+        return logits
     for row, tokens in enumerate(seen):
         tail = [int(t) for t in tokens]
         for word in words:
@@ -187,6 +189,12 @@ def apply_typical_p(logits: np.ndarray, mass: float) -> np.ndarray:
     last = np.minimum((cum < mass).sum(axis=-1), logits.shape[-1] - 1)
     cutoff = np.take_along_axis(np.take_along_axis(shifted, order, axis=-1), last[:, None], axis=-1)
     return np.where(shifted > cutoff, -np.inf, logits)
+
+
+def _processes(options: GenerationOptions, generated, stop_ids) -> bool:
+    """Whether `process` would change any logit."""
+    return bool(options.repetition_penalty != 1.0 or options.no_repeat_ngram_size or options.bad_words_ids or
+                (options.min_new_tokens and generated is not None and stop_ids))
 
 
 def process(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions,
@@ -220,6 +228,8 @@ def next_tokens(logits: np.ndarray, seen: list[np.ndarray], options: GenerationO
     """One token per row from last-position logits [B, V]; `generated` (new tokens per row so far) and
     `stop_ids` serve `min_new_tokens`."""
     if options.greedy:
+        if not _processes(options, generated, stop_ids):  # plain greedy: the argmax as it comes (exact; no copy)
+            return np.asarray(logits).argmax(axis=-1)
         return process(logits, seen, options, generated, stop_ids).argmax(axis=-1)
     probs = token_probs(logits, seen, options, generated, stop_ids)
     return draw(probs, rng)

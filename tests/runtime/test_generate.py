@@ -88,6 +88,32 @@ def test_bound_decoder_equals_portable_decoder(default_artifact):
     assert gen.generate(ID_PROMPTS, max_new_tokens=24, temperature=0.7, seed=5).ids == bound
 
 
+def test_bound_decoder_logits_equal_portable_step_by_step(default_artifact):
+    """The I/O-bound decoder (buffers bound by pointer, nothing rebound that did not change) gives each step's
+    logits as the portable decoder does, through a prompt step, decode steps, a compaction and a multi-token step."""
+    import numpy as np
+
+    from neoxrt.runtime.generator import left_pad as runtime_left_pad
+
+    gen = Generator.from_artifacts(default_artifact)
+    ids, mask, pos = runtime_left_pad(ID_PROMPTS, 0)
+    bound, portable = gen.session.decoder(len(ID_PROMPTS), ids.shape[1] + 16), FeedDecoder(gen.session, len(ID_PROMPTS))
+    feed, worst = (ids, mask, pos), 0.0
+    for step in range(10):
+        a, b = bound.step_all(*feed).copy(), portable.step_all(*feed)
+        worst = max(worst, float(np.abs(a - b).max()))
+        nxt = b[:, -1].argmax(-1)[:, None]
+        mask, pos = np.concatenate([mask, np.ones((len(mask), 1 + (step == 6)), np.int64)], axis=1), feed[2][:, -1:] + 1
+        if step == 4:  # a row leaves the batch
+            bound.keep_rows(np.array([0, 2]))
+            portable.keep_rows(np.array([0, 2]))
+            nxt, mask, pos = nxt[[0, 2]], mask[[0, 2]], pos[[0, 2]]
+        if step == 6:  # two tokens at once (the speculative verify shape)
+            nxt, pos = np.concatenate([nxt, nxt], axis=1), np.concatenate([pos, pos + 1], axis=1)
+        feed = (nxt.astype(np.int64), mask, pos)
+    assert worst <= 1e-5
+
+
 def test_rows_stop_on_their_own_and_compaction_keeps_the_rest_exact(default_artifact):
     gen = Generator.from_artifacts(default_artifact)
     alone = [gen.generate([p], max_new_tokens=20).ids[0] for p in TEXT_PROMPTS]
