@@ -35,7 +35,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
-from neoxrt.runtime.generator import Generator, TokenEvent, left_pad, token_logprobs
+from neoxrt.runtime.generator import Generator, TextSoFar, TokenEvent, left_pad, token_logprobs
 from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
 
 # the keywords a request may carry: GenerationOptions' fields, and transformers' max_length
@@ -117,7 +117,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._emitted: dict[int, str] = {}
+        self._emitted: dict[int, TextSoFar] = {}
 
     # -- submitting -------------------------------------------------------------------------------------
     def submit(self, prompt, on_event: Callable[[TokenEvent], None], on_error=None, is_cancelled=None,
@@ -263,7 +263,7 @@ class Scheduler:
         r.generated.append(token)
         r.seen = np.append(r.seen, token)
         self.stats.tokens += 1
-        self._emitted.setdefault(r.id, "")
+        self._emitted.setdefault(r.id, TextSoFar())
         piece, reason = self.generator._piece(r.id, r.generated, self._emitted, r.options)
         if token in self._stops(r.options):
             reason = "stop_token"

@@ -207,3 +207,34 @@ def test_bad_input_is_one_line_exit_2(default_artifact, tmp_path, capsys):
                  "--max-new-tokens", "3"]) == 0
     assert len(json.loads(capsys.readouterr().out)["ids"][0]) == 3
 
+
+
+def test_text_is_decoded_piecewise_as_whole(default_artifact):
+    """Streamed pieces, decoded incrementally (only the tokens after the last whole character), join to the
+    full decode at every step, hold back incomplete characters, and equal the decode-everything path."""
+    from neoxrt.runtime.generator import TextSoFar
+    from neoxrt.runtime.sampling import GenerationOptions
+
+    gen = Generator.from_artifacts(default_artifact)
+    assert gen._byte_level
+    text = "naïve café — 東京タワー 😀🎉 ok\nZürich ½"
+    ids = gen.tokenizer.encode(text).ids
+    options = GenerationOptions()
+    state, pieces, held = TextSoFar(), [], 0
+    for n in range(1, len(ids) + 1):
+        piece, reason = gen._piece(0, ids[:n], [state], options)
+        assert reason is None
+        pieces.append(piece)
+        held += piece == ""
+        full = gen.tokenizer.decode(ids[:n])
+        assert full.startswith("".join(pieces)) and ("".join(pieces) == full or full.endswith("\ufffd"))
+    assert "".join(pieces) == text and held > 0  # the emoji's bytes span tokens: pieces were held back
+    plain = type(gen).__dict__["_byte_level"]
+    try:  # the same through the decode-everything path
+        type(gen)._byte_level = property(lambda self: False)
+        state, again = TextSoFar(), []
+        for n in range(1, len(ids) + 1):
+            again.append(gen._piece(0, ids[:n], [state], options)[0])
+    finally:
+        type(gen)._byte_level = plain
+    assert again == pieces
