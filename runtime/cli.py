@@ -148,7 +148,7 @@ def _add_generate(sub) -> None:
                    help="speculative decoding: an artifact with the same tokenizer (e.g. this model's --weights-only INT8) "
                         "guesses tokens, this model checks them in one step (same tokens as without it)")
     p.add_argument("--num-draft-tokens", type=t.positive_int, default=None, metavar="K",
-                   help="with --draft: the most tokens guessed per step (default 12, adapts to the acceptance)")
+                   help="with --draft: the most tokens guessed per step (default 8, adapts to the acceptance)")
     p.add_argument("--prompt-lookup-tokens", type=t.count, default=0, metavar="N",
                    help="speculative decoding without a draft: guess up to N tokens from an n-gram match in the text so far")
     p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (prompt excluded)')

@@ -136,7 +136,9 @@ class Generator:
         return generator
 
     def attach_draft(self, draft: Generator) -> None:
-        """Use `draft` to guess tokens (speculative decoding).
+        """Use `draft` to guess tokens (speculative decoding). Sessions loaded on their own keep ONNX Runtime's
+        spinning threads, which steal the cores from each other between turns: load the pair with
+        `from_artifacts(path, draft=DRAFT_DIR)` instead, which turns it off for both.
 
         Raises:
             ArtifactError: its vocabulary or tokenizer differs from this model's, or this model's graph returns

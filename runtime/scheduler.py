@@ -196,6 +196,7 @@ class Scheduler:
                 self._decode()
         except Exception as exc:  # a failed step ends the requests in it, not the server
             for request in self._live + [r for r in joining if r not in self._live]:
+                self._emitted.pop(request.id, None)
                 if request.on_error is not None:
                     request.on_error(exc)
             self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
@@ -210,6 +211,8 @@ class Scheduler:
             self.stats.cancelled += len(self._queue) - len(kept)
             self._queue = kept
         gone = [j for j, r in enumerate(self._live) if r.cancelled()]
+        for j in gone:
+            self._emitted.pop(self._live[j].id, None)
         if gone:
             self.stats.cancelled += len(gone)
             self._keep(np.setdiff1d(np.arange(len(self._live)), gone))

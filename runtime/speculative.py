@@ -39,7 +39,7 @@ class SpeculativeOptions:
         max_ngram: the longest n-gram looked up (then shorter ones, down to 1), as transformers' prompt lookup.
     """
 
-    num_draft_tokens: int = 12
+    num_draft_tokens: int = 8
     prompt_lookup_tokens: int = 0
     max_ngram: int = 2
 
@@ -58,9 +58,9 @@ class SpeculativeOptions:
 
 def next_k(k: int, accepted: int, drafted: int, kmax: int) -> int:
     """The next round's K: up by two after a round that accepted all `drafted` guesses (as transformers'
-    heuristic schedule), else halfway from K down to the accepted count + 1, at least 1. The ceiling is 12 by
-    default: measured with the INT8 weights-only draft of the Pythia-160m shape (every guess accepted, 2
-    threads, docs/BENCH.md), K <= 4 / 8 / 12 gave 0.60 / 0.57 / 0.53x the fp32 time per token."""
+    heuristic schedule), else halfway from K down to the accepted count + 1, at least 1. The default ceiling is 8:
+    measured with the INT8 weights-only draft of the Pythia-160m shape (2 threads, AVX2, docs/BENCH.md), K <= 4 /
+    8 / 12 gave 0.61 / 0.60 / 0.58x the fp32 time per token, within that machine's noise of each other."""
     if accepted >= drafted:
         return min(k + 2, kmax)
     return max(1, min(k - 1, (k + accepted + 1) // 2))
