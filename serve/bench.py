@@ -139,14 +139,27 @@ class VllmServed:
         self.ready_s = time.monotonic() - start
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """The whole process group, even when the API server already died (its engine and worker may not have)."""
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
             try:
-                self.proc.wait(30)
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                continue
+            if not _tree(self.proc.pid)[1:] and not _group_alive(self.proc.pid):
+                break
         self.log.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def vllm_python(arg: str | None) -> str | None:
@@ -165,14 +178,14 @@ def stream_one(http: str, prompt: str, new_tokens: int) -> dict:
 def stream_openai(base: str, prompt: str, new_tokens: int) -> dict:
     """One streamed /v1/completions request (SSE, a chunk per token, then `data: [DONE]`)."""
     body = {"model": "neoxrt", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     return timed_sse(f"{base}/completions", body)
 
 
 def timed_sse(url: str, body: dict) -> dict:
     """POST `body`, read the event stream; time to the first event and to the end, events (= tokens) counted."""
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, usage = None, 0, None
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=600) as r:
         for line in r:
@@ -180,10 +193,14 @@ def timed_sse(url: str, body: dict) -> dict:
                 event = json.loads(line[6:])
                 if "error" in event:
                     raise RuntimeError(event["error"])
+                if event.get("usage") and not event.get("choices"):  # OpenAI's usage chunk: the server's count
+                    usage = event["usage"]["completion_tokens"]
+                    continue
                 tokens += 1
                 first = first or time.perf_counter()
     end = time.perf_counter()
-    return dict(ttft_ms=(first - start) * 1e3, latency_ms=(end - start) * 1e3, tokens=tokens)
+    # a server may merge tokens into one chunk or skip empty ones: its own count where it gives one
+    return dict(ttft_ms=(first - start) * 1e3, latency_ms=(end - start) * 1e3, tokens=usage or tokens)
 
 
 def phase(served: Served, prompts: list[str], clients: int, requests_each: int, new_tokens: int, send=None) -> dict:
@@ -251,10 +268,15 @@ def run(args) -> dict:
         finally:
             served.stop()
         rows += _rows(label, one, many, served.ready_s, max(rss, rss_idle), args.clients)
-    python = vllm_python(args.vllm_python)
+    python, failed = vllm_python(args.vllm_python), ""
     for dtype in ("float32", "bfloat16") if python else ():
         label = f"vLLM {'fp32' if dtype == 'float32' else 'bf16'}"
-        served = VllmServed(python, ckpt, dtype, args.threads, args.clients, args.port + 10)
+        try:
+            served = VllmServed(python, ckpt, dtype, args.threads, args.clients, args.port + 10)
+        except RuntimeError as exc:  # keep what was measured; say why vLLM has no (more) rows
+            print(f"{label}: {exc}", flush=True)
+            failed = f"; {label} did not start: {exc}"
+            break
         try:
             rss_idle = _rss_mib(served.proc.pid)
             send = lambda prompt, n, base=served.openai: stream_openai(base, prompt, n)  # noqa: E731
@@ -265,8 +287,10 @@ def run(args) -> dict:
         finally:
             served.stop()
         rows += _rows(label, one, many, served.ready_s, max(rss, rss_idle), args.clients)
-    vllm = f"run in this run ({python})" if python else "not installed (its rows are the issue's anchors)"
-    return dict(rows=rows, anchors=[] if python else ANCHORS, vllm=vllm, threads=args.threads,
+    ran = any(r["server"].startswith("vLLM") for r in rows)
+    vllm = (f"run in this run ({python}){failed}" if python else "not installed") + ("" if ran else
+                                                                                   " (its rows are the issue's anchors)")
+    return dict(rows=rows, anchors=[] if ran else ANCHORS, vllm=vllm, threads=args.threads,
                 new_tokens=args.new_tokens, prompt_tokens=32, machine=f"{os.cpu_count()} CPUs, {args.machine}")
 
 
