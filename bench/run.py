@@ -36,7 +36,8 @@ NEOXRT_VARIANTS = {"decomposed": ("decomposed", {"attention": "decomposed"}, Non
 # speculative decoding on the fp32 fused export: neoxrt-spec-<name> -> (draft variant or None, generate() keywords)
 SPEC_ENGINES = {"int8": ("int8-weights", {}), "int8-k4": ("int8-weights", {"num_draft_tokens": 4}),
                 "int8-k8": ("int8-weights", {"num_draft_tokens": 8}), "int8-k12": ("int8-weights", {"num_draft_tokens": 12}),
-                "int4": ("int4-weights", {}), "lookup": (None, {"prompt_lookup_tokens": 5})}
+                "int8-dynamic": ("int8-dynamic", {}), "int4": ("int4-weights", {}),
+                "lookup": (None, {"prompt_lookup_tokens": 5})}
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
 
 
