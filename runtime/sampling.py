@@ -134,6 +134,17 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     always keeping the most likely one."""
     if p >= 1.0:
         return logits
+    kept = np.isfinite(logits)
+    if kept.sum(axis=-1).max() * 4 <= logits.shape[-1]:  # after top-k: sort only the survivors of each row
+        out = np.full_like(logits, -np.inf)
+        for row in range(len(logits)):
+            idx = np.flatnonzero(kept[row])  # ascending, so the stable sort breaks ties as on the whole row
+            out[row, idx] = _top_p_rows(logits[row, idx][None], p)[0]
+        return out
+    return _top_p_rows(logits, p)
+
+
+def _top_p_rows(logits: np.ndarray, p: float) -> np.ndarray:
     order = np.argsort(logits, axis=-1, kind="stable")
     sorted_logits = np.take_along_axis(logits, order, axis=-1)
     cum = np.cumsum(softmax(sorted_logits), axis=-1)

@@ -69,3 +69,20 @@ def test_greedy_is_exact_argmax():
 def test_bad_options_are_refused(kwargs):
     with pytest.raises(RuntimeShapeError):
         GenerationOptions(**kwargs)
+
+
+def test_top_p_after_top_k_sorts_only_the_survivors_and_keeps_the_same_tokens():
+    """The top-k survivors path of apply_top_p keeps exactly the tokens the whole-row sort keeps (ties included)."""
+    from neoxrt.runtime.sampling import _top_p_rows, apply_top_k, apply_top_p
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        vocab, rows = int(rng.integers(50, 2000)), int(rng.integers(1, 4))
+        logits = rng.normal(size=(rows, vocab)) * rng.uniform(0.1, 5)
+        if trial % 3 == 0:
+            logits = np.round(logits, 1)  # ties
+        kept = apply_top_k(logits, int(rng.integers(1, vocab // 5)))
+        p = float(rng.uniform(0.05, 0.99))
+        fast, whole = apply_top_p(kept, p), _top_p_rows(kept, p)
+        assert np.array_equal(np.isfinite(fast), np.isfinite(whole))
+        assert np.array_equal(fast[np.isfinite(fast)], whole[np.isfinite(whole)])
