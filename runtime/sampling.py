@@ -202,10 +202,10 @@ def apply_typical_p(logits: np.ndarray, mass: float) -> np.ndarray:
     return np.where(shifted > cutoff, -np.inf, logits)
 
 
-def _processes(options: GenerationOptions, generated, stop_ids) -> bool:
-    """Whether `process` would change any logit."""
+def processes(options: GenerationOptions) -> bool:
+    """Whether `process` may change any logit (else greedy's token is the plain argmax of the logits)."""
     return bool(options.repetition_penalty != 1.0 or options.no_repeat_ngram_size or options.bad_words_ids or
-                (options.min_new_tokens and generated is not None and stop_ids))
+                options.min_new_tokens)
 
 
 def process(logits: np.ndarray, seen: list[np.ndarray], options: GenerationOptions,
@@ -239,7 +239,7 @@ def next_tokens(logits: np.ndarray, seen: list[np.ndarray], options: GenerationO
     """One token per row from last-position logits [B, V]; `generated` (new tokens per row so far) and
     `stop_ids` serve `min_new_tokens`."""
     if options.greedy:
-        if not _processes(options, generated, stop_ids):  # plain greedy: the argmax as it comes (exact; no copy)
+        if not processes(options):  # plain greedy: the argmax as it comes (exact; no copy)
             return np.asarray(logits).argmax(axis=-1)
         return process(logits, seen, options, generated, stop_ids).argmax(axis=-1)
     probs = token_probs(logits, seen, options, generated, stop_ids)

@@ -36,7 +36,7 @@ import numpy as np
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
 from neoxrt.runtime.generator import Generator, TextSoFar, TokenEvent, left_pad, token_logprobs
-from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
+from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, processes, top_indices
 
 # the keywords a request may carry: GenerationOptions' fields, and transformers' max_length
 REQUEST_OPTIONS = frozenset(f.name for f in fields(GenerationOptions)) | {"max_length"}
@@ -250,7 +250,7 @@ class Scheduler:
     def _pick(self, requests: list[Request], logits: np.ndarray) -> np.ndarray:
         """Each request's next token from its logits row, its own options and generator; events sent."""
         chosen = np.zeros(len(requests), np.int64)
-        plain = [j for j, r in enumerate(requests) if r.options.greedy and not _processed(r.options)]
+        plain = [j for j, r in enumerate(requests) if r.options.greedy and not processes(r.options)]
         if plain:
             chosen[plain] = logits[plain].argmax(axis=-1)
         for j, r in enumerate(requests):
@@ -332,11 +332,6 @@ def _prompt_logprobs(logits: np.ndarray, prompt: list[int], top: int) -> list:
     best = top_indices(logp, top)
     return [None] + [(float(logp[t, tok]), [(int(b), float(logp[t, b])) for b in best[t]])
                      for t, tok in enumerate(prompt[1:])]
-
-
-def _processed(o: GenerationOptions) -> bool:
-    """Whether a logits processor changes greedy's argmax (else the batch's plain argmax serves the row)."""
-    return o.repetition_penalty != 1.0 or bool(o.no_repeat_ngram_size or o.bad_words_ids or o.min_new_tokens)
 
 
 def _left_pad_cols(mask: np.ndarray, width: int) -> np.ndarray:
