@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neoxrt.serve.server import http_ok
+
 ANCHORS = [  # issue 15, vLLM 0.32 CPU backend, same shape and machine kind, 2 threads
     dict(server="vLLM 0.32 fp32 (anchor)", clients=1, tokens_per_s=48.0, ttft_p50_ms=None),
     dict(server="vLLM 0.32 fp32 (anchor)", clients=16, tokens_per_s=451.5, ttft_p50_ms=290.0),
@@ -125,13 +127,7 @@ class VllmServed:
         start = time.monotonic()
         self.log = open(Path(checkpoint).parent / f"vllm-{dtype}.log", "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
+        while not http_ok(f"http://127.0.0.1:{port}/health", timeout=5):
             if self.proc.poll() is not None or time.monotonic() - start > 600:
                 self.stop()
                 raise RuntimeError(f"vLLM did not get ready; see {self.log.name}")
@@ -139,27 +135,25 @@ class VllmServed:
         self.ready_s = time.monotonic() - start
 
     def stop(self) -> None:
-        """The whole process group, even when the API server already died (its engine and worker may not have)."""
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
+        """The whole process group, even when the API server already died (its engine and worker may not have):
+        SIGTERM, up to 30 s for the group to go, then SIGKILL."""
+        for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
+            except ProcessLookupError:  # nobody left in the group
                 break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _tree(self.proc.pid)[1:] and not _group_alive(self.proc.pid):
-                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and self._group_alive():
+                time.sleep(0.2)
         self.log.close()
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    def _group_alive(self) -> bool:
+        self.proc.poll()  # reap the API server itself, so its pid leaves the group
+        try:
+            os.killpg(self.proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
 
 def vllm_python(arg: str | None) -> str | None:
@@ -259,15 +253,7 @@ def run(args) -> dict:
     for variant, label in (("fused-last", "neoxrt fp32"), ("int8-weights", "neoxrt INT8 weights-only"))[: args.artifacts]:
         artifact = neoxrt_artifact("pythia-160m", ckpt, variant, root)
         served = Served(artifact, args.threads, args.clients, args.port)
-        try:
-            rss_idle = _rss_mib(served.proc.pid)
-            stream_one(served.http, prompts[0], 4)  # warm-up
-            one = phase(served, prompts, 1, args.single_requests, args.new_tokens)
-            many = phase(served, prompts, args.clients, args.requests_each, args.new_tokens)
-            rss = _rss_mib(served.proc.pid)
-        finally:
-            served.stop()
-        rows += _rows(label, one, many, served.ready_s, max(rss, rss_idle), args.clients)
+        rows += _measure(label, served, lambda prompt, n, http=served.http: stream_one(http, prompt, n), prompts, args)
     python, failed = vllm_python(args.vllm_python), ""
     for dtype in ("float32", "bfloat16") if python else ():
         label = f"vLLM {'fp32' if dtype == 'float32' else 'bf16'}"
@@ -277,21 +263,27 @@ def run(args) -> dict:
             print(f"{label}: {exc}", flush=True)
             failed = f"; {label} did not start: {exc}"
             break
-        try:
-            rss_idle = _rss_mib(served.proc.pid)
-            send = lambda prompt, n, base=served.openai: stream_openai(base, prompt, n)  # noqa: E731
-            send(prompts[0], 4)  # warm-up
-            one = phase(served, prompts, 1, args.single_requests, args.new_tokens, send=send)
-            many = phase(served, prompts, args.clients, args.requests_each, args.new_tokens, send=send)
-            rss = _rss_mib(served.proc.pid)
-        finally:
-            served.stop()
-        rows += _rows(label, one, many, served.ready_s, max(rss, rss_idle), args.clients)
+        rows += _measure(label, served, lambda prompt, n, base=served.openai: stream_openai(base, prompt, n), prompts,
+                         args)
     ran = any(r["server"].startswith("vLLM") for r in rows)
     vllm = (f"run in this run ({python}){failed}" if python else "not installed") + ("" if ran else
                                                                                    " (its rows are the issue's anchors)")
     return dict(rows=rows, anchors=[] if ran else ANCHORS, vllm=vllm, threads=args.threads,
                 new_tokens=args.new_tokens, prompt_tokens=32, machine=f"{os.cpu_count()} CPUs, {args.machine}")
+
+
+def _measure(label: str, served, send, prompts: list[str], args) -> list[dict]:
+    """A started server's two phases (1 client, then `args.clients`), its RSS idle and after, then stopped; its
+    two rows."""
+    try:
+        rss_idle = _rss_mib(served.proc.pid)
+        send(prompts[0], 4)  # warm-up
+        one = phase(served, prompts, 1, args.single_requests, args.new_tokens, send=send)
+        many = phase(served, prompts, args.clients, args.requests_each, args.new_tokens, send=send)
+        rss = _rss_mib(served.proc.pid)
+    finally:
+        served.stop()
+    return _rows(label, one, many, served.ready_s, max(rss, rss_idle), args.clients)
 
 
 def _rows(label: str, one: dict, many: dict, ready_s: float, rss_mib: float, clients: int) -> list[dict]:
@@ -325,7 +317,8 @@ def markdown(result: dict) -> str:
     for label in dict.fromkeys(r["server"] for r in result["rows"] if r["server"].startswith("neoxrt")):
         one, many = [r for r in result["rows"] if r["server"] == label]
         against = "vLLM fp32" if "fp32" in label else "vLLM bf16"
-        anchor = measured.get(against, 451.5 if "fp32" in label else 688.5)
+        anchor = measured.get(against, next(a["tokens_per_s"] for a in ANCHORS
+                                            if a["clients"] > 1 and a["server"].startswith(against.replace(" ", " 0.32 "))))
         against += " (this run)" if against in measured else " anchor"
         checks = [(f"{label}: {many['clients']} clients / 1 client tokens/s", many["tokens_per_s"] / one["tokens_per_s"],
                    f">= {TARGETS['speedup']}", many["tokens_per_s"] / one["tokens_per_s"] >= TARGETS["speedup"]),

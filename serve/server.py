@@ -76,6 +76,15 @@ def server_env(dist: Path) -> dict[str, str]:
     return env
 
 
+def http_ok(url: str, timeout: float) -> bool:
+    """Whether GET `url` answers 200 (a server's health or readiness endpoint); False while it cannot connect."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 class TritonProcess:
     """One `tritonserver` child on `repo`, its log in `log_path`."""
 
@@ -110,12 +119,8 @@ class TritonProcess:
             if self.proc.poll() is not None:
                 raise ServeError(f"tritonserver exited with code {self.proc.returncode} before it was ready: "
                                  f"{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if http_ok(f"{self.http_url}/v2/health/ready", timeout=1):
+                return
             time.sleep(0.1)
         if not (stop and stop.is_set()):
             raise ServeError(f"tritonserver not ready after {self.options.ready_timeout:.0f} s: {self.log_tail()}")
