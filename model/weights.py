@@ -3,6 +3,7 @@ writer asks for them, one block at a time.
 
     open_checkpoint(folder) -> {our key: LazyArray}      (nothing read but headers and the shard index)
     array.T.astype(np.float16)                            (recorded, not computed)
+    array.take_rows(order)                                (recorded: the source's rows in another order)
     for block in array.blocks(): file.write(block)        (reads a block, casts, checks finite, yields it)
 
 Memory bound: one block of the output (`BLOCK_BYTES`, 64 MiB) plus the source rows or columns it is made
@@ -64,12 +65,15 @@ class Source:
 
 
 class LazyArray:
-    """A checkpoint tensor with a recorded transpose (2-D) and cast; enough of numpy's interface for the
-    graph emitter (`shape`, `dtype`, `.T`, `.astype`), plus `blocks()` to stream it and `numpy()` to load it."""
+    """A checkpoint tensor with a recorded transpose (2-D), cast and order of the source's rows; enough of
+    numpy's interface for the graph emitter (`shape`, `dtype`, `.T`, `.astype`), plus `blocks()` to stream it
+    and `numpy()` to load it."""
 
-    def __init__(self, source: Source, transposed: bool = False, dtype: np.dtype | None = None):
+    def __init__(self, source: Source, transposed: bool = False, dtype: np.dtype | None = None,
+                 order: np.ndarray | None = None):
         self.source = source
         self.transposed = transposed
+        self.order = order  # source row i of the result is source row order[i]; None: as stored
         self.dtype = np.dtype(dtype) if dtype is not None else (
             np.dtype("float32") if source.bf16 or source.dtype is None else source.dtype)
         self.shape = tuple(reversed(source.shape)) if transposed else tuple(source.shape)
@@ -78,10 +82,16 @@ class LazyArray:
     def T(self) -> LazyArray:  # noqa: N802 (numpy's name)
         if len(self.shape) != 2:
             raise ValueError(f"transpose of a {len(self.shape)}-D tensor")
-        return LazyArray(self.source, not self.transposed, self.dtype)
+        return LazyArray(self.source, not self.transposed, self.dtype, self.order)
 
     def astype(self, dtype) -> LazyArray:
-        return LazyArray(self.source, self.transposed, dtype)
+        return LazyArray(self.source, self.transposed, dtype, self.order)
+
+    def take_rows(self, order: np.ndarray) -> LazyArray:
+        """The source's rows (its first axis) in `order` (a permutation), before any transpose."""
+        if self.transposed or sorted(order) != list(range(self.source.shape[0])):
+            raise ValueError("take_rows: a permutation of the untransposed source's rows")
+        return LazyArray(self.source, False, self.dtype, np.asarray(order))
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +103,9 @@ class LazyArray:
         Raises:
             CheckpointError: a value is NaN or infinite (naming the tensor and the first bad index).
         """
+        if self.order is not None and not self.transposed:  # small in practice (a bias): read, check, permute
+            yield self._permuted(self.source.rows(0, self.source.shape[0]))
+            return
         rows = self.shape[0] if self.shape else 1
         row_bytes = max(1, self.nbytes // max(rows, 1))
         step = max(1, block_bytes // row_bytes)
@@ -103,11 +116,15 @@ class LazyArray:
             if self.transposed:  # output rows [start, stop) are source columns [start, stop)
                 src = self.source.rows(0, self.source.shape[0], slice(start, stop))
                 self._check_finite(src, col_offset=start)
-                yield transpose(src, self.dtype)
+                yield transpose(src if self.order is None else src[self.order], self.dtype)
             else:
                 src = self.source.rows(start, stop)
                 self._check_finite(src, row_offset=start)
                 yield np.ascontiguousarray(src.astype(self.dtype, copy=False)).reshape((stop - start, *self.shape[1:]))
+
+    def _permuted(self, src: np.ndarray) -> np.ndarray:
+        self._check_finite(src)
+        return np.ascontiguousarray(src[self.order].astype(self.dtype, copy=False)).reshape(self.shape)
 
     def _check_finite(self, src: np.ndarray, row_offset: int = 0, col_offset: int = 0) -> None:
         """The fast test first (fp16: the largest magnitude bit pattern is below the exponent-all-ones one; 2.4x

@@ -94,9 +94,16 @@ class TorchReference:
         return greedy(self.model, rows, n)
 
     def layer_weights(self):
+        """Per layer, its 2-D weights; the qkv projection also in the fused export's packed [q | k | v] order
+        (a list of alternatives: either form found counts)."""
+        from neoxrt.export.neox_onnx import packed_order
+
+        cfg = self.model.config
         state = {k: v.numpy() for k, v in self.model.state_dict().items()}
-        return [[state[k] for k in sorted(state) if k.startswith(f"layers.{i}.") and state[k].ndim == 2]
-                for i in range(self.model.config.num_layers)]
+        order = packed_order(cfg.num_heads, cfg.head_dim)
+        return [[[state[k], state[k][order]] if k.endswith(".qkv.weight") else [state[k]]
+                 for k in sorted(state) if k.startswith(f"layers.{i}.") and state[k].ndim == 2]
+                for i in range(cfg.num_layers)]
 
 
 class ArtifactReference:

@@ -144,7 +144,7 @@ def hidden_state_names(model, layers: int) -> tuple[dict[int, str], str | None]:
 
 def first_layer_with_other_weights(model_path: Path, reference) -> int | None:
     """Fallback localisation: the first layer one of whose reference weights (as stored, or transposed, in the
-    graph's dtype) is found nowhere among the graph's initializers."""
+    graph's dtype; each given as a list of equivalent forms) is found nowhere among the graph's initializers."""
     import onnx
     from onnx import numpy_helper
 
@@ -164,6 +164,6 @@ def first_layer_with_other_weights(model_path: Path, reference) -> int | None:
         return False
 
     for i, layer in enumerate(reference.layer_weights()):
-        if not all(present(w) for w in layer):
+        if not all(any(present(form) for form in forms) for forms in layer):
             return i
     return None

@@ -229,3 +229,21 @@ def test_open_checkpoint_reads_headers_only(tmp_path):
     assert np.array_equal(w.T.numpy(), want.T)
     blocks = list(w.T.blocks(block_bytes=4096))  # small blocks: the same bytes in order
     assert len(blocks) > 1 and np.array_equal(np.concatenate(blocks), want.T)
+
+
+def test_take_rows_permutes_the_source_rows_block_by_block(tmp_path):
+    from neoxrt.export.neox_onnx import packed_order
+
+    ckpt = write_variant("gelu_parallel", tmp_path / "ckpt", fmt="sharded", dtype="bf16")
+    weights = open_checkpoint(ckpt, VARIANTS["gelu_parallel"])
+    state = random_model(VARIANTS["gelu_parallel"]).state_dict()
+    order = packed_order(VARIANTS["gelu_parallel"].num_heads, VARIANTS["gelu_parallel"].head_dim)
+    want = state["layers.0.qkv.weight"].to(torch.bfloat16).float().numpy()[order]
+    w = weights["layers.0.qkv.weight"].take_rows(order).T
+    blocks = list(w.blocks(block_bytes=4096))
+    assert len(blocks) > 1 and np.array_equal(np.concatenate(blocks), want.T)
+    assert np.array_equal(w.astype(np.float16).numpy(), want.T.astype(np.float16))
+    bias = weights["layers.0.qkv.bias"].take_rows(order)
+    assert np.array_equal(bias.numpy(), state["layers.0.qkv.bias"].to(torch.bfloat16).float().numpy()[order])
+    with pytest.raises(ValueError, match="permutation"):
+        weights["layers.0.qkv.weight"].take_rows(order[:-1])

@@ -78,8 +78,9 @@ def test_the_plugin_graph_passes_only_with_our_plugin_registered(artifacts):
 
 
 def test_the_check_names_what_tensorrt_would_refuse(artifacts):
-    raw = onnx.load(str(artifacts["fused"] / io.MODEL_FILE))  # Attention with the cache inside
+    raw = onnx.load(str(artifacts["fused"] / io.MODEL_FILE))  # 3-D Attention with the cache inside
     assert any("past_key/past_value" in p for p in check_tensorrt_support(raw))
+    assert any("4-D Q, K, V only" in p for p in check_tensorrt_support(raw))
     dynamic = check_tensorrt_support(onnx.load(str(artifacts["int8-dynamic"] / io.MODEL_FILE)))
     assert any(p.startswith("MatMulInteger") for p in dynamic) and any("DynamicQuantizeLinear" in p for p in dynamic)
     int8 = onnx.load(str(artifacts["int8"] / io.MODEL_FILE))
@@ -107,6 +108,15 @@ def test_tensorrt_ready_keeps_the_function(artifacts):
         np.testing.assert_allclose(x, y, atol=1e-5)
     ops = [n.op_type for n in tensorrt_ready(onnx.load(str(path))).graph.node]
     assert ops.count("Attention") == 6 and ops.count("Concat") >= 12
+
+
+def test_fused_attention_takes_packed_qkv_without_reshapes(artifacts):
+    """The fused export splits the packed [q | k | v] projection into 3-D q, k, v: no Reshape or Transpose in
+    the layers (tensorrt_ready adds them back for TensorRT, tested above); the static cache keeps the 4-D form."""
+    ops = [n.op_type for n in onnx.load(str(artifacts["fused"] / io.MODEL_FILE)).graph.node]
+    assert ops.count("Transpose") == 0 and ops.count("Reshape") == 0 and ops.count("Split") == 6
+    static = [n.op_type for n in onnx.load(str(artifacts["static-fp16"] / io.MODEL_FILE)).graph.node]
+    assert static.count("Transpose") == 12 and static.count("TensorScatter") == 12
 
 
 def test_profiles_cover_prompt_and_decode_and_agree_across_inputs(artifacts):
