@@ -3,7 +3,9 @@
 llama.cpp is built from the source vendored in the llama-cpp-python sdist (llamacpp_build.sh, cached under
 .cache/llama.cpp), the benchmark models are converted with its convert_hf_to_gguf.py (its gguf-py on
 PYTHONPATH) and quantized with llama-quantize. Pairs: our fp32 (fused export, last-position logits) against
-f32, INT8 weights-only against q8_0, INT4 (awq, block 32) against q4_0. Each pass times, for every pair, our
+f32, and our fp32 with the screened LM head (greedy tokens = fp32's) against f32 again; INT8 weights-only
+against q8_0, INT4 (awq, block 32) against q4_0. Artifacts are cached under artifacts/bench-llamacpp: remove
+it after changing the exporter. Each pass times, for every pair, our
 Generator.stream in this process (prompt = time to the first token after a `context`-token prompt; decode =
 mean gap over `new` tokens after it) and then `llama-bench` (pp`context`; tg`new` at depth `context`), batch 1,
 the same threads. Ratios neoxrt / llama.cpp are taken per pass; the table gives their median over passes.
@@ -25,10 +27,14 @@ from neoxrt.bench.shapes import shape_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ROOT = Path.cwd()
-# neoxrt artifact name -> (llama.cpp type, calibration options or None for the fp32 export)
+# neoxrt artifact name -> (llama.cpp type, calibration options, or None for an fp32 export)
 PAIRS = {"fp32": ("f32", None),
+         "fp32-screened": ("f32", None),
          "int8-weights": ("q8_0", {"weights_only": True}),
          "int4": ("q4_0", {"weights_only": True, "bits": 4, "block_size": 32, "method": "awq"})}
+# the fp32 exports (last-position logits); fp32-screened: greedy tokens = fp32's, a quarter of the LM head's
+# bytes per token (export/screen.py)
+EXPORTS = {"fp32": {}, "fp32-screened": {"lm_head": "screened"}}
 MODELS = {"pythia-160m": None, "trained-14m": "neoxrt/assets/pythia-14m-sotu"}
 
 
@@ -78,12 +84,14 @@ def artifact(checkpoint: Path, name: str, variant: str, root: Path) -> Path:
     from neoxrt.export.exporter import export_checkpoint
     from neoxrt.export.options import ExportOptions
 
+    for export, extra in EXPORTS.items():
+        folder = root / f"{name}-{export}"
+        if (export == "fp32" or variant == export) and not (folder / "manifest.json").is_file():
+            export_checkpoint(checkpoint, folder, ExportOptions(logits="last", **extra), force=True, log=lambda *_: None)
+    if variant in EXPORTS:
+        return root / f"{name}-{variant}"
     fp32 = root / f"{name}-fp32"
-    if not (fp32 / "manifest.json").is_file():
-        export_checkpoint(checkpoint, fp32, ExportOptions(logits="last"), force=True, log=lambda *_: None)
     options = PAIRS[variant][1]
-    if options is None:
-        return fp32
     out = root / f"{name}-{variant}"
     if not (out / "manifest.json").is_file():
         calibrate_artifact(fp32, out, CalibrationOptions(**options), force=True, progress=False, log=lambda *_: None)

@@ -20,6 +20,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         logits=args.logits,
         kv_cache=args.kv_cache,
         task=args.task,
+        lm_head=args.lm_head,
     )
     export_checkpoint(args.checkpoint, args.out_dir, options, force=args.force)
     return 0
@@ -27,7 +28,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _add_export(sub) -> None:
     from neoxrt.contract import TASKS
-    from neoxrt.export.options import ATTENTIONS, DTYPES, KV_CACHES, LOGITS
+    from neoxrt.export.options import ATTENTIONS, DTYPES, KV_CACHES, LM_HEADS, LOGITS
 
     p = sub.add_parser("export", help="export a checkpoint to an ONNX artifact folder")
     p.add_argument("checkpoint", help="checkpoint folder (Hugging Face format) or hub id")
@@ -42,6 +43,9 @@ def _add_export(sub) -> None:
     p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHES,
                    help="dynamic (optimum's contract, default) or static: fixed slots updated in place, no per-step "
                         "cache copy (fused attention, opset 24)")
+    p.add_argument("--lm-head", default="exact", choices=LM_HEADS,
+                   help="exact (default) or screened: an INT8 copy of the LM head bounds the logits, the tokens that "
+                        "can be the largest are recomputed in fp32 (greedy tokens = fp32's; fp32 only)")
     p.add_argument("--external-data-threshold", type=t.count, default=None, metavar="BYTES",
                    help="weights past this many bytes go to model.onnx.data, streamed tensor by tensor (default 256 MiB, "
                         "at most 2 GB)")

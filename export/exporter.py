@@ -23,7 +23,7 @@ from neoxrt.export.external_data import initializer_bytes, save_streamed
 from neoxrt.export.neox_onnx import PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION, onnx_from_weights
 from neoxrt.export.options import ExportOptions
 from neoxrt.fsutil import atomic_dir
-from neoxrt.manifest import write_manifest
+from neoxrt.manifest import ORT_SESSION_CONFIG, write_manifest
 from neoxrt.model import checkpoint_hash, read_config, resolve_checkpoint
 from neoxrt.model.heads import read_head
 from neoxrt.model.weights import open_checkpoint
@@ -159,4 +159,10 @@ def _finish(folder: Path, tmp: Path, files: list[str], digests: dict[str, str], 
         body["dynamic_axes"] = {io.BATCH: "batch size", io.SEQUENCE: "tokens per row (padding included)"}
     if options.attention == "plugin":
         body["plugin"] = {"domain": PLUGIN_DOMAIN, "op_type": PLUGIN_OP, "version": PLUGIN_VERSION}
+    if options.lm_head == "screened":  # ONNX Runtime runs the INT8 screen as MatMulNBits: the block that fits K
+        from neoxrt.calibration.qdq import ORT_NBITS_BLOCK_KEY, nbits_block_size
+
+        block = nbits_block_size([config.hidden_size])
+        if block is not None:
+            body[ORT_SESSION_CONFIG] = {ORT_NBITS_BLOCK_KEY: str(block)}
     return write_manifest(tmp, STAGE, body, files, digests)

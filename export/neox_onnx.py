@@ -41,6 +41,7 @@ import onnx
 from neoxrt import contract as io
 from neoxrt.export.graph import GraphBuilder
 from neoxrt.export.options import ExportOptions
+from neoxrt.export.screen import screen_constants, screened_logits
 from neoxrt.model.config import NeoXConfig
 from neoxrt.model.heads import NeoXHead
 from neoxrt.model.hf_names import hf_key
@@ -321,19 +322,25 @@ class _Emitter:
         if self.opt.logits == "last":  # [B,1,Hd]: the last position (left padding keeps real tokens last)
             x = g.op("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])])
         h = self.to_compute(self.layer_norm(x, "ln_f"))
-        if cfg.tie_word_embeddings:
-            w = g.op("Transpose", [embed], perm=[1, 0])
+        if self.opt.lm_head == "screened":  # fp32 only (ExportOptions)
+            head = self.state["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+            rows = embed if cfg.tie_word_embeddings else g.weight(hf_key("lm_head.weight"), head.astype(np.float32))
+            screened_logits(g, h, rows, screen_constants(head), io.LOGITS)  # [V, Hd] rows, as in the checkpoint
         else:
-            w = g.weight(hf_key("lm_head.weight"), self.state["lm_head.weight"].T.astype(self.wdt))
-        logits = g.op("MatMul", [h, w])
-        if self.fp16:
-            g.op("Cast", [logits], [io.LOGITS], to=onnx.TensorProto.FLOAT)
-        else:
-            g.op("Identity", [logits], [io.LOGITS])
+            if cfg.tie_word_embeddings:
+                w = g.op("Transpose", [embed], perm=[1, 0])
+            else:
+                w = g.weight(hf_key("lm_head.weight"), self.state["lm_head.weight"].T.astype(self.wdt))
+            logits = g.op("MatMul", [h, w])
+            if self.fp16:
+                g.op("Cast", [logits], [io.LOGITS], to=onnx.TensorProto.FLOAT)
+            else:
+                g.op("Identity", [logits], [io.LOGITS])
         inputs, outputs = io.io_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.vocab_size,
                                      "float16" if self.fp16 else "float32", self.opt.logits, self.opt.kv_cache)
         return g.make_model("neoxrt_gpt_neox", inputs, outputs, self.opt.opset,
-                            doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}")
+                            doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}, "
+                                f"lm_head={self.opt.lm_head}")
 
     def last_real_token(self, x: str) -> str:
         """x [B,S,Hd] -> [B,Hd] at each row's last real token: argmax(index * mask) (0 when only the first is

@@ -12,6 +12,7 @@ DTYPES = ("fp32", "fp16")
 ATTENTIONS = ("decomposed", "fused", "plugin")
 LOGITS = ("all", "last")
 KV_CACHES = ("dynamic", "static")
+LM_HEADS = ("exact", "screened")
 # opsets we emit and test, per attention flavour; the first is the default
 OPSETS = {"decomposed": (17, 18, 19, 20, 21, 22, 23), "fused": (23, 24), "plugin": (17, 18, 19, 20, 21, 22, 23)}
 STATIC_OPSET = 24  # TensorScatter
@@ -32,6 +33,10 @@ class ExportOptions:
         for every position but the last -- what generation needs, a third of a 128-token prompt's work).
     kv_cache: dynamic (past [B,H,P,D] in, present [B,H,P+S,D] out: optimum's contract) or static (fixed
         slots updated in place with TensorScatter-24: no per-step cache copy; fused attention only).
+    lm_head: exact, or screened (fp32 causal LM only): an INT8 copy of the LM head bounds every logit, and
+        only the tokens that can still be the largest are recomputed from the fp32 weights (export/screen.py):
+        the largest logit and greedy tokens are fp32's, the rest are within a proven bound; a quarter of the
+        LM head's bytes read per token.
     """
 
     dtype: str = "fp32"
@@ -41,6 +46,7 @@ class ExportOptions:
     logits: str = "all"
     kv_cache: str = "dynamic"
     task: str | None = None
+    lm_head: str = "exact"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -64,6 +70,11 @@ class ExportOptions:
             raise ExportError(f"--logits must be one of {', '.join(LOGITS)}, got {self.logits!r}")
         if self.task is not None and self.task not in TASKS:
             raise ExportError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.lm_head not in LM_HEADS:
+            raise ExportError(f"--lm-head must be one of {', '.join(LM_HEADS)}, got {self.lm_head!r}")
+        if self.lm_head == "screened" and (self.dtype != "fp32" or self.task in HEAD_TASKS):
+            raise ExportError(f"--lm-head screened needs --dtype fp32 and the causal LM, got --dtype {self.dtype}"
+                              f"{f' --task {self.task}' if self.task in HEAD_TASKS else ''}")
         if self.task in HEAD_TASKS:
             self._check_head()
         if not 0 <= self.external_data_threshold <= TWO_GB:
