@@ -13,6 +13,17 @@ def test_decode_weight_bytes_counts_every_matrix_but_the_embedding():
         model = NeoX(config)
     matrices = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "embed.weight")
     assert decode_weight_bytes(config.to_dict()) == matrices * 4
+    head = config.vocab_size * config.hidden_size  # the screened head reads its INT8 copy
+    assert decode_weight_bytes(config.to_dict(), 4.0, 1.0) == (matrices - head) * 4 + head
+
+
+def test_speculative_engines_name_a_draft_and_a_target():
+    from neoxrt.bench.run import ENGINES, NEOXRT_VARIANTS, SCREENED_SPEC, SPEC_ENGINES
+
+    for engine in [e for e in ENGINES if e.startswith("neoxrt-spec-")] + ["neoxrt-spec-int8" + SCREENED_SPEC]:
+        draft, _ = SPEC_ENGINES[engine.removeprefix("neoxrt-spec-").removesuffix(SCREENED_SPEC)]
+        assert draft is None or draft in NEOXRT_VARIANTS
+    assert "fused-screened" in NEOXRT_VARIANTS
 
 
 def _result(ours_ms, optimum_ms, sdpa_ms, long_ms):
