@@ -40,24 +40,31 @@ from neoxrt.export.graph import GraphBuilder
 
 QMAX = 127
 SLACK = 1.01  # on each measured or derived rounding term
+ROWS = 4096  # rows of the head quantized at a time (memory: a block, not the head, in fp32)
 ACCUMULATION_SLACK = 2e-6  # times max |W^_j|, per unit of ||x||_1: fp32 sums of the per-block partial products
 
 
-def screen_constants(w: np.ndarray) -> dict[str, np.ndarray]:
-    """From the LM head `w` [V, Hd] (checkpoint orientation): int8 W^T [Hd, V], its per-token scale [V], the
-    bound's per-token coefficients [2, V] (row 0 multiplies ||x||_1, row 1 max|x|), and twice their largest
-    values [2, 1] (the graph's 2E)."""
-    w = np.asarray(w, dtype=np.float32)
-    absmax = np.abs(w).max(axis=1)
-    scale = np.where(absmax > 0, absmax / QMAX, 1.0).astype(np.float32)  # [V]
-    q = np.clip(np.rint(w / scale[:, None]), -QMAX, QMAX).astype(np.int8)  # [V, Hd]
-    dequantized = q.astype(np.float32) * scale[:, None]
-    rounding = np.abs(w - dequantized).max(axis=1)
-    weight_term = rounding * SLACK + ACCUMULATION_SLACK * np.abs(dequantized).max(axis=1)
-    activation_term = np.abs(dequantized).sum(axis=1) / (2 * QMAX) * SLACK
-    bound = np.stack([weight_term, activation_term]).astype(np.float32)  # [2, V]: per token
+def screen_constants(w) -> dict[str, np.ndarray]:
+    """From the LM head `w` [V, Hd] (checkpoint orientation; numpy or a lazy checkpoint tensor, read a block of
+    rows at a time): int8 W^T [Hd, V], its per-token scale [V], the bound's per-token coefficients [2, V] (row 0
+    multiplies ||x||_1, row 1 max|x|), and twice their largest values [2, 1] (the graph's 2E)."""
+    blocks = w.blocks() if hasattr(w, "blocks") else (w[i:i + ROWS] for i in range(0, len(w), ROWS))
+    q, scale, bound = [], [], []
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32)
+        absmax = np.abs(block).max(axis=1)
+        s = np.where(absmax > 0, absmax / QMAX, 1.0).astype(np.float32)
+        qb = np.clip(np.rint(block / s[:, None]), -QMAX, QMAX).astype(np.int8)
+        dequantized = qb.astype(np.float32) * s[:, None]
+        weight_term = np.abs(block - dequantized).max(axis=1) * SLACK + ACCUMULATION_SLACK * np.abs(dequantized).max(axis=1)
+        activation_term = np.abs(dequantized).sum(axis=1) / (2 * QMAX) * SLACK
+        q.append(qb)
+        scale.append(s)
+        bound.append(np.stack([weight_term, activation_term]))
+    bound = np.concatenate(bound, axis=1).astype(np.float32)  # [2, V]: per token
     twice_max = (2 * bound.max(axis=1, keepdims=True)).astype(np.float32)  # [2, 1]: 2E, for every token
-    return {"int8": np.ascontiguousarray(q.T), "scale": scale, "bound": bound, "twice_max": twice_max}
+    return {"int8": np.ascontiguousarray(np.concatenate(q).T), "scale": np.concatenate(scale), "bound": bound,
+            "twice_max": twice_max}
 
 
 def screened_logits(g: GraphBuilder, h: str, rows: str, constants: dict[str, np.ndarray], out: str) -> str:

@@ -130,3 +130,15 @@ def test_screened_needs_fp32_and_the_causal_lm(tmp_path, capsys):
         ExportOptions(lm_head="int8")
     assert_refused("export", [([str(default_checkpoint()), "OUT", "--lm-head", "screened", "--dtype", "fp16"],
                                "--lm-head screened needs --dtype fp32")], tmp_path, capsys)
+
+
+def test_screen_constants_are_the_same_a_block_of_rows_at_a_time(monkeypatch):
+    import neoxrt.export.screen as screen
+
+    w = np.random.default_rng(1).normal(0, 0.02, (screen.ROWS + 100, 16)).astype(np.float32)
+    blocked = screen_constants(w)
+    monkeypatch.setattr(screen, "ROWS", len(w))
+    whole = screen_constants(w)
+    assert blocked["int8"].shape == (16, len(w))
+    for key in whole:
+        np.testing.assert_array_equal(blocked[key], whole[key])
