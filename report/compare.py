@@ -195,13 +195,14 @@ class Comparison:
         valid = mask.astype(bool)
         rows = out[io.LOGITS].shape[1]  # S, or 1 for a last-position-only graph
         logits = tensor_diff(io.LOGITS, out[io.LOGITS], ref_logits[:, -rows:], valid[:, -rows:, None])
+        top = np.abs(out[io.LOGITS].max(-1) - np.asarray(ref_logits[:, -rows:]).max(-1))[valid[:, -rows:]]
         key_valid = valid[:, None, :, None]  # [B,1,T,1]
         worst = None
         for i, (k, v) in enumerate(ref_presents):
             for name, ref in ((io.present_key(i), k), (io.present_value(i), v)):
                 d = tensor_diff(name, out[name], ref, key_valid)
                 worst = d if worst is None or d.max_abs > worst.max_abs else worst
-        return {"logits": logits.to_dict(), "presents": worst.to_dict()}
+        return {"logits": logits.to_dict(), "presents": worst.to_dict(), "top_logit_max_abs": float(top.max())}
 
     def teacher_forced(self) -> dict:
         if self.generator.tokenizer is None:
@@ -305,12 +306,14 @@ def run_compare(artifact, reference, options: CompareOptions, against=None, allo
 
         return run_compare_heads(artifact, reference, options)
     cmp = Comparison(artifact, reference, options, against, allow_modified)
-    table = thresholds_for(cmp.precision, options.thresholds)
+    screened = cmp.manifest.get("export_options", {}).get("lm_head") == "screened" and cmp.precision == "fp32"
+    table = thresholds_for("fp32-screened" if screened else cmp.precision, options.thresholds)
     forward = cmp.forward()
     teacher = cmp.teacher_forced()
     free = cmp.free_running()
     values = {
         "logits_max_abs": forward["logits"]["max_abs"],
+        "top_logit_max_abs": forward["top_logit_max_abs"],
         "presents_max_abs": forward["presents"]["max_abs"],
         "top1_agreement": teacher["top1_agreement"],
         "perplexity_delta_pct": abs(teacher["perplexity_delta_pct"]),
@@ -341,6 +344,7 @@ def run_compare(artifact, reference, options: CompareOptions, against=None, allo
         "reference_kind": cmp.ref.name,
         "modified_files": cmp.candidate.modified,
         "precision": cmp.precision,
+        "thresholds": "fp32-screened" if screened else cmp.precision,
         "passed": passed,
         "checks": checks,
         "forward": forward,

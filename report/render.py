@@ -20,7 +20,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"# neoxrt compare: {status}",
         "",
-        f"- artifact: `{report['artifact']}` ({report.get('artifact_kind', 'neoxrt artifact')}, {report['precision']})",
+        f"- artifact: `{report['artifact']}` ({report.get('artifact_kind', 'neoxrt artifact')}, {report['precision']}"
+        + (f"; {report['thresholds']} thresholds" if report.get("thresholds", report["precision"]) != report["precision"]
+           else "") + ")",
         f"- reference: `{report['reference']}` "
         f"({'PyTorch, fp32' if report.get('reference_kind', 'PyTorch') == 'PyTorch' else 'artifact'})",
         *[f"- **modified since export:** `{m['file']}` sha256 {m['found_sha256'][:16]}… (manifest {m['manifest_sha256'][:16]}…)"

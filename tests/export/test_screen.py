@@ -106,6 +106,19 @@ def test_the_bound_holds_for_onnx_runtimes_int8_products(block, tmp_path):
     assert np.median(bound) < 0.5 * np.std(exact)  # and the bound is tight enough to screen
 
 
+def test_compare_proves_the_screened_head_on_its_own_thresholds(trained):
+    """neoxrt compare holds a screened artifact to fp32 on the largest logit and the tokens, and to the screen's
+    bound on the rest; fp32's own logits threshold would fail it (the INT8 copy's tail)."""
+    from neoxrt.report.compare import CompareOptions, run_compare
+    from neoxrt.report.thresholds import DEFAULTS
+
+    report = run_compare(trained[1], default_checkpoint(), CompareOptions(progress=False, windows=4, max_new_tokens=8))
+    checks = {c["name"]: c["value"] for c in report["checks"]}
+    assert report["passed"] and report["thresholds"] == "fp32-screened"
+    assert checks["top_logit_max_abs"] <= 1e-5 and checks["greedy_match_fraction"] == 1.0
+    assert checks["logits_max_abs"] > DEFAULTS["fp32"]["logits_max_abs"][1]
+
+
 def test_manifest_and_tensorrt_form(trained):
     manifest = json.loads((trained[1] / io.MANIFEST_FILE).read_text())
     assert manifest["export_options"]["lm_head"] == "screened"
