@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.bench.shapes import SHAPES
+from neoxrt.bench.shapes import SHAPES, fresh
 
 ENGINES = ["neoxrt-ort-fused", "neoxrt-ort-decomposed", "neoxrt-ort-int8", "neoxrt-ort-int8-weights", "optimum-ort",
            "hf-sdpa", "hf-eager"]
@@ -101,13 +101,13 @@ def prepare(ckpt: Path, root: Path) -> dict[str, str]:
     artifacts = {}
     for flavour in ("fused", "decomposed"):
         out = root / f"seqcls-{flavour}"
-        if not (out / "manifest.json").is_file():
+        if not fresh(out):
             subprocess.run([sys.executable, "-m", "neoxrt", "export", str(ckpt), str(out), "--attention", flavour,
                             "--force"], check=True)
         artifacts[f"neoxrt-ort-{flavour}"] = str(out)
     for engine, options in INT8_VARIANTS.items():
         out = root / f"seqcls-{engine.removeprefix('neoxrt-ort-')}"
-        if not (out / "manifest.json").is_file():
+        if not fresh(out):
             from neoxrt.calibration.calibrate import calibrate_artifact
             from neoxrt.calibration.options import CalibrationOptions
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from neoxrt.bench.llamacpp import artifact, model_checkpoint, time_neoxrt
 from neoxrt.bench.run import read_bandwidth
+from neoxrt.bench.shapes import fresh
 
 
 def with_accuracy_level(src: Path, level: int) -> Path:
@@ -28,7 +29,7 @@ def with_accuracy_level(src: Path, level: int) -> Path:
     import onnx
 
     out = src.with_name(f"{src.name}-acc{level}")
-    if (out / "manifest.json").is_file():
+    if fresh(out):
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -4,8 +4,8 @@ llama.cpp is built from the source vendored in the llama-cpp-python sdist (llama
 .cache/llama.cpp), the benchmark models are converted with its convert_hf_to_gguf.py (its gguf-py on
 PYTHONPATH) and quantized with llama-quantize. Pairs: our fp32 (fused export, last-position logits) against
 f32, and our fp32 with the screened LM head (greedy tokens = fp32's) against f32 again; INT8 weights-only
-against q8_0, INT4 (awq, block 32) against q4_0. Artifacts are cached under artifacts/bench-llamacpp: remove
-it after changing the exporter. Each pass times, for every pair, our
+against q8_0, INT4 (awq, block 32) against q4_0. Artifacts are cached under artifacts/bench-llamacpp (re-made when
+their manifest's graph_version is not the exporter's). Each pass times, for every pair, our
 Generator.stream in this process (prompt = time to the first token after a `context`-token prompt; decode =
 mean gap over `new` tokens after it) and then `llama-bench` (pp`context`; tg`new` at depth `context`), batch 1,
 the same threads. Ratios neoxrt / llama.cpp are taken per pass; the table gives their median over passes.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.bench.shapes import shape_checkpoint
+from neoxrt.bench.shapes import fresh, shape_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ROOT = Path.cwd()
@@ -86,14 +86,14 @@ def artifact(checkpoint: Path, name: str, variant: str, root: Path) -> Path:
 
     for export, extra in EXPORTS.items():
         folder = root / f"{name}-{export}"
-        if (export == "fp32" or variant == export) and not (folder / "manifest.json").is_file():
+        if (export == "fp32" or variant == export) and not fresh(folder):
             export_checkpoint(checkpoint, folder, ExportOptions(logits="last", **extra), force=True, log=lambda *_: None)
     if variant in EXPORTS:
         return root / f"{name}-{variant}"
     fp32 = root / f"{name}-fp32"
     options = PAIRS[variant][1]
     out = root / f"{name}-{variant}"
-    if not (out / "manifest.json").is_file():
+    if not fresh(out):
         calibrate_artifact(fp32, out, CalibrationOptions(**options), force=True, progress=False, log=lambda *_: None)
     return out
 

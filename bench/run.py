@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.bench.shapes import shape_checkpoint
+from neoxrt.bench.shapes import fresh, shape_checkpoint
 
 ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-fused-static-last",
            "neoxrt-ort-int8", "neoxrt-ort-int8-weights",
@@ -113,12 +113,12 @@ def neoxrt_artifact(name: str, checkpoint: Path, variant: str, root: Path) -> Pa
 
     export_name, export_options, calibration = NEOXRT_VARIANTS[variant]
     exported = root / f"{name}-{export_name}"
-    if not (exported / "manifest.json").is_file():
+    if not fresh(exported):
         export_checkpoint(checkpoint, exported, ExportOptions(**export_options), force=True, log=lambda *_: None)
     if calibration is None:
         return exported
     artifact = root / f"{name}-{variant}"
-    if not (artifact / "manifest.json").is_file():
+    if not fresh(artifact):
         calibrate_artifact(exported, artifact, CalibrationOptions(**calibration), force=True, progress=False,
                            log=lambda *_: None)
     return artifact

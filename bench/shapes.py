@@ -22,3 +22,14 @@ def shape_checkpoint(name: str, root: Path) -> Path:
     if not (folder / "tokenizer.json").is_file():  # the GPT-NeoX tokenizer, so calibration has text to read
         shutil.copyfile(DEFAULT_TOKENIZER, folder / "tokenizer.json")
     return folder
+
+
+def fresh(folder: Path) -> bool:
+    """Whether `folder` holds an artifact whose graph is the form this neoxrt exports (the benches re-make a
+    cached artifact that is missing or older: exporter.GRAPH_VERSION)."""
+    import json
+
+    from neoxrt.export.exporter import GRAPH_VERSION
+
+    manifest = Path(folder) / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("graph_version") == GRAPH_VERSION

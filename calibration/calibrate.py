@@ -38,7 +38,8 @@ STAGE = "calibrate"
 CACHE_FILE = "calibration_cache.npz"
 SUMMARY_FILE = "calibration.md"
 RANGES_FILE = "calibration_ranges.json"
-COPIED = ("export_options", "opset", "config", "checkpoint", "checkpoint_sha256", "dynamic_axes", "task", "id2label")
+COPIED = ("export_options", "graph_version", "opset", "config", "checkpoint", "checkpoint_sha256", "dynamic_axes", "task",
+          "id2label")
 OUTLIER_RATIO = 20  # largest / median channel max|x| past which a tensor is flagged
 
 

@@ -100,6 +100,12 @@ def io_section(model: onnx.ModelProto) -> dict:
     return {"inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
 
 
+# the emitted graph's form, in every manifest (calibrated artifacts copy it): bump when the graph an export of the
+# same checkpoint and options would write changes, so that caches of artifacts (the benches) can tell theirs is
+# stale. 1: before the manifest said; 2: the fused flavour's packed [q | k | v] (9ec4dbd).
+GRAPH_VERSION = 2
+
+
 def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool = False, log=print) -> dict:
     """Export `checkpoint` to `out_dir` under `options`; returns the manifest.
 
@@ -146,6 +152,7 @@ def _finish(folder: Path, tmp: Path, files: list[str], digests: dict[str, str], 
         "checkpoint_sha256": checkpoint_sha256,
         "config": config.to_dict(),
         "export_options": options.to_dict(),
+        "graph_version": GRAPH_VERSION,
         "opset": options.opset,
         "io": sections,
         "dynamic_axes": {io.BATCH: "batch size", io.SEQUENCE: "new tokens this step",

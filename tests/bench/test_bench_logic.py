@@ -159,3 +159,18 @@ def test_heads_accuracy_compares_labels_and_logits_with_the_reference():
     for engine, options in INT8_VARIANTS.items():
         assert engine in ENGINES
         CalibrationOptions(**options)
+
+
+def test_benches_remake_artifacts_of_an_older_graph(tmp_path):
+    """A cached artifact is reused only when its manifest's graph_version is the exporter's: an export made
+    before the graph changed (no version, or an older one) is re-made."""
+    import json
+
+    from neoxrt.bench.shapes import fresh
+    from neoxrt.export.exporter import GRAPH_VERSION
+
+    assert not fresh(tmp_path)
+    for version, expected in ((None, False), (GRAPH_VERSION - 1, False), (GRAPH_VERSION, True)):
+        body = {"stage": "export"} if version is None else {"stage": "export", "graph_version": version}
+        (tmp_path / "manifest.json").write_text(json.dumps(body))
+        assert fresh(tmp_path) is expected

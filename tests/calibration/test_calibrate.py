@@ -12,7 +12,7 @@ from neox_testing import assert_refused, default_checkpoint
 from neoxrt.calibration.calibrate import CACHE_FILE, RANGES_FILE, SUMMARY_FILE, calibrate_artifact
 from neoxrt.calibration.options import CalibrationOptions
 from neoxrt.errors import CalibrationError
-from neoxrt.export.exporter import export_checkpoint
+from neoxrt.export.exporter import GRAPH_VERSION, export_checkpoint
 from neoxrt.export.options import ExportOptions
 from neoxrt.manifest import file_sha256, write_manifest
 from neoxrt.report.compare import CompareOptions, run_compare
@@ -51,6 +51,7 @@ def test_int8_meets_the_accuracy_bar_against_pytorch(int8):
 def test_int8_artifact_is_an_ordinary_artifact(fp32, int8):
     src, dst = (json.loads((p / "manifest.json").read_text()) for p in (fp32, int8))
     assert dst["stage"] == "calibrate" and dst["io"] == src["io"]
+    assert dst["graph_version"] == src["graph_version"] == GRAPH_VERSION  # the benches' cache key
     assert dst["source"]["model_sha256"] == src["files"]["model.onnx"]
     assert dst["quantization"]["matmuls"] == 25 and dst["quantization"]["smoothquant_layernorms"] == 13
     gen = Generator.from_artifacts(int8, threads=1)
