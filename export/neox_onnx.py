@@ -325,7 +325,7 @@ class _Emitter:
         if self.opt.lm_head == "screened":  # fp32 only (ExportOptions)
             head = self.state["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
             rows = embed if cfg.tie_word_embeddings else g.weight(hf_key("lm_head.weight"), head.astype(np.float32))
-            screened_logits(g, h, rows, screen_constants(head), io.LOGITS)  # [V, Hd] rows, as in the checkpoint
+            screened_logits(g, h, rows, screen_constants(head), io.LOGITS, self.opt.opset)  # [V, Hd] rows
         else:
             if cfg.tie_word_embeddings:
                 w = g.op("Transpose", [embed], perm=[1, 0])

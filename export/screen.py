@@ -67,9 +67,16 @@ def screen_constants(w) -> dict[str, np.ndarray]:
             "twice_max": twice_max}
 
 
-def screened_logits(g: GraphBuilder, h: str, rows: str, constants: dict[str, np.ndarray], out: str) -> str:
+def screened_logits(g: GraphBuilder, h: str, rows: str, constants: dict[str, np.ndarray], out: str, opset: int) -> str:
     """Emit the screened head over `h` [B,S,Hd] fp32 into `out` [B,S,V]; `rows`: the fp32 head as [V, Hd]
-    (an initializer name); `constants`: screen_constants of it."""
+    (an initializer name); `constants`: screen_constants of it; `opset`: the graph's (ReduceMax takes its axes
+    as an input from opset 18, as an attribute before)."""
+
+    def reduce_max(x: str, axes: list[int], keepdims: int) -> str:
+        if opset >= 18:
+            return g.op("ReduceMax", [x, g.const(axes)], keepdims=keepdims)
+        return g.op("ReduceMax", [x], axes=axes, keepdims=keepdims)
+
     g.scope = "/lm_head/screen"
     q = g.weight("lm_head.screen.int8", constants["int8"])
     scale = g.weight("lm_head.screen.scale", constants["scale"])
@@ -78,10 +85,10 @@ def screened_logits(g: GraphBuilder, h: str, rows: str, constants: dict[str, np.
     magnitude = g.op("Abs", [h])
     last = g.const([-1])
     stats = g.op("Concat", [g.op("ReduceSum", [magnitude, last], keepdims=1),
-                            g.op("ReduceMax", [magnitude, last], keepdims=1)], axis=-1)  # [B,S,2]
+                            reduce_max(magnitude, [-1], 1)], axis=-1)  # [B,S,2]
     twice_e = g.op("MatMul", [stats, g.weight("lm_head.screen.bound", constants["twice_max"])])  # [B,S,1]
-    floor = g.op("Sub", [g.op("ReduceMax", [approx, last], keepdims=1), twice_e])  # [B,S,1]
-    reach = g.op("ReduceMax", [g.op("Sub", [approx, floor]), g.const([0, 1])], keepdims=0)  # [V], >= 0: candidate
+    floor = g.op("Sub", [reduce_max(approx, [-1], 1), twice_e])  # [B,S,1]
+    reach = reduce_max(g.op("Sub", [approx, floor]), [0, 1], 0)  # [V], >= 0: candidate
     picked = g.op("Squeeze", [g.op("NonZero", [g.op("GreaterOrEqual", [reach, g.const(0.0, "float32")])]),
                               g.const([0])])  # [n]
     exact_rows = g.op("Gather", [rows, picked], axis=0)  # [n, Hd] fp32

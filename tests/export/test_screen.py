@@ -127,6 +127,17 @@ def test_manifest_and_tensorrt_form(trained):
     assert check_tensorrt_support(tensorrt_ready(onnx.load(str(trained[1] / io.MODEL_FILE)))) == []
 
 
+@pytest.mark.parametrize("options", [{"attention": "decomposed"}, {"kv_cache": "static"}],
+                         ids=["decomposed-opset17", "static-opset24"])
+def test_every_flavour_and_opset_takes_the_screen(trained, tmp_path, options):
+    """ReduceMax takes its axes as an attribute before opset 18: the screen is emitted for the graph's opset."""
+    out = tmp_path / "screened"
+    export_checkpoint(default_checkpoint(), out, ExportOptions(logits="last", lm_head="screened", **options), **QUIET)
+    prompts = ["The state of the Union is", "Gentlemen of the Senate"]
+    a, b = (Generator.from_artifacts(p).generate(prompts, max_new_tokens=16).ids for p in (trained[0], out))
+    assert a == b
+
+
 def test_tied_embeddings_screen_the_embedding(tmp_path):
     ckpt = write_variant("tied_embeddings", tmp_path / "ckpt")
     exact, screened = _pair(ckpt, tmp_path, logits="last")
