@@ -59,6 +59,9 @@ def _source_manifest(src: Path, bits: int = 8) -> dict:
                                "(neoxrt export --dtype fp32)")
     if manifest.get("plugin"):
         raise CalibrationError(f"source artifact {src} is a plugin graph; calibrate a fused or decomposed export")
+    if options.get("lm_head") == "screened":
+        raise CalibrationError(f"source artifact {src} has a screened LM head (an INT8 copy already); calibrate an "
+                               "export with the exact head (neoxrt export without --lm-head screened)")
     return manifest
 
 

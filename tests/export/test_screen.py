@@ -147,6 +147,12 @@ def test_tied_embeddings_screen_the_embedding(tmp_path):
     assert a == b
 
 
+def test_calibrate_refuses_a_screened_source(trained, tmp_path, capsys):
+    assert_refused("calibrate", [([str(trained[1]), "OUT", "--weights-only"], "has a screened LM head"),
+                                 ([str(trained[1]), "OUT", "--weights-only", "--bits", "4"], "has a screened LM head")],
+                   tmp_path, capsys)
+
+
 def test_screened_needs_fp32_and_the_causal_lm(tmp_path, capsys):
     with pytest.raises(ExportError, match="--lm-head screened needs --dtype fp32"):
         ExportOptions(lm_head="screened", dtype="fp16")
