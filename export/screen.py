@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from neoxrt.calibration.qdq import quantize_weight
 from neoxrt.export.graph import GraphBuilder
 
 QMAX = 127
@@ -52,9 +53,8 @@ def screen_constants(w) -> dict[str, np.ndarray]:
     q, scale, bound = [], [], []
     for block in blocks:
         block = np.asarray(block, dtype=np.float32)
-        absmax = np.abs(block).max(axis=1)
-        s = np.where(absmax > 0, absmax / QMAX, 1.0).astype(np.float32)
-        qb = np.clip(np.rint(block / s[:, None]), -QMAX, QMAX).astype(np.int8)
+        qt, s = quantize_weight(block.T, QMAX)  # per token (a column of W^T), as calibration's weights
+        qb = qt.T
         dequantized = qb.astype(np.float32) * s[:, None]
         weight_term = np.abs(block - dequantized).max(axis=1) * SLACK + ACCUMULATION_SLACK * np.abs(dequantized).max(axis=1)
         activation_term = np.abs(dequantized).sum(axis=1) / (2 * QMAX) * SLACK
