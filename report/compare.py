@@ -307,7 +307,8 @@ def run_compare(artifact, reference, options: CompareOptions, against=None, allo
         return run_compare_heads(artifact, reference, options)
     cmp = Comparison(artifact, reference, options, against, allow_modified)
     screened = cmp.manifest.get("export_options", {}).get("lm_head") == "screened" and cmp.precision == "fp32"
-    table = thresholds_for("fp32-screened" if screened else cmp.precision, options.thresholds)
+    thresholds = "fp32-screened" if screened else cmp.precision
+    table = thresholds_for(thresholds, options.thresholds)
     forward = cmp.forward()
     teacher = cmp.teacher_forced()
     free = cmp.free_running()
@@ -344,7 +345,7 @@ def run_compare(artifact, reference, options: CompareOptions, against=None, allo
         "reference_kind": cmp.ref.name,
         "modified_files": cmp.candidate.modified,
         "precision": cmp.precision,
-        "thresholds": "fp32-screened" if screened else cmp.precision,
+        "thresholds": thresholds,
         "passed": passed,
         "checks": checks,
         "forward": forward,
