@@ -84,13 +84,16 @@ def artifact(checkpoint: Path, name: str, variant: str, root: Path) -> Path:
     from neoxrt.export.exporter import export_checkpoint
     from neoxrt.export.options import ExportOptions
 
-    for export, extra in EXPORTS.items():
-        folder = root / f"{name}-{export}"
-        if (export == "fp32" or variant == export) and not fresh(folder):
-            export_checkpoint(checkpoint, folder, ExportOptions(logits="last", **extra), force=True, log=lambda *_: None)
+    def exported(kind: str) -> Path:
+        folder = root / f"{name}-{kind}"
+        if not fresh(folder):
+            export_checkpoint(checkpoint, folder, ExportOptions(logits="last", **EXPORTS[kind]), force=True,
+                              log=lambda *_: None)
+        return folder
+
     if variant in EXPORTS:
-        return root / f"{name}-{variant}"
-    fp32 = root / f"{name}-fp32"
+        return exported(variant)
+    fp32 = exported("fp32")  # the calibrations' source
     options = PAIRS[variant][1]
     out = root / f"{name}-{variant}"
     if not fresh(out):
