@@ -102,8 +102,9 @@ def io_section(model: onnx.ModelProto) -> dict:
 
 # the emitted graph's form, in every manifest (calibrated artifacts copy it): bump when the graph an export of the
 # same checkpoint and options would write changes, so that caches of artifacts (the benches) can tell theirs is
-# stale. 1: before the manifest said; 2: the fused flavour's packed [q | k | v] (9ec4dbd).
-GRAPH_VERSION = 2
+# stale. 1: before the manifest said; 2: the fused flavour's packed [q | k | v] (9ec4dbd); 3: the sequence
+# classifier's last layer on the pooled token only.
+GRAPH_VERSION = 3
 
 
 def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool = False, log=print) -> dict:

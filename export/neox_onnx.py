@@ -21,7 +21,8 @@ The heads (`ExportOptions.task`, see `neoxrt.model.heads`) share the trunk witho
 from the mask (real tokens counted) and the tail is the head's:
 
     attention_mask --Cast fp32, CumSum, -1, Max 0, Cast int64--> positions [B,S]
-    text-classification:  x --Gather(last real token)--> [B,Hd] --LN--> score MatMul --> logits [B,L]
+    text-classification:  the last layer's attention output and x --Gather(last real token)--> [B,Hd], its
+                          output projection and MLP on that row only --LN--> score MatMul --> logits [B,L]
     token-classification: x --LN--> classifier MatMul+bias --> logits [B,S,L]
     question-answering:   x --LN--> qa_outputs MatMul+bias [B,S,2] --Gather 0 / 1, Squeeze--> start_logits, end_logits [B,S]
     feature-extraction:   x --LN--> last_hidden_state [B,S,Hd]
@@ -301,11 +302,17 @@ class _Emitter:
         g.scope = "/embed"
         embed = g.weight(hf_key("embed.weight"), self.state["embed.weight"].astype(self.wdt))
         x = self.to_f32(g.op("Gather", [embed, io.INPUT_IDS], axis=0))  # [B,S,Hd] fp32
+        rows = self.last_real_rows() if self.head.task == io.TEXT_CLASSIFICATION else None
         for i in range(cfg.num_layers):
             g.scope = f"/layers.{i}/attention"
             qkv = self.linear(self.to_compute(self.layer_norm(x, f"layers.{i}.ln_attn")), f"layers.{i}.qkv",
                               order=packed_order(cfg.num_heads, cfg.head_dim) if self.packed_qkv else None)
-            attn = self.to_f32(self.linear(attend(i, qkv, shared), f"layers.{i}.attn_out"))
+            y = attend(i, qkv, shared)
+            if rows is not None and i == cfg.num_layers - 1:
+                # sequence classification reads one position of the last layer: its keys and values need every
+                # position, but the attention output projection, the residual and the MLP only the pooled one
+                y, x = self.gather_rows(y, rows), self.gather_rows(x, rows)  # [B,Hd]
+            attn = self.to_f32(self.linear(y, f"layers.{i}.attn_out"))
             g.scope = f"/layers.{i}/mlp"
             if cfg.use_parallel_residual:
                 h = self.to_compute(self.layer_norm(x, f"layers.{i}.ln_mlp"))
@@ -342,24 +349,25 @@ class _Emitter:
                             doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}, "
                                 f"lm_head={self.opt.lm_head}")
 
-    def last_real_token(self, x: str) -> str:
-        """x [B,S,Hd] -> [B,Hd] at each row's last real token: argmax(index * mask) (0 when only the first is
-        real), gathered from x flattened to [B*S, Hd] at row b*S + index."""
+    def last_real_rows(self) -> str:
+        """[B] int64: each row's last real token as a row of [B*S, ...], b*S + argmax(index * mask) (index 0
+        when only the first token is real)."""
         g = self.g
         g.scope = "/pool"
         seq = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), g.const(1)], axis=0)  # S
         batch = g.op("Gather", [g.op("Shape", [io.INPUT_IDS]), g.const(0)], axis=0)  # B
         index = g.op("Mul", [io.ATTENTION_MASK, g.op("Range", [g.const(0), seq, g.const(1)])])  # [B,S]
         last = g.op("ArgMax", [g.op("Cast", [index], to=onnx.TensorProto.FLOAT)], axis=1, keepdims=0)  # [B]
-        rows = g.op("Add", [last, g.op("Mul", [g.op("Range", [g.const(0), batch, g.const(1)]), seq])])  # [B]
-        flat = g.op("Reshape", [x, g.const([-1, self.cfg.hidden_size])])  # [B*S, Hd]
-        return g.op("Gather", [flat, rows], axis=0)  # [B, Hd]
+        return g.op("Add", [last, g.op("Mul", [g.op("Range", [g.const(0), batch, g.const(1)]), seq])])  # [B]
+
+    def gather_rows(self, x: str, rows: str) -> str:
+        """x [B,S,Hd] -> [B,Hd] at `rows` (last_real_rows), gathered from x flattened to [B*S, Hd]."""
+        flat = self.g.op("Reshape", [x, self.g.const([-1, self.cfg.hidden_size])])
+        return self.g.op("Gather", [flat, rows], axis=0)
 
     def emit_head(self, x: str) -> onnx.ModelProto:
         """The head's tail over the final residual stream x [B,S,Hd] (see the module docstring)."""
-        g, task = self.g, self.head.task
-        if task == io.TEXT_CLASSIFICATION:
-            x = self.last_real_token(x)  # pool first: ln_f and score are per position
+        g, task = self.g, self.head.task  # text-classification: x is pooled already ([B,Hd], in the last layer)
         g.scope = "/head"
         h = self.layer_norm(x, "ln_f")
         if task == io.FEATURE_EXTRACTION:

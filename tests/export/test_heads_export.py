@@ -72,6 +72,24 @@ def test_sequence_classifier_variant_matches_transformers(name, attention, tmp_p
     _check(ort_session(proto), reference, ATOL)
 
 
+@pytest.mark.parametrize("attention", ["decomposed", "fused"])
+def test_sequence_classifier_last_layer_runs_on_the_pooled_token(attention, tmp_path):
+    """The last layer's keys and values cover every position, its output projection and MLP only the last real
+    token (1/12 of a Pythia-160m classifier's arithmetic): hidden_states of that layer are [B, Hd], earlier
+    layers' [B, S, Hd], and the logits still match every row."""
+    reference = head_reference(write_head("text-classification", tmp_path / "ckpt"), HEAD_ROWS)
+    proto = onnx_from_model(load_head_model(tmp_path / "ckpt"), ExportOptions(attention=attention))
+    layers = sum(1 for n in proto.graph.node for o in n.output if o.startswith("hidden_states."))
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(f"hidden_states.{i}") for i in range(layers))
+    session = ort_session(proto)
+    for side in ("left", "right"):
+        ids, mask = padded(HEAD_ROWS, side)
+        out = _run(session, ids, mask)
+        assert [out[f"hidden_states.{i}"].ndim for i in range(layers)] == [3] * (layers - 1) + [2]
+        errors = head_errors({io.LOGITS: out[io.LOGITS]}, reference, mask)
+        assert errors and max(errors.values()) <= ATOL, (side, errors)
+
+
 def test_feature_extraction_from_a_causal_lm_checkpoint(tmp_path):
     """--task overrides architectures: the LM checkpoint's trunk, its embed_out left alone."""
     write_variant("gelu_parallel", tmp_path / "ckpt")
