@@ -112,7 +112,7 @@ def prepare(ckpt: Path, root: Path) -> dict[str, str]:
             from neoxrt.calibration.options import CalibrationOptions
 
             calibrate_artifact(Path(artifacts[REFERENCE]), out, CalibrationOptions(**options), force=True,
-                               progress=False, log=lambda *_: None)
+                               recalibrate=True, progress=False, log=lambda *_: None)
         artifacts[engine] = str(out)
     out = root / "seqcls-optimum"
     if not (out / "model.onnx").is_file():

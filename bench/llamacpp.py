@@ -97,7 +97,8 @@ def artifact(checkpoint: Path, name: str, variant: str, root: Path) -> Path:
     options = PAIRS[variant][1]
     out = root / f"{name}-{variant}"
     if not fresh(out):
-        calibrate_artifact(fp32, out, CalibrationOptions(**options), force=True, progress=False, log=lambda *_: None)
+        calibrate_artifact(fp32, out, CalibrationOptions(**options), force=True, recalibrate=True, progress=False,
+                           log=lambda *_: None)
     return out
 
 

@@ -119,8 +119,8 @@ def neoxrt_artifact(name: str, checkpoint: Path, variant: str, root: Path) -> Pa
         return exported
     artifact = root / f"{name}-{variant}"
     if not fresh(artifact):
-        calibrate_artifact(exported, artifact, CalibrationOptions(**calibration), force=True, progress=False,
-                           log=lambda *_: None)
+        calibrate_artifact(exported, artifact, CalibrationOptions(**calibration), force=True, recalibrate=True,
+                           progress=False, log=lambda *_: None)
     return artifact
 
 
