@@ -120,9 +120,10 @@ class _HeadComparison:
                     agree, total = agree + int((c == r).sum()), total + c.size
                 for i, name in enumerate(layer_names or []):
                     e = layer_err.setdefault(i, [0.0, 0.0])
-                    mine_i, ref_i = out[name][b, :n], hidden[i]
                     if out[name].ndim == 2:  # a sequence classifier's last layer: the pooled (last real) token
                         mine_i, ref_i = out[name][b], hidden[i][n - 1]
+                    else:
+                        mine_i, ref_i = out[name][b, :n], hidden[i]
                     e[0] = max(e[0], float(np.abs(mine_i - ref_i).max()))
                     e[1] = max(e[1], float(np.abs(ref_i).max()))
         outputs = {k: tensor_diff(k, np.concatenate(cand[k]), np.concatenate(ref[k])).to_dict() for k in cand}
