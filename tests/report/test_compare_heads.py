@@ -24,6 +24,8 @@ def test_head_artifact_passes_against_its_checkpoint(task, tmp_path):
     assert names == ({"output_max_abs"} if task == "feature-extraction" else {"output_max_abs", "label_agreement"})
     assert report["rows"] == 5 and report["tokens"] < 5 * 48  # rows of unequal length: padded batches
     assert report["per_layer"]["available"] and len(report["per_layer"]["layers"]) == TEXT_CONFIG.num_layers
+    # every layer matched at fp32, the sequence classifier's pooled last layer at the last real token included
+    assert max(layer["max_abs"] for layer in report["per_layer"]["layers"]) <= 1e-4
     assert max(o["max_abs"] for o in report["outputs"].values()) <= 1e-4
 
 
