@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.bench.shapes import SHAPES, fresh
+from neoxrt.bench.shapes import SHAPES, calibrated, fresh
 
 ENGINES = ["neoxrt-ort-fused", "neoxrt-ort-decomposed", "neoxrt-ort-int8", "neoxrt-ort-int8-weights", "optimum-ort",
            "hf-sdpa", "hf-eager"]
@@ -106,13 +106,7 @@ def prepare(ckpt: Path, root: Path) -> dict[str, str]:
                             "--force"], check=True)
         artifacts[f"neoxrt-ort-{flavour}"] = str(out)
     for engine, options in INT8_VARIANTS.items():
-        out = root / f"seqcls-{engine.removeprefix('neoxrt-ort-')}"
-        if not fresh(out):
-            from neoxrt.calibration.calibrate import calibrate_artifact
-            from neoxrt.calibration.options import CalibrationOptions
-
-            calibrate_artifact(Path(artifacts[REFERENCE]), out, CalibrationOptions(**options), force=True,
-                               recalibrate=True, progress=False, log=lambda *_: None)
+        out = calibrated(Path(artifacts[REFERENCE]), root / f"seqcls-{engine.removeprefix('neoxrt-ort-')}", options)
         artifacts[engine] = str(out)
     out = root / "seqcls-optimum"
     if not (out / "model.onnx").is_file():

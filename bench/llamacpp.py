@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.bench.shapes import fresh, shape_checkpoint
+from neoxrt.bench.shapes import calibrated, exported, shape_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ROOT = Path.cwd()
@@ -79,27 +79,13 @@ def gguf(checkpoint: Path, name: str, kind: str, cache: Path, bins: Path, log) -
 
 
 def artifact(checkpoint: Path, name: str, variant: str, root: Path) -> Path:
-    from neoxrt.calibration.calibrate import calibrate_artifact
-    from neoxrt.calibration.options import CalibrationOptions
-    from neoxrt.export.exporter import export_checkpoint
-    from neoxrt.export.options import ExportOptions
-
-    def exported(kind: str) -> Path:
-        folder = root / f"{name}-{kind}"
-        if not fresh(folder):
-            export_checkpoint(checkpoint, folder, ExportOptions(logits="last", **EXPORTS[kind]), force=True,
-                              log=lambda *_: None)
-        return folder
+    def export(kind: str) -> Path:
+        return exported(checkpoint, root / f"{name}-{kind}", dict(logits="last", **EXPORTS[kind]))
 
     if variant in EXPORTS:
-        return exported(variant)
-    fp32 = exported("fp32")  # the calibrations' source
-    options = PAIRS[variant][1]
-    out = root / f"{name}-{variant}"
-    if not fresh(out):
-        calibrate_artifact(fp32, out, CalibrationOptions(**options), force=True, recalibrate=True, progress=False,
-                           log=lambda *_: None)
-    return out
+        return export(variant)
+    # the calibrations' source: the fp32 export
+    return calibrated(export("fp32"), root / f"{name}-{variant}", PAIRS[variant][1])
 
 
 def time_neoxrt(gen, prompt: np.ndarray, new: int) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.bench.shapes import fresh, shape_checkpoint
+from neoxrt.bench.shapes import calibrated, exported, shape_checkpoint
 
 ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-fused-static-last",
            "neoxrt-ort-int8", "neoxrt-ort-int8-weights",
@@ -106,22 +106,9 @@ def run_engine(spec: dict) -> tuple[dict, float]:
 
 def neoxrt_artifact(name: str, checkpoint: Path, variant: str, root: Path) -> Path:
     """Our artifact for a bench variant, exported (and calibrated) once under `root`."""
-    from neoxrt.calibration.calibrate import calibrate_artifact
-    from neoxrt.calibration.options import CalibrationOptions
-    from neoxrt.export.exporter import export_checkpoint
-    from neoxrt.export.options import ExportOptions
-
     export_name, export_options, calibration = NEOXRT_VARIANTS[variant]
-    exported = root / f"{name}-{export_name}"
-    if not fresh(exported):
-        export_checkpoint(checkpoint, exported, ExportOptions(**export_options), force=True, log=lambda *_: None)
-    if calibration is None:
-        return exported
-    artifact = root / f"{name}-{variant}"
-    if not fresh(artifact):
-        calibrate_artifact(exported, artifact, CalibrationOptions(**calibration), force=True, recalibrate=True,
-                           progress=False, log=lambda *_: None)
-    return artifact
+    source = exported(checkpoint, root / f"{name}-{export_name}", export_options)
+    return source if calibration is None else calibrated(source, root / f"{name}-{variant}", calibration)
 
 
 def merge_rounds(rounds: list[dict]) -> dict:

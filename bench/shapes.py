@@ -33,3 +33,25 @@ def fresh(folder: Path) -> bool:
 
     manifest = Path(folder) / "manifest.json"
     return manifest.is_file() and json.loads(manifest.read_text()).get("graph_version") == GRAPH_VERSION
+
+
+def exported(checkpoint: Path, folder: Path, options: dict) -> Path:
+    """`folder`: `checkpoint` exported with `options` (ExportOptions' fields), once (re-made when missing or stale)."""
+    if not fresh(folder):
+        from neoxrt.export.exporter import export_checkpoint
+        from neoxrt.export.options import ExportOptions
+
+        export_checkpoint(checkpoint, folder, ExportOptions(**options), force=True, log=lambda *_: None)
+    return folder
+
+
+def calibrated(src: Path, out: Path, options: dict) -> Path:
+    """`out`: the artifact `src` calibrated with `options` (CalibrationOptions' fields), once; a stale one is
+    re-made with a fresh calibration (its calibration cache was made for the old source graph)."""
+    if not fresh(out):
+        from neoxrt.calibration.calibrate import calibrate_artifact
+        from neoxrt.calibration.options import CalibrationOptions
+
+        calibrate_artifact(src, out, CalibrationOptions(**options), force=True, recalibrate=True, progress=False,
+                           log=lambda *_: None)
+    return out
