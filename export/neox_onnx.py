@@ -302,16 +302,16 @@ class _Emitter:
         g.scope = "/embed"
         embed = g.weight(hf_key("embed.weight"), self.state["embed.weight"].astype(self.wdt))
         x = self.to_f32(g.op("Gather", [embed, io.INPUT_IDS], axis=0))  # [B,S,Hd] fp32
-        rows = self.last_real_rows() if self.head.task == io.TEXT_CLASSIFICATION else None
+        pooled = self.last_real_rows() if self.head.task == io.TEXT_CLASSIFICATION else None
         for i in range(cfg.num_layers):
             g.scope = f"/layers.{i}/attention"
             qkv = self.linear(self.to_compute(self.layer_norm(x, f"layers.{i}.ln_attn")), f"layers.{i}.qkv",
                               order=packed_order(cfg.num_heads, cfg.head_dim) if self.packed_qkv else None)
             y = attend(i, qkv, shared)
-            if rows is not None and i == cfg.num_layers - 1:
+            if pooled is not None and i == cfg.num_layers - 1:
                 # sequence classification reads one position of the last layer: its keys and values need every
                 # position, but the attention output projection, the residual and the MLP only the pooled one
-                y, x = self.gather_rows(y, rows), self.gather_rows(x, rows)  # [B,Hd]
+                y, x = self.gather_rows(y, pooled), self.gather_rows(x, pooled)  # [B,Hd]
             attn = self.to_f32(self.linear(y, f"layers.{i}.attn_out"))
             g.scope = f"/layers.{i}/mlp"
             if cfg.use_parallel_residual:
