@@ -42,9 +42,15 @@ def check_tokenizer(path: Path, vocab_size: int) -> None:
     artifact, and generation would fail later).
 
     Raises:
-        CheckpointError: it does not load, or it has more tokens than the model.
+        CheckpointError: it does not load, it has more tokens than the model, or only vocab.json + merges.txt
+            are there.
     """
     if not path.is_file():
+        if all((path.parent / name).is_file() for name in ("vocab.json", "merges.txt")):
+            raise CheckpointError(f"checkpoint: {path.parent} has vocab.json and merges.txt but no {path.name} (the GPT-NeoX "
+                                  "tokenizer's added tokens live only there; transformers cannot load it either): copy "
+                                  f"{path.name} from the model's published folder, or remove vocab.json and merges.txt "
+                                  "to export without a tokenizer (the artifact then takes token ids)")
         return
     from tokenizers import Tokenizer
 

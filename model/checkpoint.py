@@ -128,29 +128,60 @@ def random_model(config: NeoXConfig, seed: int = 0) -> NeoX:
     return model.eval()
 
 
-def save_checkpoint(model: NeoX, folder: Path, fmt: str = "safetensors", dtype: str = "fp32", shards: int = 2) -> Path:
-    """Write `model` as a Hugging Face checkpoint: fmt is safetensors, sharded or bin."""
+def old_buffers(config: NeoXConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The persistent buffers transformers saved in every layer of the published Pythia and NeoX-20B checkpoints
+    (`attention.bias`: the causal mask, bool [1, 1, P, P]; `attention.masked_bias`: a scalar; `attention.
+    rotary_emb.inv_freq`), in the checkpoint's float type as `model.half()` left them. The loaders drop them."""
+    p = config.max_position_embeddings
+    mask = torch.tril(torch.ones(p, p, dtype=torch.bool)).view(1, 1, p, p)
+    inv_freq = rope_inv_freq(config).to(dtype)
+    out = {}
+    for i in range(config.num_layers):
+        prefix = f"gpt_neox.layers.{i}.attention."
+        out.update({prefix + "bias": mask.clone(), prefix + "masked_bias": torch.tensor(-1e9).to(dtype),
+                    prefix + "rotary_emb.inv_freq": inv_freq.clone()})  # own copies: safetensors refuses shared ones
+    return out
+
+
+CHECKPOINT_FORMATS = ("safetensors", "sharded", "bin", "sharded-bin")
+
+
+def save_checkpoint(model: NeoX, folder: Path, fmt: str = "safetensors", dtype: str = "fp32", shards: int = 2,
+                    buffers: bool = False) -> Path:
+    """Write `model` as a Hugging Face checkpoint: fmt is safetensors, sharded (safetensors shards and
+    model.safetensors.index.json), bin, or sharded-bin (pytorch_model-*.bin and pytorch_model.bin.index.json);
+    `buffers` adds the old buffers in every layer (`old_buffers`), as the published checkpoints carry them.
+    Shard indexes hold `metadata.total_size`, as transformers writes it."""
     from safetensors.torch import save_file
 
+    if fmt not in CHECKPOINT_FORMATS:
+        raise CheckpointError(f"checkpoint: unknown format {fmt!r}; expected {', '.join(CHECKPOINT_FORMATS)}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2))
     state = {hf_key(k): v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del state["embed_out.weight"]
-    if fmt == "safetensors":
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    elif fmt == "bin":
-        torch.save(state, folder / "pytorch_model.bin")
-    elif fmt == "sharded":
-        names = sorted(state)
-        weight_map = {}
-        for i in range(shards):
-            part = names[i::shards]
-            shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            save_file({n: state[n] for n in part}, str(folder / shard), metadata={"format": "pt"})
-            weight_map.update({n: shard for n in part})
-        index = {"metadata": {}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    else:
-        raise CheckpointError(f"checkpoint: unknown format {fmt!r}; expected safetensors, sharded or bin")
+    if buffers:
+        state.update(old_buffers(model.config, DTYPES[dtype]))
+
+    def write(part: dict, path: Path) -> None:
+        if path.suffix == ".safetensors":
+            save_file(part, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(part, path)
+
+    if fmt in ("safetensors", "bin"):
+        write(state, folder / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin"))
+        return folder
+    stem, suffix = ("model", "safetensors") if fmt == "sharded" else ("pytorch_model", "bin")
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        shard = f"{stem}-{i + 1:05d}-of-{shards:05d}.{suffix}"
+        write({n: state[n] for n in part}, folder / shard)
+        weight_map.update({n: shard for n in part})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.{suffix}.index.json").write_text(json.dumps(index, indent=2))
     return folder

@@ -230,6 +230,15 @@ def our_key(hf_key: str) -> str | None:
     return None
 
 
+def layer_index(hf_key: str) -> int | None:
+    """The layer a Hugging Face tensor name belongs to (buffers included); None for the embedding, final
+    LayerNorm and heads."""
+    if hf_key.startswith(_BARE_PREFIXES):
+        hf_key = "gpt_neox." + hf_key
+    match = _LAYER_RE.match(hf_key)
+    return int(match.group(1)) if match else None
+
+
 def hf_key(key: str) -> str:
     """The Hugging Face name of one of our state-dict keys (for messages and for writing checkpoints)."""
     if key in _OUR_TOP:

@@ -24,7 +24,7 @@ import numpy as np
 from neoxrt import contract as io
 from neoxrt.errors import CheckpointError
 from neoxrt.model.config import NeoXConfig
-from neoxrt.model.hf_names import TASK_ARCHITECTURES, hf_key, our_key
+from neoxrt.model.hf_names import TASK_ARCHITECTURES, hf_key, layer_index, our_key
 from neoxrt.model.task import HEAD_LAYERS, HeadConfig
 
 BLOCK_BYTES = 64 << 20
@@ -255,7 +255,9 @@ def _sharded_sources(index_path: Path, opener) -> dict[str, Source]:
     sources: dict[str, Source] = {}
     for shard in sorted(set(weight_map.values())):
         sources.update(opener(index_path.parent / shard))
-    absent = sorted(n for n, shard in weight_map.items() if n not in sources)
+    # the old buffers (causal mask, masked_bias, inv_freq) are listed by published indexes, and the readers drop
+    # them; some conversions even point them at a shard that does not hold them: only weights must be found
+    absent = sorted(n for n in weight_map if n not in sources and our_key(n) != "")
     if absent:
         raise CheckpointError(f"checkpoint: {index_path.name} names tensors no shard has: {', '.join(absent[:5])}"
                               + (f" and {len(absent) - 5} more" if len(absent) > 5 else ""))
@@ -351,11 +353,22 @@ def open_checkpoint(folder: Path, config: NeoXConfig, head: HeadConfig | None = 
     head = head or HeadConfig()
     sources = checkpoint_sources(Path(folder))
     found = {n: s.shape for n, s in sources.items()}
+    _check_depth(found, config)
     _check_head_present(found, config, head)
     ignored = frozenset(k for t in HEAD_LAYERS.values() for k in (f"{t[0]}.weight", f"{t[0]}.bias")) \
         if head.task == io.FEATURE_EXTRACTION else frozenset()
     names = match_names(found, expected_shapes(config, head), config.tie_word_embeddings, ignored)
     return {key: LazyArray(sources[name]) for key, name in names.items()}
+
+
+def _check_depth(found: dict, config: NeoXConfig) -> None:
+    """A config naming another number of layers than the checkpoint holds is said in one line (not as every
+    tensor of the missing or extra layers). Gaps inside the layers are left to `match_names`, which names them."""
+    held = sorted({i for name in found if (i := layer_index(name)) is not None})
+    if held == list(range(config.num_layers)) or held != list(range(len(held))):
+        return
+    holds = "no layers" if not held else "layer 0" if len(held) == 1 else f"layers 0\u2013{held[-1]}"
+    raise CheckpointError(f"config.json: num_hidden_layers {config.num_layers}; the checkpoint holds {holds}")
 
 
 def _check_head_present(found: dict, config: NeoXConfig, head: HeadConfig) -> None:

@@ -32,7 +32,8 @@ VARIANTS: dict[str, NeoXConfig] = {
 }
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [12, 3], [64, 65, 66, 67]]
-FORMAT_CASES = [("safetensors", "fp32"), ("safetensors", "fp16"), ("sharded", "bf16"), ("bin", "fp32"), ("bin", "bf16")]
+FORMAT_CASES = [("safetensors", "fp32"), ("safetensors", "fp16"), ("sharded", "bf16"), ("bin", "fp32"), ("bin", "bf16"),
+                ("sharded-bin", "fp16")]
 
 
 def default_checkpoint() -> Path:

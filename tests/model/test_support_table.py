@@ -1,10 +1,8 @@
 """Guard: every value in the support table is exercised by at least one test variant."""
 
 from neox_testing import FORMAT_CASES, VARIANTS
-from neoxrt.model.checkpoint import DTYPES
+from neoxrt.model.checkpoint import CHECKPOINT_FORMATS, DTYPES
 from neoxrt.model.config import SUPPORT_TABLE, support_key
-
-CHECKPOINT_FORMATS_TESTED = ("safetensors", "sharded", "bin")
 
 
 def test_every_supported_value_has_a_variant():
@@ -18,5 +16,5 @@ def test_every_supported_value_has_a_variant():
 
 
 def test_every_checkpoint_format_and_dtype_is_tested():
-    assert {fmt for fmt, _ in FORMAT_CASES} == set(CHECKPOINT_FORMATS_TESTED)
+    assert {fmt for fmt, _ in FORMAT_CASES} == set(CHECKPOINT_FORMATS)
     assert {dtype for _, dtype in FORMAT_CASES} == set(DTYPES)
