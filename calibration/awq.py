@@ -5,17 +5,15 @@ For a LayerNorm output X [.., K] feeding W_1..W_m [K, N_i]: s = mean|X_k|^alpha 
 mean 1); LayerNorm's scale and bias are divided by s and each W's rows multiplied by s before its 4-bit
 block quantization, so X W is unchanged in exact arithmetic while the salient channels' weights get more of
 each block's 16 levels. alpha is searched on a grid, per group, minimising the output error
-sum_i ||X (Q(W_i s) / s - W_i)||^2 = sum_i tr(D_i^T G D_i) with G = X^T X (accumulated over every calibration
-token, K x K), each candidate quantized with its block scales clip-searched (int4.clip_search, against the
-diagonal of G) as the artifact will be. (Searching with plain max|w| / 7 scales, as AWQ's reference code
-does, is 6x faster here but picks worse factors: on the default model KL 1.20e-3 against 9.5e-4, top-1
-0.977 against 0.985.)
+sum_i ||X (Q(W_i s) / s - W_i)||^2 = sum_i tr(D_i^T G D_i) with G = X^T X, each candidate rounded to nearest
+with max|w| / 7 block scales (AWQ's reference code), on a sample of output columns (`search_group`). The
+artifact's weights are then rounded by GPTQ (gptq.py) against G seen through the factors.
 
-MatMuls whose input has no foldable producer (attention output, GELU output) get the clip search only.
+Also here: `ActivationStats`, the per-activation sums every activation-aware method reads (|x|, x^2, and
+X^T X: whole up to `GRAM_WHOLE` channels, its diagonal blocks beyond).
 
-Memory bound: per activation, K floats of sums, plus G (K x K) for the LayerNorm-fed ones, gathered one
-layer at a time (layered.py) and dropped once that layer's groups are searched; during the search, one
-column slice of one weight at a time.
+Memory bound: per activation, K floats of sums, plus X^T X for those asked (K x K float32, or its diagonal
+blocks), gathered one layer at a time (layered.py) and dropped once that layer's weights are quantized.
 """
 
 from __future__ import annotations
@@ -24,19 +22,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neoxrt.calibration.int4 import clip_search, column_slices, dequantize_blocks, quantize_blocks
+from neoxrt.calibration.int4 import block_scales, dequantize_blocks, quantize_blocks
 
 ALPHAS = np.linspace(0.0, 1.0, 11)
+GRAM_WHOLE = 8192  # inputs up to this wide keep the whole X^T X; wider ones (NeoX-20B's 24576-wide MLP input) keep
+GRAM_BLOCK = 4096  # its diagonal blocks of this size (GPTQ then spreads errors within a block)
+SEARCH_COLUMNS = 512  # output columns per weight the alpha search measures its error on (evenly spaced; all if fewer)
+
+
+def gram_bounds(k: int) -> list[tuple[int, int]]:
+    step = k if k <= GRAM_WHOLE else GRAM_BLOCK
+    return [(a, min(k, a + step)) for a in range(0, k, step)]
 
 
 @dataclass
 class ActivationStats:
-    """Sums over calibration tokens of one activation: |x|, x^2 per channel, and X^T X when asked."""
+    """Sums over calibration tokens of one activation: |x|, x^2 per channel, and X^T X (float32, whole or its
+    diagonal blocks: `gram_bounds`) when asked."""
 
     tokens: int = 0
     abs_sum: np.ndarray | None = None
     sq_sum: np.ndarray | None = None
-    gram: np.ndarray | None = None
+    grams: list[tuple[int, int, np.ndarray]] | None = None
     want_gram: bool = False
 
     def add(self, x: np.ndarray) -> None:
@@ -44,12 +51,17 @@ class ActivationStats:
         if self.abs_sum is None:
             k = x.shape[1]
             self.abs_sum, self.sq_sum = np.zeros(k, np.float64), np.zeros(k, np.float64)
-            self.gram = np.zeros((k, k), np.float64) if self.want_gram else None
+            if self.want_gram:
+                self.grams = [(a, b, np.zeros((b - a, b - a), np.float32)) for a, b in gram_bounds(k)]
         self.tokens += x.shape[0]
         self.abs_sum += np.abs(x).sum(axis=0)
         self.sq_sum += np.square(x, dtype=np.float64).sum(axis=0)
-        if self.gram is not None:
-            self.gram += x.T.astype(np.float64) @ x
+        for a, b, gram in self.grams or ():
+            gram += x[:, a:b].T @ x[:, a:b]
+
+    def quadratic(self, d: np.ndarray) -> float:
+        """sum over output columns of d^T G d: the squared output error of a weight error d [K, n]."""
+        return float(sum(np.einsum("kn,kn->", gram @ d[a:b], d[a:b]) for a, b, gram in self.grams))
 
     @property
     def mean_abs(self) -> np.ndarray:
@@ -64,7 +76,7 @@ class ActivationStats:
 class GroupChoice:
     alpha: float
     error: float
-    error_alpha0: float  # the same objective with s = 1 (clip search only)
+    error_alpha0: float  # the same objective with s = 1
     factors: np.ndarray = field(repr=False)
 
 
@@ -75,28 +87,27 @@ def scale_factors(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def quantized(w: np.ndarray, block: int, mean_sq: np.ndarray | None, s: np.ndarray | None = None) -> np.ndarray:
-    """Q(W s) / s as fp32 (clip-searched block scales); s None = 1."""
-    ws = w if s is None else w * s[:, None]
-    h = None if mean_sq is None else (mean_sq if s is None else mean_sq / np.square(s))
-    scales = clip_search(ws, block, h)
-    deq = dequantize_blocks(quantize_blocks(ws, scales), scales)
-    return deq if s is None else deq / s[:, None]
+def rounded(w: np.ndarray, block: int, s: np.ndarray) -> np.ndarray:
+    """Q(W s) / s as fp32, with round-to-nearest block scales."""
+    ws = w * s[:, None]
+    scales = block_scales(ws, block)
+    return dequantize_blocks(quantize_blocks(ws, scales), scales) / s[:, None]
 
 
 def search_group(weights: list, st: ActivationStats, block: int) -> GroupChoice:
-    """The alpha (and factors) with the least output error over the weights fed by one activation; each weight
-    read in column slices (int4.column_slices: the error is a sum over output columns)."""
-    gram = st.gram.astype(np.float32)
+    """The alpha (and factors) with the least output error over the weights fed by one activation, measured on
+    `SEARCH_COLUMNS` evenly spaced output columns of each weight (the error is a sum over columns, and the factors
+    are per input channel: a sample of columns ranks the alphas as all of them do, at a fraction of the cost)."""
+    sampled = []
+    for weight in weights:
+        n = weight.shape[1]
+        cols = np.unique(np.linspace(0, n - 1, min(n, SEARCH_COLUMNS)).astype(np.int64))
+        sampled.append(np.asarray(weight[:, cols], np.float32))
     best = None
     err0 = None
     for alpha in ALPHAS:
         s = scale_factors(st.mean_abs, alpha)
-        err = 0.0
-        for weight in weights:
-            for _, w in column_slices(weight):
-                d = quantized(w, block, st.mean_sq, s) - w
-                err += float(np.einsum("kn,kn->", gram @ d, d))
+        err = sum(st.quadratic(rounded(w, block, s) - w) for w in sampled)
         if alpha == 0.0:
             err0 = err
         if best is None or err < best.error:

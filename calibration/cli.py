@@ -45,8 +45,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--seq-len", type=t.positive_int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
     p.add_argument("--method", default=None, metavar="METHOD",
                    help=f"INT8 activation ranges: {', '.join(METHODS)} (default percentile; ort-dynamic = onnxruntime "
-                        f"quantize_dynamic baseline, no data); INT4: {', '.join(INT4_METHODS)} (default awq; rtn = round "
-                        "to nearest, no data; ort-nbits = onnxruntime MatMulNBitsQuantizer baseline)")
+                        f"quantize_dynamic baseline, no data); INT4: {', '.join(INT4_METHODS)} (default gptq; awq = AWQ "
+                        "factors, then gptq; rtn = round to nearest, no data; ort-nbits = onnxruntime "
+                        "MatMulNBitsQuantizer baseline)")
     p.add_argument("--percentile", type=t.finite_float, default=d.percentile,
                    help=f"for --method percentile (default {d.percentile})")
     p.add_argument("--smoothquant", type=_alpha, default=d.smoothquant, metavar="ALPHA",

@@ -32,7 +32,6 @@ MS_DOMAIN = "com.microsoft"
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
 DQ_OPSET = 21  # DequantizeLinear with INT4 and block_size
 CHUNK_BYTES = 64 << 20  # fp32 bytes of one weight slice being quantized or searched
-CLIP_RATIOS = np.linspace(0.70, 8 / 7, 16)  # scale = max|w| / 7 * r; r > 1 lets -8 carry the largest weight
 
 
 def column_slices(weight, chunk_bytes: int = CHUNK_BYTES):
@@ -61,26 +60,6 @@ def quantize_blocks(w: np.ndarray, scales: np.ndarray, bits: int = BITS) -> np.n
 def dequantize_blocks(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     k, n = q.shape
     return (q.reshape(scales.shape[0], -1, n) * scales[:, None, :]).reshape(k, n).astype(np.float32)
-
-
-def clip_search(w: np.ndarray, block: int, weight_of_row: np.ndarray | None, bits: int = BITS) -> np.ndarray:
-    """Per (block, column) ratio from CLIP_RATIOS minimising sum_k h_k (w_k - deq_k)^2, where h = E[x_k^2] of
-    the activation (the diagonal of the layer's output error; plain weight MSE when None). Returns scales."""
-    if bits != BITS:
-        return block_scales(w, block, 1.0, bits)
-    k, n = w.shape
-    h = np.ones(k, np.float32) if weight_of_row is None else weight_of_row.astype(np.float32)
-    blocks = w.reshape(k // block, block, n)
-    hb = h.reshape(k // block, block, 1)
-    amax = np.abs(blocks).max(axis=1)
-    best_err = np.full(amax.shape, np.inf, np.float32)
-    best = np.ones(amax.shape, np.float32)
-    for r in CLIP_RATIOS:
-        s = np.where(amax > 0, amax / QMAX * r, 1.0).astype(np.float32)[:, None, :]
-        err = (hb * (blocks - np.clip(np.rint(blocks / s), QMIN, QMAX) * s) ** 2).sum(axis=1)
-        better = err < best_err
-        best_err[better], best[better] = err[better], r
-    return block_scales(w, block, best)
 
 
 def pack_matmulnbits(q: np.ndarray, block: int, bits: int = BITS) -> np.ndarray:

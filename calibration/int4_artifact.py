@@ -2,22 +2,25 @@
 (MatMulNBits, calibration/int4.py), streamed one weight at a time.
 
     source graph (no external bytes) + weights as memory-mapped views (onnx_weights.py)
-      --awq: the calibration windows through the graph one layer at a time on ONNX Runtime (layered.py)
-             -> per activation |x|, x^2, X^T X -> per LayerNorm group, as soon as its layer is done:
-             alpha search, factors folded into LayerNorm (awq.py)
       --> graph: MatMul -> MatMulNBits, data-less initializers
-      --> save_streamed: each weight read, scaled, clip-searched, quantized and packed when the writer
-          reaches it (64 KiB-aligned in model.onnx.data when the source's weights were external or the artifact
-          passes 256 MiB)
+      --> save_streamed: each weight read, quantized and packed when the writer reaches it (64 KiB-aligned in
+          model.onnx.data when the source's weights were external or the artifact passes 256 MiB):
+            rtn:  round to nearest, max|w| / 7 block scales (no data)
+            gptq (default): GPTQ rounding (gptq.py) against X^T X of the weight's input
+            awq:  AWQ's per-channel factors (awq.py) folded into the LayerNorms, then GPTQ through them
+          the statistics pulled from the calibration windows one layer at a time, as the writer reaches the
+          layer (layered.py on ONNX Runtime, `_LayerStats`)
 
-Memory bound: the graph proto, the activation sums (K floats per activation, K x K per LayerNorm group) and
-one weight at a time: its packed bytes and scales, and one column slice of int4.CHUNK_BYTES in fp32 with the clip
-search's temporaries (a few times that);
-untouched weights (embedding, LayerNorms) are copied block by block from the source's mapping.
+Memory bound: the graph proto, one layer's statistics (K floats per activation and its X^T X, K x K float32 or
+its diagonal blocks: awq.gram_bounds; ~0.9 GB at the NeoX-20B width), the windows' hidden states between
+layers, and one weight at a time: its packed bytes and scales, and one column slice in fp32 (int4.CHUNK_BYTES,
+GPTQ_CHUNK_BYTES under GPTQ) with its temporaries; untouched weights (embedding) are copied block by block from
+the source's mapping.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +28,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from neoxrt import contract as io
-from neoxrt.calibration.awq import search_group
+from neoxrt.calibration.awq import ActivationStats, search_group
 from neoxrt.calibration.data import calibration_windows, data_fingerprint, read_texts
+from neoxrt.calibration.gptq import InverseFactor, gptq_quantize
 from neoxrt.calibration.int4 import (
     BITS,
+    CHUNK_BYTES,
     MS_DOMAIN,
     block_scales,
-    clip_search,
     column_slices,
     matmulnbits_node,
     pack_matmulnbits,
@@ -44,38 +48,111 @@ from neoxrt.calibration.targets import Target, lm_head, quant_targets, replace_g
 from neoxrt.errors import CalibrationError
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
+GPTQ_CHUNK_BYTES = 256 << 20  # fp32 bytes of one column slice under GPTQ (its row loop runs once per slice)
+
+
+class _LayerStats:
+    """Calibration statistics pulled one layer at a time, as the writer reaches the weights that need them
+    (the graph's initializers are in layer order): a layer's X^T X matrices live from its stage until its last
+    weight is quantized, so memory holds one layer's statistics whatever the depth.
+
+    Per activation: GPTQ's inverse factor (of X^T X, through the AWQ factors where the method searches them);
+    per LayerNorm group (awq): the alpha search's factors, folded into the LayerNorm when the writer reaches it.
+    """
+
+    def __init__(self, src: Path, manifest: dict, model, weights, targets: list[Target], quantized: set[str],
+                 options: CalibrationOptions, data, threads, progress: bool, log):
+        from neoxrt.assets import CALIBRATION_TEXT
+
+        texts = read_texts(data or [CALIBRATION_TEXT])
+        windows = _windows(src, manifest, texts, options)
+        self.weights, self.block = weights, options.block_size
+        self.groups = [g for g in smooth_groups(model, targets, through_cast=True) if set(g.weights) & quantized] \
+            if options.method == "awq" else []
+        self.activation = {t.weight: t.activation for t in targets if t.weight in quantized}
+        self.users = Counter(self.activation.values())
+        acts = sorted(self.users)
+        log(f"int4 {options.method}: {len(windows)} windows x {options.seq_len} tokens, {len(acts)} activations"
+            + (f", {len(self.groups)} LayerNorm groups" if self.groups else ""))
+        source = onnx.ModelProto()
+        source.CopyFrom(model)  # the stages are cut when pulled, after the writer has rewritten `model`
+        stats = LayeredStats(source, acts, src, threads, gram_for=set(acts))
+        self._stages = stats.run(windows, options.batch, f"calibrate: int4 {options.method} by layer", progress)
+        self._stats: dict[str, ActivationStats] = {}
+        self._factor: dict[str, InverseFactor] = {}
+        self.factors: dict[str, np.ndarray] = {}  # per weight (awq)
+        self.record: list[dict] = []
+        self.calibration = {"data": data_fingerprint(texts), "windows": int(len(windows))}
+
+    def close(self) -> None:
+        self._stages.close()  # the per-layer sessions' folder
+
+    def _until(self, activation: str) -> None:
+        while activation not in self._stats and activation not in self._factor:
+            stage = next(self._stages)
+            for group in self.groups:
+                if group.activation in stage:
+                    self._search(group, stage[group.activation])
+            self._stats.update({a: st for a, st in stage.items() if a in self.users})
+
+    def _search(self, group, st: ActivationStats) -> None:
+        choice = search_group([self.weights[w].numpy() for w in group.weights], st, self.block)
+        for w in group.weights:
+            self.factors[w] = choice.factors
+        self.factors[group.scale] = self.factors[group.bias] = choice.factors
+        self.record.append({"activation": group.activation, "alpha": choice.alpha,
+                            "error_vs_rtn": choice.error / choice.error_alpha0 if choice.error_alpha0 else 1.0})
+
+    def folded(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A LayerNorm scale or bias divided by its group's factors (the stage is run if it has not been)."""
+        self._until(next(g.activation for g in self.groups if name in (g.scale, g.bias)))
+        return (value / self.factors[name]).astype(value.dtype)
+
+    def inverse_factor(self, weight: str) -> InverseFactor:
+        """GPTQ's factor for `weight`'s input; the activation's statistics are dropped after its last weight."""
+        act = self.activation[weight]
+        self._until(act)
+        if act not in self._factor:
+            st = self._stats.pop(act)
+            s = self.factors.get(weight)
+            grams = st.grams if s is None else [(a, b, g / s[a:b, None] / s[None, a:b]) for a, b, g in st.grams]
+            self._factor[act] = InverseFactor.of(grams)
+        factor = self._factor[act]
+        self.users[act] -= 1
+        if not self.users[act]:
+            del self._factor[act]
+        return factor
 
 
 class _Quantizer:
     """Quantizes one weight when the writer asks for its packed bytes and keeps it until its scales are
     taken (the two initializers are written one after the other): one weight in memory at a time."""
 
-    def __init__(self, weights: dict[str, MappedTensor], block: int, method: str, factors: dict, mean_sq: dict,
-                 bits: dict[str, int]):
-        self.weights, self.block, self.method, self.factors, self.mean_sq = weights, block, method, factors, mean_sq
-        self.bits = bits
+    def __init__(self, weights: dict[str, MappedTensor], block: int, bits: dict[str, int], stats: _LayerStats | None):
+        self.weights, self.block, self.bits, self.stats = weights, block, bits, stats
         self.held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _make(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """(packed [N, K/B, B*bits/8], scales [N * K/B]), computed over column slices of about CHUNK_BYTES of
-        fp32 (each (block, column) is quantized on its own, so slicing N changes nothing)."""
+        """(packed [N, K/B, B*bits/8], scales [N * K/B]), computed over column slices of the weight (each
+        output column is quantized on its own, so slicing N changes nothing): round to nearest, or GPTQ against
+        the calibration statistics (4-bit weights, methods gptq and awq)."""
         source = self.weights[name].numpy()
         k, n = source.shape
-        s = self.factors.get(name)
         bits = self.bits.get(name, BITS)
-        h = self.mean_sq.get(name)
-        if h is not None and s is not None:
-            h = h / np.square(s)
+        gptq = self.stats is not None and bits == BITS
+        factor = self.stats.inverse_factor(name) if gptq else None
+        s = self.stats.factors.get(name) if gptq else None
         packed = np.empty((n, k // self.block, self.block * bits // 8), np.uint8)
         scales = np.empty((n, k // self.block), np.float32)
-        for cols, w in column_slices(source):
+        for cols, w in column_slices(source, GPTQ_CHUNK_BYTES if gptq else CHUNK_BYTES):
             if s is not None:
                 w = w * s[:, None]
-            if self.method == "rtn":
-                chunk = block_scales(w, self.block, bits=bits)
+            if gptq:
+                q, chunk = gptq_quantize(w, factor, self.block)
             else:
-                chunk = clip_search(w, self.block, h, bits)
-            packed[cols] = pack_matmulnbits(quantize_blocks(w, chunk, bits), self.block, bits)
+                chunk = block_scales(w, self.block, bits=bits)
+                q = quantize_blocks(w, chunk, bits)
+            packed[cols] = pack_matmulnbits(q, self.block, bits)
             scales[cols] = chunk.T
         return packed, scales.reshape(-1)
 
@@ -92,47 +169,11 @@ def _windows(src: Path, manifest: dict, texts, options: CalibrationOptions):
     from tokenizers import Tokenizer
 
     if not (src / io.TOKENIZER_FILE).is_file():
-        raise CalibrationError(f"source artifact {src} has no {io.TOKENIZER_FILE}; calibration text needs the tokenizer")
+        raise CalibrationError(f"source artifact {src} has no {io.TOKENIZER_FILE}; calibration text needs the tokenizer "
+                               f"(or --method rtn, which reads none)")
     tokenizer = Tokenizer.from_file(str(src / io.TOKENIZER_FILE))
     return calibration_windows(texts, tokenizer, options.samples, options.seq_len, options.seed,
                                manifest["config"].get("eos_token_id"))
-
-
-def _awq(src: Path, manifest: dict, model, weights, targets: list[Target], options: CalibrationOptions, data, threads,
-         progress: bool, log, eight_bit: set[str]) -> tuple[dict, dict, dict, dict]:
-    """(factors per weight, mean x^2 per weight, new LayerNorm tensors, calibration record). LayerNorms feeding
-    only 8-bit weights (the LM head by default) get no factors: 256 levels leave them nothing to win (alpha 0
-    was chosen for the final LayerNorm on the default model) and at NeoX-20B width their search is the costliest
-    (K^2 N = 3.8 TFLOP per alpha for the head)."""
-    from neoxrt.assets import CALIBRATION_TEXT
-
-    texts = read_texts(data or [CALIBRATION_TEXT])
-    windows = _windows(src, manifest, texts, options)
-    groups = [g for g in smooth_groups(model, targets, through_cast=True) if not set(g.weights) <= eight_bit]
-    acts = sorted({t.activation for t in targets})
-    log(f"int4 awq: {len(windows)} windows x {options.seq_len} tokens, {len(acts)} activations, {len(groups)} "
-        "LayerNorm groups")
-    stats = LayeredStats(model, acts, src, threads, gram_for={g.activation for g in groups})
-    by_activation = {g.activation: g for g in groups}
-    mean_sq, factors, folded, record = {}, {}, {}, []
-    for stage in stats.run(windows, options.batch, "calibrate: int4 statistics by layer", progress):
-        for t in targets:
-            if t.activation in stage:
-                mean_sq[t.weight] = stage[t.activation].mean_sq
-        for act, st in stage.items():
-            g = by_activation.get(act)
-            if g is None:
-                continue
-            choice = search_group([weights[w].numpy() for w in g.weights], st, options.block_size)
-            for w in g.weights:
-                factors[w] = choice.factors
-            for name in (g.scale, g.bias):
-                ln = weights[name].numpy()
-                folded[name] = ArrayTensor(ln.shape, ln.dtype, lambda a=ln, s=choice.factors: (a / s).astype(a.dtype))
-            record.append({"activation": g.activation, "alpha": choice.alpha,
-                           "error_vs_clip_only": choice.error / choice.error_alpha0 if choice.error_alpha0 else 1.0})
-    calibration = {"data": data_fingerprint(texts), "windows": int(len(windows)), "awq_groups": record}
-    return factors, mean_sq, folded, calibration
 
 
 def _check_blocks(targets: list[Target], weights, block: int) -> None:
@@ -161,17 +202,41 @@ def int4_from_onnx(src: Path, tmp: Path, manifest: dict, options: CalibrationOpt
     Returns:
         (the graph written, {file: sha256}, the manifest's calibration and quantization sections).
     """
-    from neoxrt.export.external_data import save_streamed
-    from neoxrt.export.options import INLINE_LIMIT
 
     model, weights = open_onnx(src)
     targets, head = int4_targets(model, weights, options)
-    factors, mean_sq, lazy, calibration = {}, {}, {}, {}
     bits = {head.weight: 8} if head is not None and options.lm_head == "int8" else {}
-    if options.method == "awq":
-        factors, mean_sq, lazy, calibration = _awq(src, manifest, model, weights, targets, options, data, threads,
-                                                   progress, log, set(bits))
-    quantizer = _Quantizer(weights, options.block_size, options.method, factors, mean_sq, bits)
+    stats = None
+    if options.method in ("gptq", "awq"):
+        stats = _LayerStats(src, manifest, model, weights, targets, {t.weight for t in targets if t.weight not in bits},
+                            options, data, threads, progress, log)
+    try:
+        digests = _write(src, tmp, model, weights, targets, options, bits, stats)
+    finally:
+        if stats is not None:
+            stats.close()
+    calibration = {} if stats is None else {**stats.calibration, **({"awq_groups": stats.record} if stats.groups else {})}
+    quantization = {"matmuls": len(targets), "bits": 4, "weights": f"int4 symmetric per block of {options.block_size} "
+                    "along K (MatMulNBits)", "block_size": options.block_size,
+                    "accuracy_level": options.accuracy_level, "method": options.method,
+                    "rounding": "gptq" if stats is not None else "nearest",
+                    "lm_head": options.lm_head if head is not None else "none found",
+                    "embedding": "float", "awq_layernorms": len(stats.groups) if stats is not None else 0}
+    return model, digests, {"calibration": calibration, "quantization": quantization}
+
+
+def _write(src: Path, tmp: Path, model, weights, targets: list[Target], options: CalibrationOptions, bits: dict,
+           stats: _LayerStats | None) -> dict[str, str]:
+    """The MatMulNBits graph and its weights, each quantized when the writer reaches it."""
+    from neoxrt.export.external_data import save_streamed
+    from neoxrt.export.options import INLINE_LIMIT
+
+    quantizer = _Quantizer(weights, options.block_size, bits, stats)
+    lazy = {}
+    for group in stats.groups if stats is not None else ():
+        for name in (group.scale, group.bias):
+            ln = weights[name].numpy()
+            lazy[name] = ArrayTensor(ln.shape, ln.dtype, lambda n=name, a=ln: stats.folded(n, a))
     by_weight = {t.weight: t for t in targets}
     by_node = {t.node: t for t in targets}
     graph = model.graph
@@ -206,13 +271,7 @@ def int4_from_onnx(src: Path, tmp: Path, manifest: dict, options: CalibrationOpt
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     # weights stay external where the source's were (its size or the exporter's threshold put them there)
     inline_limit = 0 if (src / io.WEIGHTS_FILE).is_file() else INLINE_LIMIT
-    digests = save_streamed(model, lazy, tmp / io.MODEL_FILE, inline_limit)
-    quantization = {"matmuls": len(targets), "bits": 4, "weights": f"int4 symmetric per block of {options.block_size} "
-                    "along K (MatMulNBits)", "block_size": options.block_size,
-                    "accuracy_level": options.accuracy_level, "method": options.method,
-                    "lm_head": options.lm_head if head is not None else "none found",
-                    "embedding": "float", "awq_layernorms": len(calibration.get("awq_groups", []))}
-    return model, digests, {"calibration": calibration, "quantization": quantization}
+    return save_streamed(model, lazy, tmp / io.MODEL_FILE, inline_limit)
 
 
 def ort_nbits(src: Path, out_model: Path, options: CalibrationOptions) -> list[str]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from neoxrt.errors import CalibrationError
 
 METHODS = ("minmax", "percentile", "entropy", "ort-dynamic")
-INT4_METHODS = ("awq", "rtn", "ort-nbits")
+INT4_METHODS = ("gptq", "awq", "rtn", "ort-nbits")
 BITS = (8, 4)
 INT4_BLOCKS = (16, 32, 64, 128, 256)
 LM_HEADS = ("int8", "int4", "float")
@@ -21,7 +21,8 @@ class CalibrationOptions:
         seq_len: tokens per window (prompt steps, past 0).
         method: activation range selection: minmax, percentile, entropy (KL, as TensorRT's entropy calibrator);
             ort-dynamic is the onnxruntime.quantization.quantize_dynamic baseline (ONNX Runtime only, no data).
-            With bits 4: awq (activation-aware scales, the default), rtn (round to nearest, no data) or
+            With bits 4: gptq (GPTQ rounding against the calibration activations, the default), awq (AWQ's
+            activation-aware factors, then GPTQ rounding through them), rtn (round to nearest, no data) or
             ort-nbits (onnxruntime's MatMulNBitsQuantizer, the baseline). None takes the default for `bits`.
         percentile: for method percentile, the share of |x| kept inside the range.
         smoothquant: SmoothQuant migration strength alpha in (0, 1], or None for off.
@@ -60,7 +61,7 @@ class CalibrationOptions:
             raise CalibrationError("--bits 4 needs --weights-only (INT4 weights with float activations; no INT4 "
                                    "activations)")
         if self.method is None:
-            object.__setattr__(self, "method", "awq" if self.bits == 4 else "percentile")
+            object.__setattr__(self, "method", "gptq" if self.bits == 4 else "percentile")
         methods = INT4_METHODS if self.bits == 4 else METHODS
         if self.method not in methods:
             raise CalibrationError(f"--method with --bits {self.bits} must be one of {', '.join(methods)}, "

@@ -1,0 +1,83 @@
+"""GPTQ (Frantar et al., 2023) for INT4 blocks: a weight's rows (its input channels) are rounded in order, and
+each row's rounding error is spread over the rows not yet rounded so that the layer's output on the calibration
+activations moves as little as possible.
+
+    H = X^T X over the calibration tokens ([K, K], or blocks of it on the diagonal for wide inputs)
+    U = upper Cholesky factor of (H + damp * mean(diag H) * I)^-1           (`InverseFactor`, once per activation)
+    for each row k:  q_k = round(w_k / s_b),  e = (w_k - q_k s_b) / U_kk,  w_j -= U_kj e  for j > k
+    s_b = max|w| / 7 over the block's B rows as they stand when the block starts (GPTQ's groups)
+
+The updates of rows past the current `LAZY` rows are applied once per LAZY rows, as one matrix product (GPTQ's
+lazy batch). Rows whose channel never carries a value (H_kk = 0) are zeroed: they never reach the output.
+Output columns are independent, so a weight is quantized in column slices and never whole in fp32.
+
+Memory: H's factor (K x K float32, or its diagonal blocks), one column slice of the weight and its int8 values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from neoxrt.calibration.int4 import QMAX, QMIN, block_scales
+
+DAMP = 0.01  # of the mean of diag(H), added to its diagonal (GPTQ's default)
+LAZY = 128  # rows whose updates to the later rows are batched into one matrix product
+
+
+@dataclass
+class InverseFactor:
+    """U (upper, float32) per diagonal block [start, stop) of H, and the dead channels."""
+
+    blocks: list[tuple[int, int, np.ndarray]]
+    dead: np.ndarray
+
+    @classmethod
+    def of(cls, gram_blocks: list[tuple[int, int, np.ndarray]], damp: float = DAMP) -> InverseFactor:
+        dead = np.concatenate([np.diag(h) <= 0 for _, _, h in gram_blocks])
+        live = np.concatenate([np.diag(h) for _, _, h in gram_blocks])[~dead]
+        shift = damp * (float(live.mean()) if live.size else 1.0)
+        out = []
+        for start, stop, gram in gram_blocks:  # float32 throughout, as GPTQ's own code: the damping keeps H well posed
+            h = np.array(gram, np.float32)
+            h[dead[start:stop], dead[start:stop]] = 1.0
+            h[np.diag_indices_from(h)] += shift
+            lower_inv = np.linalg.inv(np.linalg.cholesky(h))  # H = L L^T  ->  H^-1 = L^-T L^-1
+            del h
+            out.append((start, stop, np.ascontiguousarray(np.linalg.cholesky(lower_inv.T @ lower_inv).T)))
+        return cls(out, dead)
+
+
+def gptq_quantize(w: np.ndarray, factor: InverseFactor, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """[K, n] weights (a column slice) -> (int8 [K, n] in [-8, 7], scales [K/B, n]); each diagonal block of H
+    is worked on its own (its rows see only their own block's errors)."""
+    w = np.array(w, np.float32)
+    w[factor.dead] = 0.0
+    k, n = w.shape
+    q = np.empty((k, n), np.int8)
+    scales = np.empty((k // block, n), np.float32)
+    for start, stop, u in factor.blocks:
+        _rows(w[start:stop], u, block, q[start:stop], scales[start // block: stop // block])
+    return q, scales
+
+
+def _rows(w: np.ndarray, u: np.ndarray, block: int, q: np.ndarray, scales: np.ndarray) -> None:
+    """GPTQ over the rows of one diagonal block of H, in place (w is consumed)."""
+    k, lazy = w.shape[0], max(LAZY, block)  # a quantization block starts and ends inside one lazy batch
+    for b0 in range(0, k, lazy):
+        b1 = min(k, b0 + lazy)
+        wb = w[b0:b1]
+        err = np.empty_like(wb)
+        for i in range(b1 - b0):
+            r = b0 + i
+            if r % block == 0:
+                scales[r // block] = block_scales(wb[i:i + block], block)[0]
+            s = scales[r // block]
+            qi = np.clip(np.rint(wb[i] / s), QMIN, QMAX)
+            q[r] = qi
+            err[i] = (wb[i] - qi * s) / u[r, r]
+            if i + 1 < b1 - b0:
+                wb[i + 1:] -= np.outer(u[r, r + 1:b1], err[i])
+        if b1 < k:
+            w[b1:] -= u[b0:b1, b1:].T @ err
