@@ -119,6 +119,7 @@ class LayeredStats:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")  # weights stay mapped file pages
+        options.enable_cpu_mem_arena = False  # fp16 MatMuls widen their weight per call: freed after, not pooled
         if self.threads:
             options.intra_op_num_threads = self.threads
         path = tmp / io.MODEL_FILE
