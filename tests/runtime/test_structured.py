@@ -234,3 +234,86 @@ def test_a_draft_guess_the_grammar_refuses_ends_the_run(artifacts):
     after = np.isfinite(out[0, 1])
     assert after[0] and 1 < after.sum() < 100  # after "yes": EOS, or on to " sir"
     assert np.array_equal(c.allowed(), before)
+
+
+class Collect:
+    def __init__(self):
+        self.ids, self.reason = {}, {}
+
+    def __call__(self, event):
+        self.ids.setdefault(event.row, []).append(event.token_id)
+        if event.finish_reason:
+            self.reason[event.row] = event.finish_reason
+
+
+MIXED = [  # (prompt, options): constrained and unconstrained rows side by side, greedy and sampled
+    ("The state of the Union is", dict(max_new_tokens=20)),
+    ("Give me a record:", dict(max_new_tokens=120, temperature=1.0, seed=4, structured_outputs={"json": PERSON})),
+    ("We", dict(max_new_tokens=16, temperature=0.9, seed=1)),
+    ("Sentiment:", dict(max_new_tokens=20, structured_outputs={"choice": CHOICES})),
+    ("Date:", dict(max_new_tokens=30, temperature=1.0, top_k=40, seed=2, structured_outputs={"regex": DATE})),
+    ("Our economy", dict(max_new_tokens=24, temperature=1.2, top_p=0.9, seed=3)),
+]
+
+
+def test_mixed_batch_rows_get_their_alone_tokens(artifacts):
+    """In-flight batching: each row carries its own constraint or none; every row (constrained or not) gets the
+    tokens it gets alone, so a constrained neighbour changes nothing for an unconstrained one."""
+    from neoxrt.runtime.scheduler import Scheduler
+
+    gen = artifacts["default"]
+    sched, got = Scheduler(gen, max_batch=4), Collect()
+    rids = []
+    for prompt, options in MIXED:
+        rids.append(sched.submit(prompt, got, **options))
+        sched.step()
+    for _ in range(400):
+        if not (sched.stats.active or sched.stats.queued):
+            break
+        sched.step()
+    assert sched.stats.row_steps > sched.stats.steps
+    for rid, (prompt, options) in zip(rids, MIXED):
+        alone = gen.generate([prompt], **options)
+        assert got.ids[rid] == alone.ids[0] and got.reason[rid] == alone.finish_reasons[0], prompt
+        if "structured_outputs" in options:
+            ((kind, spec),) = options["structured_outputs"].items()
+            check(kind, spec, gen.tokenizer.decode(got.ids[rid]))
+
+
+def test_scheduler_refuses_a_bad_spec_at_submit(artifacts):
+    from neoxrt.runtime.scheduler import Scheduler
+
+    sched = Scheduler(artifacts["default"], max_batch=2)
+    with pytest.raises(GrammarError, match="structured_outputs.regex"):
+        sched.submit("Hi", lambda e: None, max_new_tokens=4, structured_outputs={"regex": "(("})
+    assert sched.stats.queued == 0 and sched.stats.requests == 0
+
+
+def test_cli_format_flags(artifacts, tmp_path, capsys):
+    from neox_testing import assert_refused
+    from neoxrt.cli import main
+
+    folder = str(artifacts["default"].session.path.parent)  # the artifact folder (model.onnx's)
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    grammar = tmp_path / "expr.gbnf"
+    grammar.write_text(EBNF)
+    for flags, kind, spec in ((["--json-schema", str(schema)], "json", PERSON), (["--regex", DATE], "regex", DATE),
+                              (["--choice", CHOICES[0], "--choice", CHOICES[1]], "choice", CHOICES[:2]),
+                              (["--grammar", str(grammar)], "grammar", EBNF), (["--json-object"], "json_object", None)):
+        code = main(["generate", folder, "--prompt", PROMPTS[0], "--max-new-tokens", "120", "--do-sample", "--seed", "3",
+                     "--json", *flags])
+        out = json.loads(capsys.readouterr().out)
+        assert code == 0
+        if out["finish_reasons"][0] != "length":
+            check(kind, spec, out["text"][0])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": 5}')
+    assert_refused("generate", [
+        ([folder, "--prompt", "Hi", "--regex", "(("], "--regex: "),
+        ([folder, "--prompt", "Hi", "--json-schema", str(bad)], "--json-schema: type must be a string"),
+        ([folder, "--prompt", "Hi", "--json-schema", str(tmp_path / "none.json")], "--json-schema: expected a readable"),
+        ([folder, "--prompt", "Hi", "--grammar", str(bad)], "--grammar: "),
+        ([folder, "--prompt", "Hi", "--regex", "a", "--json-object"], "not allowed with argument"),
+        ([folder, "--prompt", "Hi", "--regex", "a", "--num-beams", "2"], "not beam search"),
+    ], tmp_path, capsys)
