@@ -109,28 +109,33 @@ def _one_line(message: str, limit: int = 300) -> str:
 class Constraint:
     """One row's grammar state over a vocabulary of `vocab` logits (the model's, padding ids included)."""
 
-    __slots__ = ("matcher", "vocab", "_mask", "_allowed")
+    __slots__ = ("matcher", "vocab", "_mask", "_banned")
 
     def __init__(self, matcher, vocab: int):
         from llguidance.numpy import allocate_token_bitmask
 
         self.matcher, self.vocab = matcher, vocab
         self._mask = allocate_token_bitmask(1, vocab)
-        self._allowed: np.ndarray | None = None  # cached for the current state
+        self._banned: np.ndarray | None = None  # cached for the current state
 
     @property
     def finished(self) -> bool:
         """The grammar is complete and allows nothing more (only EOS)."""
         return self.matcher.is_stopped()
 
-    def allowed(self) -> np.ndarray:
-        """[V] bool: the tokens the grammar allows next (EOS where it may end here). The library releases the GIL."""
-        if self._allowed is None:
+    def banned(self) -> np.ndarray:
+        """[V] bool: the tokens the grammar does not allow next. The library computes its bitmask without the GIL;
+        the bits are unpacked inverted, so that masking is one `copyto` (no boolean negation per step)."""
+        if self._banned is None:
             from llguidance.numpy import fill_next_token_bitmask
 
             fill_next_token_bitmask(self.matcher, self._mask)
-            self._allowed = np.unpackbits(self._mask[0].view(np.uint8), count=self.vocab, bitorder="little").astype(bool)
-        return self._allowed
+            self._banned = np.unpackbits((~self._mask[0]).view(np.uint8), count=self.vocab, bitorder="little").view(bool)
+        return self._banned
+
+    def allowed(self) -> np.ndarray:
+        """[V] bool: the tokens the grammar allows next (EOS where it may end here)."""
+        return ~self.banned()
 
     def advance(self, token: int) -> None:
         """Take the emitted `token`.
@@ -138,32 +143,32 @@ class Constraint:
         Raises:
             GrammarError: the grammar does not allow it (the loop masks, so this is a bug, not bad input).
         """
-        self._allowed = None
+        self._banned = None
         if not self.matcher.consume_token(int(token)):
             raise GrammarError(f"token {token} is not allowed by the grammar here: {_one_line(self.matcher.get_error())}")
 
     def rollback(self, tokens: int) -> None:
         """Undo the last `tokens` advances (speculative decoding's rejected guesses)."""
         if tokens:
-            self._allowed = None
+            self._banned = None
             if not self.matcher.rollback(int(tokens)):
                 raise GrammarError(f"the grammar state could not roll back {tokens} tokens: {self.matcher.get_error()}")
 
     def accepts(self, token: int) -> bool:
-        return bool(self.allowed()[int(token)])
+        return not self.banned()[int(token)]
 
 
 def masked(logits: np.ndarray, constraints) -> np.ndarray:
     """Logits [B, V] with each row's disallowed tokens at -inf (rows without a constraint, or finished, as they
-    are); the input itself when no row is constrained."""
+    are; the dtype kept); the input itself when no row is constrained."""
     rows = [j for j, c in enumerate(constraints) if c is not None and not c.finished]
     if not rows:
         return logits
-    out = np.array(logits, np.float32 if logits.dtype == np.float32 else np.float64)
+    out = np.array(logits)
     for j in rows:
-        allowed = constraints[j].allowed()
-        width = min(len(allowed), out.shape[-1])
-        out[j, :width] = np.where(allowed[:width], out[j, :width], -np.inf)
+        banned = constraints[j].banned()
+        width = min(len(banned), out.shape[-1])
+        np.copyto(out[j, :width], -np.inf, where=banned[:width])
     return out
 
 
