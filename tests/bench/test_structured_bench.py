@@ -12,7 +12,8 @@ def test_bench_structured_counts_the_same_tokens(tmp_path, monkeypatch):
     assert set(rows) == {"batch 1", "16 concurrent"}
     for row in rows.values():
         assert row["tokens"]["constrained"] == row["tokens"]["unconstrained"]
-        assert row["ratio"] > 0 and row["constrained_ms_per_token"] > 0
+        assert 0 < row["loop_thread_ms_per_token"]["constrained"] < row["ms_per_token"]["constrained"]
+        assert all(v > 0 for v in row["ratio"].values()) and all(v > 0 for v in row["ms_per_token"].values())
 
 
 def test_llguidance_compiles_every_test_grammar():
