@@ -246,15 +246,21 @@ class Generator:
         return self._grammars
 
     def constraints(self, rows: int, options: GenerationOptions) -> list[Constraint | None]:
-        """One fresh `Constraint` per row for `options.structured_outputs` (compiled once), or Nones.
+        """One fresh `Constraint` per row for `options.structured_outputs` (each spec compiled once; a list gives
+        one per row, None where a row is unconstrained), or Nones.
 
         Raises:
-            GrammarError: the engine refused the spec, or it took too long to compile.
+            GrammarError: the engine refused a spec, or it took too long to compile.
+            RuntimeShapeError: a list of specs that is not one per row.
         """
-        spec = options.structured_outputs
-        if spec is None:
+        specs = options.structured_outputs
+        if specs is None:
             return [None] * rows
-        return [self.grammars.constraint(spec) for _ in range(rows)]
+        if not isinstance(specs, tuple):
+            specs = (specs,) * rows
+        elif len(specs) != rows:
+            raise RuntimeShapeError(f"structured_outputs holds {len(specs)} constraints; expected one per prompt ({rows})")
+        return [None if spec is None else self.grammars.constraint(spec) for spec in specs]
 
     # -- generation -----------------------------------------------------------------------------------
     def stream(self, prompts, **kwargs) -> Iterator[TokenEvent]:
@@ -286,7 +292,7 @@ class Generator:
         Keywords: `GenerationOptions`, `SpeculativeOptions`, and beam search's `num_beams`, `length_penalty`,
         `early_stopping`, `num_return_sequences` (transformers' names and meaning; with sampling,
         `num_return_sequences` draws that many samples per prompt). Rows: prompt-major, `num_return_sequences`
-        per prompt.
+        per prompt. `structured_outputs` holds every row to one constraint, or (a list) each prompt to its own.
         """
         rows = self.encode(prompts)
         kwargs = self._with_defaults(rows, kwargs)
@@ -309,6 +315,12 @@ class Generator:
                 raise RuntimeShapeError("num_return_sequences > 1 needs sampling (temperature > 0) or num_beams > 1: "
                                         "greedy decoding returns one sequence per prompt")
             rows = [r for r in rows for _ in range(beam.num_return_sequences)]
+            specs = kwargs.get("structured_outputs")
+            if isinstance(specs, (list, tuple)):  # one per prompt: each prompt's for each of its sequences
+                if len(specs) * beam.num_return_sequences != len(rows):
+                    raise RuntimeShapeError(f"structured_outputs holds {len(specs)} constraints; expected one per prompt "
+                                            f"({len(rows) // beam.num_return_sequences})")
+                kwargs["structured_outputs"] = [s for s in specs for _ in range(beam.num_return_sequences)]
         ids: list[list[int]] = [[] for _ in rows]
         reasons = ["length"] * len(rows)
         logprobs: list[list[dict]] | None = [[] for _ in rows] if kwargs.get("logprobs") is not None else None

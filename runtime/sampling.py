@@ -63,8 +63,9 @@ class GenerationOptions:
     typical_p: float = 1.0  # locally typical sampling (transformers' TypicalLogitsWarper)
     logprobs: int | None = None  # report each token's log-probability and the N most likely alternatives
     # hold the output to a JSON schema, regex, choices or grammar: vLLM's StructuredOutputsParams object
-    # ({"json": SCHEMA} | {"regex": R} | {"choice": [...]} | {"grammar": EBNF} | {"json_object": True})
-    structured_outputs: StructuredOutputs | None = None
+    # ({"json": SCHEMA} | {"regex": R} | {"choice": [...]} | {"grammar": EBNF} | {"json_object": True}) for every
+    # row, or a list of them (or None) with one per row
+    structured_outputs: StructuredOutputs | tuple[StructuredOutputs | None, ...] | None = None
     eos_token_id: tuple[int, ...] | None = None  # transformers': these ids end a row instead of the model's EOS
     pad_token_id: int | None = None  # transformers': the id left padding is filled with (masked, never attended)
 
@@ -109,7 +110,14 @@ class GenerationOptions:
         if any(not x for x in strings):
             raise RuntimeShapeError("stop_strings must not contain an empty string")
         object.__setattr__(self, "stop_strings", tuple(strings))
-        object.__setattr__(self, "structured_outputs", StructuredOutputs.parse(self.structured_outputs))
+        specs = self.structured_outputs
+        if isinstance(specs, (list, tuple)):  # one per row
+            if not specs:
+                raise RuntimeShapeError("structured_outputs must be an object, or a non-empty list with one per prompt")
+            specs = tuple(StructuredOutputs.parse(s) for s in specs)
+            specs = specs if any(s is not None for s in specs) else None
+        object.__setattr__(self, "structured_outputs", StructuredOutputs.parse(specs) if not isinstance(specs, tuple)
+                           else specs)
         if self.structured_outputs is not None and (self.bad_words_ids or self.no_repeat_ngram_size):
             raise RuntimeShapeError("structured_outputs do not combine with bad_words_ids or no_repeat_ngram_size "
                                     "(they could ban every token the grammar allows)")

@@ -317,3 +317,24 @@ def test_cli_format_flags(artifacts, tmp_path, capsys):
         ([folder, "--prompt", "Hi", "--regex", "a", "--json-object"], "not allowed with argument"),
         ([folder, "--prompt", "Hi", "--regex", "a", "--num-beams", "2"], "not beam search"),
     ], tmp_path, capsys)
+
+
+def test_a_constraint_per_prompt(artifacts):
+    """A list: each prompt its own constraint (None: free), for each of its num_return_sequences."""
+    gen = artifacts["default"]
+    specs = [{"choice": CHOICES}, None, {"regex": DATE}]
+    prompts = PROMPTS + ["Today is"]
+    result = gen.generate(prompts, max_new_tokens=30, temperature=1.0, seed=9, num_return_sequences=2,
+                          structured_outputs=specs)
+    for k in range(2):
+        check("choice", CHOICES, result.text[k])
+        check("regex", DATE, result.text[4 + k])
+    assert len(result.ids) == 6 and result.finish_reasons[:2] == result.finish_reasons[4:] == ["grammar"] * 2
+    greedy = gen.generate(prompts, max_new_tokens=30, structured_outputs=specs)
+    assert greedy.ids[1] == gen.generate([prompts[1]], max_new_tokens=30).ids[0]  # the free row is untouched
+    for bad, message in (([{"regex": "a"}], "holds 1 constraints; expected one per prompt \\(3\\)"),
+                         ([], "non-empty list with one per prompt")):
+        with pytest.raises(RuntimeShapeError, match=message):
+            gen.generate(prompts, max_new_tokens=4, structured_outputs=bad)
+        with pytest.raises(RuntimeShapeError, match=message):
+            gen.generate(prompts, max_new_tokens=4, temperature=1.0, num_return_sequences=2, structured_outputs=bad)
