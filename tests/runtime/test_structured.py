@@ -338,3 +338,52 @@ def test_a_constraint_per_prompt(artifacts):
             gen.generate(prompts, max_new_tokens=4, structured_outputs=bad)
         with pytest.raises(RuntimeShapeError, match=message):
             gen.generate(prompts, max_new_tokens=4, temperature=1.0, num_return_sequences=2, structured_outputs=bad)
+
+
+# bounded schemas exercising JSON Schema's keywords: each must compile, and every sampled output validate
+COVERAGE = {
+    "const_enum": {"type": "object", "properties": {"v": {"const": 3}, "e": {"enum": ["a", 1, None, True, 2.5]}},
+                   "required": ["v", "e"], "additionalProperties": False},
+    "ref_defs": {"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}},
+                                  "required": ["x"], "additionalProperties": False}},
+                 "type": "array", "items": {"$ref": "#/$defs/pt"}, "minItems": 1, "maxItems": 3},
+    "one_any_of": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 99},
+                             {"type": "string", "pattern": "^[a-z]{2,4}$"}]},
+    "nullable_optional": {"type": "object", "properties": {
+        "a": {"type": ["string", "null"], "maxLength": 6}, "b": {"type": "boolean"},
+        "c": {"type": "integer", "minimum": 0, "maximum": 1}}, "required": ["a"], "additionalProperties": False},
+    "exclusive_bounds": {"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 0,
+                                                                "exclusiveMaximum": 10}},
+                         "required": ["n"], "additionalProperties": False},
+    "formats": {"type": "object", "properties": {"d": {"type": "string", "format": "date"},
+                                                 "u": {"type": "string", "format": "uuid"}},
+                "required": ["d", "u"], "additionalProperties": False},
+    "nested_arrays": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+        "type": "array", "maxItems": 3, "items": {"type": "string", "enum": ["x", "y"]}}},
+    "all_of": {"allOf": [{"type": "object", "properties": {"k": {"type": "integer", "minimum": 1, "maximum": 5}},
+                          "required": ["k"]},
+                         {"type": "object", "properties": {"k": {"type": "integer"}}, "additionalProperties": False}]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(COVERAGE))
+def test_schema_keywords_compile_and_every_output_validates(artifacts, name):
+    schema = COVERAGE[name]
+    for model in ("default", "random"):
+        for seed in range(3):
+            result = artifacts[model].generate(PROMPTS, max_new_tokens=120, temperature=1.0, seed=seed,
+                                               num_return_sequences=2, structured_outputs={"json": schema})
+            for text, reason in zip(result.text, result.finish_reasons):
+                assert reason in ("grammar", "stop_token"), (model, reason, text)
+                jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.FormatChecker(("date", "uuid")))
+
+
+def test_a_number_has_no_digit_limit(artifacts):
+    """What "bounded" excludes: a JSON number's fraction (and format "time"'s fractional seconds) has no length limit
+    in the grammar, so on a random-weights model it may run to max_new_tokens (the output is then a valid prefix,
+    finish reason length). Integers with a range, enums, strings with maxLength and arrays with maxItems are the
+    bounded kinds."""
+    schema = {"type": "object", "properties": {"c": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["c"]}
+    result = artifacts["default"].generate(PROMPTS[0], max_new_tokens=40, temperature=1.0, seed=0,
+                                           structured_outputs={"json": schema})
+    assert result.text[0].startswith('{"c":') and result.finish_reasons[0] in ("length", "grammar", "stop_token")

@@ -153,3 +153,18 @@ def test_triton_generate_takes_the_same_as_json_text_inputs(backend):
         final = _send(backend, {"text_input": PROMPT, "max_tokens": 4, **inputs})
         assert final.error is not None and message in final.error.message and "\n" not in final.error.message
     assert _send(backend, {"text_input": "We", "max_tokens": 2}).error is None
+
+
+def test_real_triton_generate_endpoint_takes_them(server):
+    """Through a real tritonserver's generate extension (`neoxrt serve`): the JSON-text parameters reach the model."""
+    status, body = server.generate(text_input=PROMPT, max_tokens=60, structured_outputs=json.dumps({"json": SCHEMA}))
+    assert status == 200 and body["finish_reason"] == "grammar", body
+    jsonschema.validate(json.loads(body["text_output"]), SCHEMA)
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA}}
+    status, body = server.generate(text_input=PROMPT, max_tokens=60, temperature=1.0, seed=2,
+                                   response_format=json.dumps(fmt))
+    assert status == 200, body
+    jsonschema.validate(json.loads(body["text_output"]), SCHEMA)
+    status, body = server.generate(text_input=PROMPT, max_tokens=4, structured_outputs='{"regex": "(("}')
+    assert status == 400 and "structured_outputs.regex" in body["error"], body
+    assert server.ready() and server.generate(text_input="We", max_tokens=2)[0] == 200
