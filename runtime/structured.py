@@ -200,13 +200,13 @@ class Grammars:
             template = self._cache.get(spec)
             if template is not None:
                 self._cache.move_to_end(spec)
-        if template is None:
-            template = self._compile_limited(spec)
-            with self._lock:
-                self._cache[spec] = template
-                while len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
-        return Constraint(template.deep_copy(), self.vocab)
+                return Constraint(template.deep_copy(), self.vocab)  # copied under the lock: callers on any thread
+        template = self._compile_limited(spec)
+        with self._lock:
+            self._cache[spec] = template
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return Constraint(template.deep_copy(), self.vocab)
 
     def _compile_limited(self, spec: StructuredOutputs):
         """Compile on a thread of its own (llguidance releases the GIL while it compiles); past `timeout_s` the

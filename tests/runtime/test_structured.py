@@ -387,3 +387,15 @@ def test_a_number_has_no_digit_limit(artifacts):
     result = artifacts["default"].generate(PROMPTS[0], max_new_tokens=40, temperature=1.0, seed=0,
                                            structured_outputs={"json": schema})
     assert result.text[0].startswith('{"c":') and result.finish_reasons[0] in ("length", "grammar", "stop_token")
+
+
+def test_constraints_from_many_threads_at_once(artifacts):
+    """submit() compiles on its callers' threads (HTTP handlers, Triton's): concurrent requests for one spec and
+    for new ones each get a working constraint."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grammars = Grammars(artifacts["default"].tokenizer.to_str(), 50304, 0)
+    specs = [StructuredOutputs.parse({"regex": f"[a-z]{{{k % 4 + 1}}}"}) for k in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(grammars.constraint, specs))
+    assert all(c.allowed().any() and not c.finished for c in made) and len(grammars._cache) == 4
