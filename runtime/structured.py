@@ -66,7 +66,10 @@ class StructuredOutputs:
                     raise GrammarError(f"structured_outputs.json: not valid JSON ({exc})") from None
             if not isinstance(spec, (dict, bool)):
                 raise GrammarError(f"structured_outputs.json must be a JSON schema (an object), got {type(spec).__name__}")
-            return cls(kind, json.dumps(spec))  # key order kept: it is the output's
+            try:
+                return cls(kind, json.dumps(spec, allow_nan=False))  # key order kept: it is the output's
+            except (TypeError, ValueError) as exc:  # from Python: a value JSON has no form for
+                raise GrammarError(f"structured_outputs.json must be JSON data, got {exc}") from None
         if kind == "json_object":
             if spec is not True:
                 raise GrammarError(f"structured_outputs.json_object must be true, got {spec!r:.40}")

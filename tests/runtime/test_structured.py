@@ -144,6 +144,8 @@ def test_stop_strings_still_apply(artifacts):
     ({"json": {"type": "nope"}}, "structured_outputs.json: .*nope"),
     ({"json": "{not json"}, "structured_outputs.json: not valid JSON"),
     ({"json": [1]}, "must be a JSON schema"),
+    ({"json": {"enum": {1, 2}}}, "structured_outputs.json must be JSON data"),
+    ({"json": {"maximum": float("nan")}}, "structured_outputs.json must be JSON data"),
     ({"grammar": "root ::= foo"}, "structured_outputs.grammar: .*foo"),
     ({"choice": []}, "non-empty list of non-empty strings"),
     ({"choice": ["a", 3]}, "non-empty list of non-empty strings"),
