@@ -88,7 +88,8 @@ class RowBook:
         self.emitted = [TextSoFar() for _ in rows]
 
     def emit(self, row: int, token: int, logprob: float | None = None, top=None) -> TokenEvent:
-        """Record `token` for `row`; the event says whether the row is finished (stop token, length, stop string)."""
+        """Record `token` for `row` (advancing its constraint); the event says whether the row is finished (stop
+        token, length, stop string, grammar complete)."""
         self.generated[row].append(token)
         self.seen[row] = np.append(self.seen[row], token)
         constraint = self.constraints[row]
