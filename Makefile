@@ -10,7 +10,7 @@ PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
 .PHONY: venv demo test fuzz lint export generate report int8 int4 engine gpu-check bench-export bench bench-large \
-        bench-heads bench-serve bench-openai eval-lm bench-llamacpp vllm-venv
+        bench-heads bench-serve bench-openai bench-structured eval-lm bench-llamacpp vllm-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -148,6 +148,11 @@ vllm-venv:
 # rounds interleaved); bench-results/openai.{md,json}
 bench-openai: venv
 	$(BIN)/python -m neoxrt.serve.bench_openai
+
+# structured outputs' per-token cost: constrained vs unconstrained, batch 1 and 16 concurrent requests, rounds
+# interleaved (pythia-14m-sotu and the Pythia-70m shape); bench-results/structured.{md,json}
+bench-structured: venv
+	$(BIN)/python -m neoxrt.bench.structured $(STRUCTURED_ARGS)
 
 # lm-evaluation-harness (not CI): `local-completions` against `neoxrt serve --openai-port` and lm-eval's `hf` model on
 # the same checkpoint (the embedded pythia-14m-sotu), a multiple-choice task written from the held-out corpus;

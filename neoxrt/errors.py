@@ -25,6 +25,11 @@ class RuntimeShapeError(NeoxrtError):
     """Inputs to a runtime session do not fit the artifact (shapes, lengths, options)."""
 
 
+class GrammarError(NeoxrtError):
+    """A structured-outputs constraint (JSON schema, regex, choice, grammar) is malformed, unsupported by the
+    grammar engine, or took longer than its limit to compile."""
+
+
 class ArtifactError(NeoxrtError):
     """An artifact folder is missing files or its manifest does not match what is there."""
 

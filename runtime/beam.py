@@ -61,10 +61,9 @@ def beam_search(gen, rows: list[list[int]], options: GenerationOptions, beam: Be
     from neoxrt.runtime.generator import left_pad
 
     batch, n = len(rows), beam.num_beams
-    eos = [] if gen.eos_token_id is None or options.ignore_eos else [gen.eos_token_id]
-    eos = sorted(set(eos) | set(options.stop_token_ids))
+    eos = sorted(options.stops(gen.eos_token_id))
     k = max(2, 1 + len(eos)) * n
-    ids, mask, pos = left_pad(rows, 0 if gen.eos_token_id is None else gen.eos_token_id)
+    ids, mask, pos = left_pad(rows, options.pad(gen.eos_token_id))
     width = ids.shape[1]
     max_length = width + options.max_new_tokens
     ids, mask, pos = (np.repeat(a, n, axis=0) for a in (ids, mask, pos))

@@ -96,7 +96,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                      if args.num_beams != 1 else {}),
                   **({"num_return_sequences": args.num_return_sequences} if args.num_return_sequences != 1 else {}),
                   **({"num_draft_tokens": args.num_draft_tokens} if args.num_draft_tokens else {}))
+    constraint = _structured(args)
     generator = Generator.from_artifacts(args.artifact_dir, backend=args.backend, threads=args.threads, draft=args.draft)
+    if constraint is not None:
+        kwargs["structured_outputs"] = _compiled(generator, *constraint)
     if args.json:
         result = generator.generate(prompts, **kwargs)
         print_json({"ids": result.ids, "text": result.text, "finish_reasons": result.finish_reasons,
@@ -112,6 +115,47 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for row, ids in enumerate(result.ids):
         print(f"[{row}] " + (result.text[row] if result.text is not None else ",".join(map(str, ids))))
     return 0
+
+
+# the flags that constrain the output, and the structured_outputs kind each sets (one of them at most)
+_FORMAT_FLAGS = {"json_schema": ("--json-schema", "json"), "regex": ("--regex", "regex"), "choice": ("--choice", "choice"),
+                 "grammar": ("--grammar", "grammar"), "json_object": ("--json-object", "json_object")}
+
+
+def _structured(args: argparse.Namespace) -> tuple[str, dict] | None:
+    """(flag, structured_outputs) from the format flags, or None; a schema or grammar is read from its file.
+
+    Raises:
+        GrammarError: a file that cannot be read.
+    """
+    from pathlib import Path
+
+    from neoxrt.errors import GrammarError
+
+    for dest, (flag, kind) in _FORMAT_FLAGS.items():
+        value = getattr(args, dest)
+        if value in (None, False):
+            continue
+        if dest in ("json_schema", "grammar"):
+            try:
+                value = Path(value).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise GrammarError(f"{flag}: expected a readable UTF-8 file, got {value} ({exc.strerror or exc})") from None
+        return flag, {kind: value}
+    return None
+
+
+def _compiled(generator, flag: str, value: dict):
+    """The constraint checked and compiled before generating; the engine's reason names the flag."""
+    from neoxrt.errors import GrammarError
+    from neoxrt.runtime.structured import StructuredOutputs
+
+    try:
+        spec = StructuredOutputs.parse(value)
+        generator.grammars.constraint(spec)  # compiled once here (cached), so a bad one stops before the model runs
+    except GrammarError as exc:
+        raise GrammarError(str(exc).replace(f"structured_outputs.{next(iter(value))}", flag, 1)) from None
+    return spec
 
 
 def _add_generate(sub) -> None:
@@ -152,6 +196,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-lookup-tokens", type=t.count, default=0, metavar="N",
                    help="speculative decoding without a draft: guess up to N tokens from an n-gram match in the text so far")
     p.add_argument("--json", action="store_true", help='print {"ids": [[...]], "text": [...]} (prompt excluded)')
+    fmt = p.add_argument_group("structured outputs (one of)").add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this JSON schema (compact)")
+    fmt.add_argument("--regex", metavar="R", help="the output matches this regular expression")
+    fmt.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these (repeat per choice)")
+    fmt.add_argument("--grammar", metavar="FILE", help="the output is in this grammar (GBNF/EBNF or Lark)")
+    fmt.add_argument("--json-object", action="store_true", help="the output is a JSON object (compact)")
     p.set_defaults(func=_cmd_generate)
 
 

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from neoxrt import contract as io
-from neoxrt.errors import ArtifactError, RuntimeShapeError
+from neoxrt.errors import ArtifactError, GrammarError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.beam import BeamOptions, beam_search
 from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
 from neoxrt.runtime.session import Session
 from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
+from neoxrt.runtime.structured import FINISHED, Constraint, Grammars, masked
 
 SPECULATIVE_KEYS = ("num_draft_tokens", "prompt_lookup_tokens", "max_ngram")
 BEAM_KEYS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
@@ -31,7 +32,7 @@ class TokenEvent:
     row: int
     token_id: int
     text: str
-    finish_reason: str | None  # None while the row goes on; else length, stop_token or stop_string
+    finish_reason: str | None  # None while the row goes on; else length, stop_token, stop_string or grammar (complete)
     logprob: float | None = None  # with logprobs=N: log p(token) under the model (log_softmax of its logits)
     top_logprobs: list[tuple[int, float]] | None = None  # and the N most likely tokens with theirs
 
@@ -80,23 +81,36 @@ class RowBook:
 
     def __init__(self, gen: Generator, rows: list[list[int]], options: GenerationOptions):
         self.gen, self.options = gen, options
-        self.stops = set(options.stop_token_ids)
-        if gen.eos_token_id is not None and not options.ignore_eos:
-            self.stops.add(gen.eos_token_id)
+        self.stops = options.stops(gen.eos_token_id)
+        self.constraints = gen.constraints(len(rows), options)  # per row, None where unconstrained
         self.seen = [np.array(r, np.int64) for r in rows]
         self.generated: list[list[int]] = [[] for _ in rows]
         self.emitted = [TextSoFar() for _ in rows]
 
     def emit(self, row: int, token: int, logprob: float | None = None, top=None) -> TokenEvent:
-        """Record `token` for `row`; the event says whether the row is finished (stop token, length, stop string)."""
+        """Record `token` for `row` (advancing its constraint); the event says whether the row is finished (stop
+        token, length, stop string, grammar complete)."""
         self.generated[row].append(token)
         self.seen[row] = np.append(self.seen[row], token)
+        constraint = self.constraints[row]
+        if constraint is not None:
+            constraint.advance(token)
         piece, reason = self.gen._piece(row, self.generated[row], self.emitted, self.options)
-        if token in self.stops:
-            reason = "stop_token"
-        elif len(self.generated[row]) >= self.options.max_new_tokens:
-            reason = reason or "length"
-        return TokenEvent(int(row), token, piece, reason, logprob, top)
+        return TokenEvent(int(row), token, piece, finish_reason(token, reason, self.stops, constraint,
+                                                                len(self.generated[row]), self.options), logprob, top)
+
+
+def finish_reason(token: int, reason: str | None, stops: set[int], constraint, generated: int,
+                  options: GenerationOptions) -> str | None:
+    """Why a row ends with `token` (None: it goes on): a stop string (`reason`), a stop token, its grammar complete,
+    or max_new_tokens reached."""
+    if token in stops:
+        return "stop_token"
+    if reason is None and constraint is not None and constraint.finished:
+        return FINISHED
+    if generated >= options.max_new_tokens:
+        return reason or "length"
+    return reason
 
 
 class Generator:
@@ -112,6 +126,7 @@ class Generator:
         self.spec_stats: dict | None = None  # rounds / drafted / accepted of the last speculative generation
         self.eos_token_id = config.get("eos_token_id")
         self.max_positions = int(config["max_position_embeddings"])
+        self._grammars: Grammars | None = None
 
     @classmethod
     def from_artifacts(cls, path, backend: str = "auto", providers=None, threads: int | None = None,
@@ -217,6 +232,37 @@ class Generator:
             rows.append(ids)
         return rows
 
+    # -- structured outputs ---------------------------------------------------------------------------
+    @property
+    def grammars(self) -> Grammars:
+        """The compiled grammars of this model's tokenizer (made on first use).
+
+        Raises:
+            GrammarError: the artifact has no tokenizer.json (a grammar constrains text).
+        """
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise GrammarError("structured outputs need the artifact's tokenizer.json (a grammar constrains text)")
+            self._grammars = Grammars(self.tokenizer.to_str(), int(self.config["vocab_size"]), self.eos_token_id)
+        return self._grammars
+
+    def constraints(self, rows: int, options: GenerationOptions) -> list[Constraint | None]:
+        """One fresh `Constraint` per row for `options.structured_outputs` (each spec compiled once; a list gives
+        one per row, None where a row is unconstrained), or Nones.
+
+        Raises:
+            GrammarError: the engine refused a spec, or it took too long to compile.
+            RuntimeShapeError: a list of specs that is not one per row.
+        """
+        specs = options.structured_outputs
+        if specs is None:
+            return [None] * rows
+        if not isinstance(specs, tuple):
+            specs = (specs,) * rows
+        elif len(specs) != rows:
+            raise RuntimeShapeError(f"structured_outputs holds {len(specs)} constraints; expected one per prompt ({rows})")
+        return [None if spec is None else self.grammars.constraint(spec) for spec in specs]
+
     # -- generation -----------------------------------------------------------------------------------
     def stream(self, prompts, **kwargs) -> Iterator[TokenEvent]:
         """Yield tokens as they are produced (all rows interleaved). Keywords: `GenerationOptions`, and
@@ -247,7 +293,7 @@ class Generator:
         Keywords: `GenerationOptions`, `SpeculativeOptions`, and beam search's `num_beams`, `length_penalty`,
         `early_stopping`, `num_return_sequences` (transformers' names and meaning; with sampling,
         `num_return_sequences` draws that many samples per prompt). Rows: prompt-major, `num_return_sequences`
-        per prompt.
+        per prompt. `structured_outputs` holds every row to one constraint, or (a list) each prompt to its own.
         """
         rows = self.encode(prompts)
         kwargs = self._with_defaults(rows, kwargs)
@@ -256,6 +302,9 @@ class Generator:
             if kwargs.pop("prompt_lookup_tokens", 0) or self.draft is not None:
                 raise RuntimeShapeError("beam search does not combine with speculative decoding (a draft or prompt lookup)")
             options = GenerationOptions(**{k: v for k, v in kwargs.items() if k not in SPECULATIVE_KEYS})
+            if options.structured_outputs is not None:
+                raise RuntimeShapeError("structured_outputs constrain greedy and sampled generation, not beam search "
+                                        "(num_beams must be 1)")
             if options.logprobs is not None:
                 raise RuntimeShapeError("logprobs are reported for greedy and sampled generation, not beam search")
             self._check_length(rows, options)
@@ -267,6 +316,12 @@ class Generator:
                 raise RuntimeShapeError("num_return_sequences > 1 needs sampling (temperature > 0) or num_beams > 1: "
                                         "greedy decoding returns one sequence per prompt")
             rows = [r for r in rows for _ in range(beam.num_return_sequences)]
+            specs = kwargs.get("structured_outputs")
+            if isinstance(specs, (list, tuple)):  # one per prompt: each prompt's for each of its sequences
+                if len(specs) * beam.num_return_sequences != len(rows):
+                    raise RuntimeShapeError(f"structured_outputs holds {len(specs)} constraints; expected one per prompt "
+                                            f"({len(rows) // beam.num_return_sequences})")
+                kwargs["structured_outputs"] = [s for s in specs for _ in range(beam.num_return_sequences)]
         ids: list[list[int]] = [[] for _ in rows]
         reasons = ["length"] * len(rows)
         logprobs: list[list[dict]] | None = [[] for _ in rows] if kwargs.get("logprobs") is not None else None
@@ -314,15 +369,15 @@ class Generator:
         return text if cut < 0 else text[:cut]
 
     def _loop(self, rows: list[list[int]], options: GenerationOptions) -> Iterator[TokenEvent]:
-        ids, mask, pos = left_pad(rows, 0 if self.eos_token_id is None else self.eos_token_id)
+        book = RowBook(self, rows, options)
+        ids, mask, pos = left_pad(rows, options.pad(self.eos_token_id))
         decoder = self.session.decoder(len(rows), ids.shape[1] + options.max_new_tokens)
         rng = np.random.default_rng(options.seed)
-        book = RowBook(self, rows, options)
         live = np.arange(len(rows))  # original row index of each decoder row
         logits = decoder.step(ids, mask, pos)
         for _ in range(options.max_new_tokens):
-            chosen = next_tokens(logits, [book.seen[r] for r in live], options, rng,
-                                 [len(book.generated[r]) for r in live], sorted(book.stops))
+            chosen = next_tokens(masked(logits, [book.constraints[r] for r in live]), [book.seen[r] for r in live],
+                                 options, rng, [len(book.generated[r]) for r in live], sorted(book.stops))
             finished = np.zeros(len(live), bool)
             scored = token_logprobs(logits, chosen, options.logprobs)
             for j, row in enumerate(live):

@@ -11,6 +11,7 @@ import numpy as np
 
 from neoxrt.contract import MAX_COUNT
 from neoxrt.errors import RuntimeShapeError
+from neoxrt.runtime.structured import StructuredOutputs
 
 
 def _is_int(value) -> bool:
@@ -61,6 +62,12 @@ class GenerationOptions:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # never produce these token sequences
     typical_p: float = 1.0  # locally typical sampling (transformers' TypicalLogitsWarper)
     logprobs: int | None = None  # report each token's log-probability and the N most likely alternatives
+    # hold the output to a JSON schema, regex, choices or grammar: vLLM's StructuredOutputsParams object
+    # ({"json": SCHEMA} | {"regex": R} | {"choice": [...]} | {"grammar": EBNF} | {"json_object": True}) for every
+    # row, or a list of them (or None) with one per row
+    structured_outputs: StructuredOutputs | tuple[StructuredOutputs | None, ...] | None = None
+    eos_token_id: tuple[int, ...] | None = None  # transformers': these ids end a row instead of the model's EOS
+    pad_token_id: int | None = None  # transformers': the id left padding is filled with (masked, never attended)
 
     def __post_init__(self) -> None:
         """Every field typed and ranged, named as the keyword (a server request's field or a CLI option maps to it).
@@ -103,10 +110,43 @@ class GenerationOptions:
         if any(not x for x in strings):
             raise RuntimeShapeError("stop_strings must not contain an empty string")
         object.__setattr__(self, "stop_strings", tuple(strings))
+        specs = self.structured_outputs
+        if isinstance(specs, (list, tuple)):  # one per row
+            if not specs:
+                raise RuntimeShapeError("structured_outputs must be an object, or a non-empty list with one per prompt")
+            specs = tuple(StructuredOutputs.parse(s) for s in specs)
+            specs = specs if any(s is not None for s in specs) else None
+        object.__setattr__(self, "structured_outputs", StructuredOutputs.parse(specs) if not isinstance(specs, tuple)
+                           else specs)
+        if self.structured_outputs is not None and (self.bad_words_ids or self.no_repeat_ngram_size):
+            raise RuntimeShapeError("structured_outputs do not combine with bad_words_ids or no_repeat_ngram_size "
+                                    "(they could ban every token the grammar allows)")
+        if self.eos_token_id is not None:  # an int or a list, as transformers takes it
+            eos = self.eos_token_id
+            object.__setattr__(self, "eos_token_id", _token_ids("eos_token_id", [eos] if _is_int(eos) else eos))
+        if self.pad_token_id is not None:
+            pad = self.pad_token_id
+            pad = _token_ids("pad_token_id", [pad] if _is_int(pad) else pad)
+            if len(pad) != 1:
+                raise RuntimeShapeError(f"pad_token_id must be one token id, got {self.pad_token_id!r:.80}")
+            object.__setattr__(self, "pad_token_id", pad[0])
 
     @property
     def greedy(self) -> bool:
         return self.do_sample is False or self.temperature == 0
+
+    def stops(self, model_eos: int | None) -> set[int]:
+        """The ids that end a row: stop_token_ids, and the EOS (`eos_token_id` if given, else the model's) unless
+        ignore_eos."""
+        stops = set(self.stop_token_ids)
+        if not self.ignore_eos:
+            stops |= set(self.eos_token_id) if self.eos_token_id is not None else \
+                ({model_eos} if model_eos is not None else set())
+        return stops
+
+    def pad(self, model_eos: int | None) -> int:
+        """The left padding id: pad_token_id, else the model's EOS, else 0."""
+        return self.pad_token_id if self.pad_token_id is not None else (0 if model_eos is None else model_eos)
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:

@@ -35,8 +35,9 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
-from neoxrt.runtime.generator import Generator, TextSoFar, TokenEvent, left_pad, token_logprobs
+from neoxrt.runtime.generator import Generator, TextSoFar, TokenEvent, finish_reason, left_pad, token_logprobs
 from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, processes, top_indices
+from neoxrt.runtime.structured import Constraint, masked
 
 # the keywords a request may carry: GenerationOptions' fields, and transformers' max_length
 REQUEST_OPTIONS = frozenset(f.name for f in fields(GenerationOptions)) | {"max_length"}
@@ -60,6 +61,7 @@ class Request:
     on_error: Callable[[Exception], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
     on_prompt_logprobs: Callable[[list], None] | None = None
+    constraint: Constraint | None = None  # options.structured_outputs compiled for this request (its grammar state)
     # decoding state
     rng: np.random.Generator = field(init=False)
     seen: np.ndarray = field(init=False)
@@ -143,12 +145,14 @@ class Scheduler:
         # the artifact's generation_config.json defaults under the request's keywords, as Generator.stream takes them
         opts = GenerationOptions(**self.generator._with_defaults([ids], options, beams=False))
         self.generator._check_length([ids], opts)
+        (constraint,) = self.generator.constraints(1, opts)  # compiled here, on the caller's thread (time-limited)
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFullError(f"server busy: {len(self._queue)} requests already queued (max_queue "
                                      f"{self.max_queue}); retry later")
-            request = Request(next(self._ids), ids, opts, on_event, on_error, is_cancelled, on_prompt_logprobs)
+            request = Request(next(self._ids), ids, opts, on_event, on_error, is_cancelled, on_prompt_logprobs,
+                              constraint)
             self._queue.append(request)
             self.stats.requests += 1
             self.stats.queued = len(self._queue)
@@ -248,7 +252,9 @@ class Scheduler:
 
     # -- rows -------------------------------------------------------------------------------------------
     def _pick(self, requests: list[Request], logits: np.ndarray) -> np.ndarray:
-        """Each request's next token from its logits row, its own options and generator; events sent."""
+        """Each request's next token from its logits row (held to its constraint, if any), its own options and
+        generator; events sent. Log-probabilities are the model's own (before the constraint's mask)."""
+        raw, logits = logits, masked(logits, [r.constraint for r in requests])  # unconstrained rows untouched
         chosen = np.zeros(len(requests), np.int64)
         plain = [j for j, r in enumerate(requests) if r.options.greedy and not processes(r.options)]
         if plain:
@@ -258,7 +264,7 @@ class Scheduler:
                 chosen[j] = next_tokens(logits[j:j + 1], [r.seen], r.options, r.rng, [len(r.generated)],
                                         sorted(self._stops(r.options)))[0]
         for j, r in enumerate(requests):
-            scored = token_logprobs(logits[j:j + 1], chosen[j:j + 1], r.options.logprobs)
+            scored = token_logprobs(raw[j:j + 1], chosen[j:j + 1], r.options.logprobs)
             self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))
         return chosen
 
@@ -267,19 +273,15 @@ class Scheduler:
         r.seen = np.append(r.seen, token)
         self.stats.tokens += 1
         self._emitted.setdefault(r.id, TextSoFar())
+        if r.constraint is not None:
+            r.constraint.advance(token)
         piece, reason = self.generator._piece(r.id, r.generated, self._emitted, r.options)
-        if token in self._stops(r.options):
-            reason = "stop_token"
-        elif len(r.generated) >= r.options.max_new_tokens:
-            reason = reason or "length"
+        reason = finish_reason(token, reason, self._stops(r.options), r.constraint, len(r.generated), r.options)
         r.finish_reason = reason
         r.on_event(TokenEvent(r.id, token, piece, reason, logprob, top))
 
     def _stops(self, options: GenerationOptions) -> set[int]:
-        stops = set(options.stop_token_ids)
-        if self.generator.eos_token_id is not None and not options.ignore_eos:
-            stops.add(self.generator.eos_token_id)
-        return stops
+        return options.stops(self.generator.eos_token_id)
 
     def _retire_finished(self) -> None:
         done = [j for j, r in enumerate(self._live) if r.finish_reason]

@@ -29,6 +29,7 @@ import numpy as np
 from neoxrt.contract import MAX_COUNT
 from neoxrt.errors import RuntimeShapeError
 from neoxrt.runtime.sampling import GenerationOptions, draw, next_tokens, token_probs
+from neoxrt.runtime.structured import Lookahead, masked, masked_guesses
 
 
 @dataclass(frozen=True)
@@ -86,14 +87,23 @@ class _Draft:
         self.decoder.step(ids, mask, pos)
         self.pending = np.zeros((batch, 0), np.int64)  # accepted tokens the draft has not seen yet
 
-    def propose(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, k: int, options, seen, rng):
-        """K tokens per row, and the draft's probabilities for them (sampling) or None (greedy)."""
+    def propose(self, x: np.ndarray, mask: np.ndarray, pos: np.ndarray, k: int, options, seen, rng, constraints):
+        """K tokens per row, and the draft's probabilities for them (sampling) or None (greedy); each row's guesses
+        held to its constraint (rolled back after)."""
+        ahead = Lookahead(constraints)
+        try:
+            return self._propose(x, mask, pos, k, options, seen, rng, ahead)
+        finally:
+            ahead.undo()
+
+    def _propose(self, x, mask, pos, k, options, seen, rng, ahead: Lookahead):
         feed = np.concatenate([self.pending, x[:, None]], axis=1)  # the pending tokens' slots are in `mask`
         step_mask = np.concatenate([mask, np.ones((len(x), 1), np.int64)], axis=1)
         step_pos = pos[:, None] + np.arange(-feed.shape[1] + 1, 1)
         tokens, probs = [], []
         logits = self.decoder.step(feed, step_mask, step_pos)
         for i in range(k):
+            logits = masked(logits, ahead.current())
             row_seen = seen
             if options.repetition_penalty != 1.0 and tokens:
                 drafted = np.stack(tokens, axis=1)
@@ -105,6 +115,7 @@ class _Draft:
                 probs.append(q)
                 token = draw(q, rng)
             tokens.append(token)
+            ahead.take(token)
             if i + 1 < k:
                 step_mask = np.concatenate([step_mask, np.ones((len(x), 1), np.int64)], axis=1)
                 logits = self.decoder.step(token[:, None].astype(np.int64), step_mask, pos[:, None] + i + 1)
@@ -176,7 +187,7 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
     kmax = verify_limit(gen.session, "model", spec.max_tokens)
     if draft_session is not None:
         verify_limit(draft_session, "draft", 1)
-    ids, mask, pos = left_pad(rows, 0 if gen.eos_token_id is None else gen.eos_token_id)
+    ids, mask, pos = left_pad(rows, options.pad(gen.eos_token_id))
     # the cache never holds more than the prompt and the new tokens: a verify step of k + 1 tokens runs only
     # while k < the room left (so it ends at most at width + max_new_tokens - 1), the draft stays a token behind
     max_total = width + options.max_new_tokens
@@ -184,10 +195,10 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
     draft = _Draft(draft_session, batch, max_total, ids, mask, pos) if draft_session is not None else None
     rng = np.random.default_rng(options.seed)
     book = RowBook(gen, rows, options)
-    seen, generated = book.seen, book.generated
+    seen, generated, constraints = book.seen, book.generated, book.constraints
     live = np.arange(batch)
     logits = target.step(ids, mask, pos)
-    x = next_tokens(logits, seen, options, rng).astype(np.int64)
+    x = next_tokens(masked(logits, constraints), seen, options, rng).astype(np.int64)
     pos = pos[:, -1] + 1  # the next token's position, per row
     k = kmax
     gen.spec_stats = {"rounds": 0, "drafted": 0, "accepted": 0}
@@ -214,7 +225,8 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
         length = mask.shape[1]
         if draft is not None:
             k_now = max(1, min(k, room - 1)) if room > 1 else 0
-            drafts, q = draft.propose(x, mask, pos, k_now, options, [seen[r] for r in live], rng) if k_now else (None, None)
+            drafts, q = draft.propose(x, mask, pos, k_now, options, [seen[r] for r in live], rng,
+                                      [constraints[r] for r in live]) if k_now else (None, None)
         else:
             guesses = [lookup_draft(seen[r], kmax, spec.max_ngram) for r in live]
             k_now = min(min(len(g) for g in guesses), max(room - 1, 0))
@@ -224,13 +236,15 @@ def speculative_loop(gen, rows: list[list[int]], options: GenerationOptions, spe
             logits = target.step(x[:, None], mask, pos[:, None])
             if draft is not None:  # the draft reads x next round
                 draft.pending = np.concatenate([draft.pending, x[:, None]], axis=1)
-            x = next_tokens(logits, [seen[r] for r in live], options, rng).astype(np.int64)
+            x = next_tokens(masked(logits, [constraints[r] for r in live]), [seen[r] for r in live], options,
+                            rng).astype(np.int64)
             pos = pos + 1
             pending_out = [[int(t)] for t in x]
             continue
         feed = np.concatenate([x[:, None], drafts], axis=1)  # [B, K+1]
         step_mask = np.concatenate([mask, np.ones((len(live), k_now + 1), np.int64)], axis=1)
         verify = target.step_all(feed, step_mask, pos[:, None] + np.arange(k_now + 1))  # [B, K+1, V]
+        verify = masked_guesses(verify, [constraints[r] for r in live], drafts)  # a refused guess ends the run
         if options.greedy and options.repetition_penalty == 1.0:
             accepted, tokens = accept_greedy(verify, drafts)
         else:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from neoxrt.contract import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
 from neoxrt.errors import NeoxrtError
+from neoxrt.serve.request import RequestError, structured_spec
 
 MAX_N = 16  # choices per prompt
 MAX_LOGPROBS = 20  # as vLLM's default max_logprobs (OpenAI's own limit is 5)
@@ -28,7 +29,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 # fields every endpoint takes; endpoint-specific ones are added below; `best_of`, penalties and `logit_bias` are
 # accepted only at the values that change nothing (OpenAI's defaults)
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "user",
-           "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "repetition_penalty", "ignore_eos"}
+           "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "repetition_penalty", "ignore_eos",
+           "response_format", "structured_outputs"}
 _COMPLETION = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 _ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -60,6 +62,7 @@ class ApiRequest:
     stream: bool = False
     include_usage: bool = False
     chat: bool = False
+    format_param: str | None = None  # the field the constraint came in (response_format or structured_outputs)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -151,6 +154,12 @@ def _common(body: dict, prompts: list, max_tokens: int, echo: bool, logprobs: in
     stop = _stop(body.get("stop"))
     if stop:
         options["stop_strings"] = stop
+    try:  # OpenAI's response_format or vLLM's structured_outputs; compiled at submit
+        spec = structured_spec(body.get("structured_outputs"), body.get("response_format"))
+    except RequestError as exc:
+        raise ApiError(str(exc), exc.param) from None
+    if spec is not None:
+        options["structured_outputs"] = spec
     n = _int(body, "n", 1, 1, MAX_N)
     if n > 1 and options.get("temperature", None) == 0.0:
         raise ApiError("n > 1 needs sampling (temperature > 0): greedy decoding gives n identical choices", "n")
@@ -166,7 +175,9 @@ def _common(body: dict, prompts: list, max_tokens: int, echo: bool, logprobs: in
             raise ApiError(f"stream_options must be an object with include_usage, got {stream_options!r}", "stream_options")
         include_usage = _bool(stream_options, "include_usage", False, "stream_options.include_usage")
     return ApiRequest(prompts, options, max_tokens, n=n, seed=_int(body, "seed", None, 0, 2**63 - 1), echo=echo,
-                      logprobs=logprobs, stream=stream, include_usage=include_usage, chat=chat)
+                      logprobs=logprobs, stream=stream, include_usage=include_usage, chat=chat,
+                      format_param=("structured_outputs" if body.get("structured_outputs") is not None else
+                                    "response_format") if spec is not None else None)
 
 
 # -- field checks ---------------------------------------------------------------------------------------------
@@ -329,7 +340,7 @@ class Choice:
     sent: str = ""  # streamed text so far (new tokens only)
 
 
-FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length"}
+FINISH = {"stop_token": "stop", "stop_string": "stop", "grammar": "stop", "length": "length"}
 
 
 def new_id(chat: bool) -> str:

@@ -160,6 +160,7 @@ class OpenAIFrontend:
         try:
             req: ApiRequest = parse(parse_body(await request.body()))
             prompts = [self._encode(p, req) for p in req.prompts]
+            await self._compile(req)
             run = self._submit(req, prompts)
         except ApiError as exc:
             return self._error(exc)
@@ -170,6 +171,21 @@ class OpenAIFrontend:
         return await self._whole(request, run, req, prompts, rid)
 
     # -- submitting -----------------------------------------------------------------------------------------
+    async def _compile(self, req: ApiRequest) -> None:
+        """Compile the request's constraint on a worker thread (time-limited; cached, so submit finds it), keeping
+        the event loop free while it compiles.
+
+        Raises:
+            ApiError: 400 with the engine's reason (invalid schema, regex or grammar, or too slow to compile).
+        """
+        spec = req.options.get("structured_outputs")
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.generator.grammars.constraint, spec)
+        except NeoxrtError as exc:
+            raise ApiError(str(exc), req.format_param) from None
+
     def _encode(self, prompt, req: ApiRequest) -> list[int]:
         try:
             (ids,) = self.generator.encode([prompt])

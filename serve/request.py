@@ -4,20 +4,26 @@ these input names)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from neoxrt.errors import NeoxrtError
+from neoxrt.errors import GrammarError, NeoxrtError
+from neoxrt.runtime.structured import StructuredOutputs
 
 DEFAULT_MAX_TOKENS = 32  # as `neoxrt generate`
 SEED_LIMIT = 2**63
 
 
 class RequestError(NeoxrtError):
-    """A request's inputs are missing or out of range; the message names the field."""
+    """A request's inputs are missing or out of range; the message names the field (`param`, as clients send it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ INPUTS = (
     Field("stop", "TYPE_STRING", (-1,)),
     Field("stream", "TYPE_BOOL", (1,)),
     Field("ignore_eos", "TYPE_BOOL", (1,)),  # as vLLM's: run max_tokens even past EOS (benchmarks)
+    Field("structured_outputs", "TYPE_STRING", (1,)),  # JSON text: vLLM's {"json"|"regex"|"choice"|"grammar"|"json_object"}
+    Field("response_format", "TYPE_STRING", (1,)),  # JSON text: OpenAI's {"type": "json_object" | "json_schema", ...}
 )
 OUTPUTS = (
     Field("text_output", "TYPE_STRING", (-1,)),
@@ -83,7 +91,67 @@ def parse_request(get: Callable[[str], np.ndarray | None]) -> ParsedRequest:
         options["stop_strings"] = strings
     if _flag(get, "ignore_eos"):
         options["ignore_eos"] = True
+    texts = {name: _json_text(get, name) for name in ("structured_outputs", "response_format")}
+    spec = structured_spec(texts["structured_outputs"], texts["response_format"])
+    if spec is not None:
+        options["structured_outputs"] = spec
     return ParsedRequest(prompt, options, _flag(get, "stream"))
+
+
+def structured_spec(structured, response_format) -> StructuredOutputs | None:
+    """The constraint of a request: vLLM's `structured_outputs` object, or OpenAI's `response_format`
+    ({"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema", "strict"}});
+    None when neither constrains. Not compiled here (the scheduler's submit compiles it, time-limited).
+
+    Raises:
+        RequestError: both given, or either malformed (named, with param).
+    """
+    if structured is not None and response_format not in (None, {"type": "text"}):
+        raise RequestError("give structured_outputs or response_format, not both", "response_format")
+    if structured is not None:
+        try:
+            return StructuredOutputs.parse(structured)
+        except GrammarError as exc:
+            raise RequestError(str(exc), "structured_outputs") from None
+    if response_format is None:
+        return None
+    kinds = ("text", "json_object", "json_schema")
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in kinds:
+        raise RequestError(f"response_format must be an object with type one of {', '.join(kinds)}, got "
+                           f"{json.dumps(response_format)[:80]}", "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs.parse({"json_object": True})
+    block = response_format.get("json_schema")
+    if not isinstance(block, dict) or not isinstance(block.get("name"), str) or not block["name"]:
+        raise RequestError("response_format.json_schema must be an object with a name (a string) and a schema",
+                           "response_format.json_schema")
+    unknown = sorted(set(block) - {"name", "schema", "strict", "description"})
+    if unknown:
+        raise RequestError(f"response_format.json_schema: unknown field {unknown[0]!r}; expected name, schema, strict, "
+                           "description", "response_format.json_schema")
+    if block.get("strict") not in (None, True, False):
+        raise RequestError(f"response_format.json_schema.strict must be true or false, got {block['strict']!r:.40}",
+                           "response_format.json_schema.strict")
+    schema = block.get("schema", {})
+    if not isinstance(schema, dict):
+        raise RequestError(f"response_format.json_schema.schema must be a JSON schema (an object), got "
+                           f"{type(schema).__name__}", "response_format.json_schema.schema")
+    return StructuredOutputs.parse({"json": schema})
+
+
+def _json_text(get, name: str):
+    """A JSON-text input (Triton's generate endpoint takes strings) parsed, or None when not sent."""
+    text = _one(get, name)
+    if text is None:
+        return None
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"{name} must be JSON text (an object), got {text[:60]!r}: {exc}", name) from None
 
 
 def _one(get, name: str):

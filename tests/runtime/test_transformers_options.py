@@ -54,6 +54,19 @@ def test_greedy_options_equal_transformers(pair, name):
     assert ours != plain  # the option changed something here
 
 
+@pytest.mark.parametrize("eos", ["int", "list"])
+def test_eos_and_pad_token_id_kwargs_equal_transformers(pair, eos):
+    """The same keywords passed to both: eos_token_id replaces the model's EOS (an int or a list)."""
+    gen, hf = pair
+    ids = gen.encode([PROMPT])[0]
+    dot = gen.tokenizer.encode(".").ids[0]
+    kw = dict(eos_token_id=dot if eos == "int" else [dot, 10**4 + 7])
+    ours = gen.generate([ids], max_new_tokens=24, do_sample=False, pad_token_id=0, **kw)
+    theirs = _hf(hf, ids, 24, do_sample=False, **kw)
+    assert ours.ids[0] == theirs[:len(ours.ids[0])] and dot in ours.ids[0], (ours.ids[0], theirs)
+    assert ours.finish_reasons == ["stop_token"]
+
+
 def test_typical_p_equals_transformers_warper():
     from transformers.generation.logits_process import TypicalLogitsWarper
 
