@@ -1,5 +1,6 @@
 """In-flight batching: requests join the running batch mid-decode, keep their own options and seed, and get
-the tokens they get alone."""
+the tokens they get alone -- on the portable path (dynamic cache) and on the KV-cache pool (static cache, with
+all logits and with the last position's only)."""
 
 import threading
 
@@ -23,11 +24,20 @@ REQUESTS = [  # (prompt, options): greedy, seeded sampling of each kind, penalty
 ]
 
 
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sched") / "default"
-    export_checkpoint(default_checkpoint(), out, ExportOptions(attention="decomposed"), **QUIET)
+CACHES = {"arrays": dict(attention="decomposed"), "pool": dict(kv_cache="static"),
+          "pool-last": dict(kv_cache="static", logits="last")}
+
+
+@pytest.fixture(scope="module", params=list(CACHES))
+def generator(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sched") / request.param
+    export_checkpoint(default_checkpoint(), out, ExportOptions(**CACHES[request.param]), **QUIET)
     return Generator.from_artifacts(out, threads=2)
+
+
+def test_static_artifacts_get_the_pool(generator):
+    sched = Scheduler(generator)
+    assert (sched.pool is not None) == (generator.manifest["export_options"]["kv_cache"] == "static")
 
 
 class Collect:
@@ -135,6 +145,8 @@ def test_threaded_loop_serves_concurrent_submitters(generator):
 
 
 def test_prefill_budget_admits_a_burst_group_by_group(generator):
+    if Scheduler(generator).pool is not None:
+        pytest.skip("the pool admits by memory and chunks prompts: tests/runtime/test_kv_pool.py")
     sched, got = Scheduler(generator, max_batch=8, prefill_tokens=7), Collect()
     prompts = ["The state of the Union", "Our economy is strong", "We will win", "Tonight we meet"]
     sizes = [len(generator.encode(p)[0]) for p in prompts]
@@ -177,6 +189,8 @@ def test_generation_config_defaults_apply_as_in_generate(generator, monkeypatch)
 def test_logprobs_and_prompt_logprobs_equal_the_generators(generator):
     """Token log-probs (with the top 3) and the prompt's (echo) from the shared prompt step, next to a running
     row of another length, equal Generator.generate(logprobs=3) and Generator.prompt_logprobs."""
+    if generator.manifest["export_options"]["logits"] == "last":
+        pytest.skip("prompt log-probabilities need every position's logits")
     sched, got, prompts = Scheduler(generator, max_batch=4), Collect(), {}
     events = []
     sched.submit("Tonight", got, max_new_tokens=20, ignore_eos=True)
