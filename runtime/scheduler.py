@@ -121,13 +121,13 @@ class Scheduler:
 
     def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 128,
                  on_step: Callable[[SchedulerStats], None] | None = None, kv_cache_memory: int | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, prefix_block: int = 32):
         """Args:
             prefill_tokens: prompt tokens computed per step (the pool: the chunk budget; the portable path: prompt
                 tokens admitted, at least one request).
             kv_cache_memory: the pool's bytes (static-cache artifacts on ONNX Runtime), allocated once; None:
                 `kv_pool.default_memory`.
-            prefix_cache: reuse cached prompt prefixes (the pool only).
+            prefix_cache: reuse cached prompt prefixes (the pool only), in blocks of `prefix_block` tokens.
 
         Raises:
             NeoxrtError: a bound below 1 (max_queue below 0), or a pool too small for one row.
@@ -145,7 +145,7 @@ class Scheduler:
                 raise ArtifactError("in-flight batching of a static-cache artifact needs ONNX Runtime (its KV-cache "
                                     "pool); export --kv-cache dynamic for other backends")
             memory = kv_cache_memory or default_memory(self.session, max_batch, generator.max_positions, prefix_cache)
-            self.pool = pool_for(self.session, max_batch, memory, generator.max_positions, prefix_cache)
+            self.pool = pool_for(self.session, max_batch, memory, generator.max_positions, prefix_cache, prefix_block)
         self.stats = SchedulerStats(pool_capacity=self.pool.capacity if self.pool else 0)
         self._queue: deque[Request] = deque()
         self._live: list[Request] = []
