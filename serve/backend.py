@@ -19,12 +19,16 @@ class TritonBackend:
     """`pb` is the `triton_python_backend_utils` module (only importable inside Triton)."""
 
     def __init__(self, pb, name: str, artifact, max_batch: int, max_queue: int, threads: int | None,
-                 openai: tuple[str, int] = ("127.0.0.1", 0)):
-        """`openai` (host, port): also serve the OpenAI-compatible endpoint on the same scheduler (port 0: off)."""
+                 openai: tuple[str, int] = ("127.0.0.1", 0), kv_cache_memory: float = 0.0,
+                 max_prefill_tokens: int = 256, prefix_cache: bool = True):
+        """`openai` (host, port): also serve the OpenAI-compatible endpoint on the same scheduler (port 0: off);
+        `kv_cache_memory` GiB of KV-cache pool (0: the default)."""
         self.pb = pb
         self.generator = Generator.from_artifacts(artifact, threads=threads)
         self.metrics = _Metrics(pb, name, max_batch)
-        self.scheduler = Scheduler(self.generator, max_batch=max_batch, max_queue=max_queue, on_step=self.metrics.update)
+        self.scheduler = Scheduler(self.generator, max_batch=max_batch, max_queue=max_queue, on_step=self.metrics.update,
+                                   prefill_tokens=max_prefill_tokens, prefix_cache=prefix_cache,
+                                   kv_cache_memory=int(kv_cache_memory * 2**30) or None)
         self.scheduler.start()
         self.frontend = None
         if openai[1]:
