@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -60,6 +61,17 @@ REQUEST_OPTIONS = frozenset(f.name for f in fields(GenerationOptions)) | {"max_l
 
 class QueueFullError(NeoxrtError):
     """The scheduler's queue holds its maximum of waiting requests (back-pressure: retry later)."""
+
+
+class RequestCancelled(NeoxrtError):
+    """Given to a cancelled request's `on_error` when it leaves (so a front can send its final response)."""
+
+
+class SchedulerDown(NeoxrtError):
+    """The scheduler's loop has stopped or is stuck (`Scheduler.health` says why); nothing is queued."""
+
+
+STUCK_S = 120.0  # a step running longer than this makes `health` report the scheduler stuck
 
 
 @dataclass
@@ -157,6 +169,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._emitted: dict[int, TextSoFar] = {}
+        self.last_error: BaseException | None = None  # what ended a step (or the loop) unexpectedly
+        self._step_started: float | None = None  # monotonic start of the step in progress (the watchdog's beat)
 
     # -- submitting -------------------------------------------------------------------------------------
     def submit(self, prompt, on_event: Callable[[TokenEvent], None], on_error=None, is_cancelled=None,
@@ -171,6 +185,7 @@ class Scheduler:
             RuntimeShapeError: bad prompt or options, or prompt + max_new_tokens past the model's context.
             ArtifactError: prompt log-probabilities asked of a graph that returns the last position's logits only.
             QueueFullError: `max_queue` requests are already waiting.
+            SchedulerDown: the loop thread has died or is stuck (`health`).
         """
         unknown = sorted(set(options) - REQUEST_OPTIONS)
         if unknown:  # a request's field that no option takes: named, not a TypeError
@@ -185,6 +200,9 @@ class Scheduler:
         if self.pool is not None and len(ids) + opts.max_new_tokens > self.pool.capacity:
             raise RuntimeShapeError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
                                     f"KV-cache pool's {self.pool.capacity} tokens (--kv-cache-memory)")
+        down = self.health()
+        if down is not None:
+            raise SchedulerDown(down)
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 self.stats.rejected += 1
@@ -211,34 +229,79 @@ class Scheduler:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._queue and not self._live:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._queue and not self._live:
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 -- a bug in a step: its requests fail, the loop goes on
+                    self.last_error = exc
+                    self._fail_all(exc)
+        except BaseException as exc:  # the thread ends: nothing may wait on it (health() reports it)
+            self.last_error = exc
+            self._fail_all(SchedulerDown(f"the scheduler stopped: {type(exc).__name__}: {exc}"))
+            raise
+
+    def health(self) -> str | None:
+        """None while the loop serves (or was never started); else why not: its thread died, or a step has run
+        for more than `STUCK_S` seconds."""
+        if self._thread is None or self._stopping:
+            return None
+        if not self._thread.is_alive():
+            why = f": {type(self.last_error).__name__}: {self.last_error}" if self.last_error is not None else ""
+            return f"the scheduler thread has stopped{why}"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > STUCK_S:
+            return f"a scheduler step has run for {time.monotonic() - started:.0f} s (more than {STUCK_S:.0f})"
+        return None
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Every live and queued request fails with `exc`; the cache is emptied."""
+        with self._lock:
+            queued, self._queue = list(self._queue), deque()
+            self.stats.queued = 0
+        for r in self._live + queued:
+            self._fail(r, exc)
+        if self.pool is not None:
+            for rid in list(self.pool.rows):
+                self.pool.remove(rid)
+        self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
+        self._mask = np.zeros((0, 0), np.int64)
+        self._emitted.clear()
+        self.stats.active = 0
 
     def step(self) -> None:
         """One iteration: drop cancelled requests, admit queued ones, prompt work, one decode step."""
+        self._step_started = time.monotonic()
         self._drop_cancelled()
         if self.pool is not None:
             self._step_pool()
         else:
             self._step_arrays()
+        self._step_started = None
         self.stats.active = len(self._live)
         if self.on_step is not None:
             self.on_step(self.stats)
 
     def _drop_cancelled(self) -> None:
+        """Cancelled requests leave (their cache freed now) and get `RequestCancelled` as their last word."""
         with self._lock:
-            kept = deque(r for r in self._queue if not r.cancelled())
-            self.stats.cancelled += len(self._queue) - len(kept)
-            self._queue = kept
+            dropped = [r for r in self._queue if r.cancelled()]
+            self._queue = deque(r for r in self._queue if not r.cancelled())
         gone = [r for r in self._live if r.cancelled()]
         if gone:
-            self.stats.cancelled += len(gone)
             self._leave(gone)
+        self.stats.cancelled += len(dropped) + len(gone)
+        for r in dropped + gone:
+            if r.on_error is not None:
+                try:
+                    r.on_error(RequestCancelled(f"request {r.id} cancelled by its client"))
+                except Exception:  # noqa: BLE001 -- it is over either way
+                    pass
 
     def _leave(self, rows: list[Request]) -> None:
         """`rows` leave the batch; their cache is freed."""

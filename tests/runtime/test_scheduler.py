@@ -11,7 +11,7 @@ from neoxrt.errors import RuntimeShapeError
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
 from neoxrt.runtime import Generator
-from neoxrt.runtime.scheduler import QueueFullError, Scheduler
+from neoxrt.runtime.scheduler import QueueFullError, RequestCancelled, Scheduler, SchedulerDown
 
 QUIET = dict(log=lambda *_: None)
 REQUESTS = [  # (prompt, options): greedy, seeded sampling of each kind, penalty, stop string
@@ -212,3 +212,63 @@ def test_logprobs_and_prompt_logprobs_equal_the_generators(generator):
     ids = generator.encode([prompt])[0]
     assert all(len(top) == 3 and max(v for _, v in top) >= lp - 1e-9 for lp, top in p[1:])
     assert sum(top[0][0] == tok for (_, top), tok in zip(p[1:], ids[1:])) >= 1  # some prompt token is the argmax
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(generator, monkeypatch):
+    """An exception out of a step ends the requests it held (on_error), not the loop: later requests are served."""
+    sched, got, errors, done = Scheduler(generator, max_batch=4), Collect(), [], threading.Event()
+    step = sched.step
+    broken = [True]
+
+    def once():
+        if broken:
+            broken.clear()
+            raise RuntimeError("step bug")
+        step()
+
+    monkeypatch.setattr(sched, "step", once)
+    sched.start()
+    try:
+        sched.submit("We", got, max_new_tokens=4, on_error=lambda e: (errors.append(e), done.set()))
+        assert done.wait(30) and str(errors[0]) == "step bug" and sched.health() is None
+        done.clear()
+        rid = sched.submit("We", lambda e: (got(e), e.finish_reason and done.set()), max_new_tokens=4)
+        assert done.wait(30)
+    finally:
+        sched.stop()
+    assert got.ids[rid] == alone(generator, "We", dict(max_new_tokens=4))[0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
+def test_a_dead_loop_is_reported_and_refuses_requests(generator, monkeypatch):
+    """The watchdog: when the loop's thread dies, health() says so, its requests got their error, and submit
+    refuses instead of queueing for nobody."""
+    sched, errors = Scheduler(generator), []
+
+    def die():
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(sched, "step", die)
+    assert sched.health() is None
+    sched.start()
+    sched.submit("We", lambda e: None, max_new_tokens=4, on_error=errors.append)
+    sched._thread.join(10)
+    assert "the scheduler thread has stopped: SystemExit: killed" in sched.health()
+    assert len(errors) == 1 and isinstance(errors[0], SchedulerDown)
+    with pytest.raises(SchedulerDown, match="thread has stopped"):
+        sched.submit("We", lambda e: None, max_new_tokens=4)
+
+
+def test_cancelled_requests_get_a_last_word(generator):
+    """A cancelled request, queued or running, gets RequestCancelled through on_error (Triton's final response)."""
+    sched, got, words = Scheduler(generator, max_batch=1), Collect(), {}
+    gone = []
+    running = sched.submit("We", got, max_new_tokens=30, ignore_eos=True, is_cancelled=lambda: bool(gone),
+                           on_error=lambda e: words.setdefault("running", e))
+    queued = sched.submit("Our", got, max_new_tokens=3, is_cancelled=lambda: bool(gone),
+                          on_error=lambda e: words.setdefault("queued", e))
+    sched.step()
+    gone.append(True)
+    sched.step()
+    assert isinstance(words["running"], RequestCancelled) and isinstance(words["queued"], RequestCancelled)
+    assert running in got.ids and queued not in got.ids and sched.stats.active == 0 and sched.stats.cancelled == 2
