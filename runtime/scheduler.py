@@ -94,6 +94,8 @@ class Request:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     done: int = 0  # prompt tokens in the cache (the pool: chunked prefill, prefix reuse)
+    submitted: float = field(default_factory=time.monotonic)
+    last_token: float = 0.0  # when its latest token was emitted
     prompt_scores: list = field(default_factory=lambda: [None])  # on_prompt_logprobs' entries, chunk by chunk
 
     def __post_init__(self) -> None:
@@ -102,6 +104,28 @@ class Request:
 
     def cancelled(self) -> bool:
         return bool(self.is_cancelled and self.is_cancelled())
+
+
+class Histogram:
+    """Counts of observations at or below each bound (cumulative, as Prometheus keeps them), their sum and count."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds, self.counts, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for j, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[j] += 1
+
+
+# vLLM's buckets for these histograms (seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
 
 
 @dataclass
@@ -122,6 +146,10 @@ class SchedulerStats:
     prefix_queries: int = 0  # prompt tokens looked up in it
     pool_tokens: int = 0  # KV-cache pool: slots in use (rows x width) and in all
     pool_capacity: int = 0
+    prompt_tokens: int = 0  # of the requests accepted
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))  # submit to first token, seconds
+    itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))  # between a request's tokens
+    e2e: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))  # submit to last token
 
 
 class Scheduler:
@@ -211,6 +239,7 @@ class Scheduler:
             request = Request(next(self._ids), ids, opts, on_event, on_error, is_cancelled, on_prompt_logprobs)
             self._queue.append(request)
             self.stats.requests += 1
+            self.stats.prompt_tokens += len(ids)
             self.stats.queued = len(self._queue)
             self._lock.notify()
         return request.id
@@ -519,10 +548,21 @@ class Scheduler:
         elif len(r.generated) >= r.options.max_new_tokens:
             reason = reason or "length"
         r.finish_reason = reason
+        self._timing(r)
         try:
             r.on_event(TokenEvent(r.id, token, piece, reason, logprob, top))
         except Exception as exc:  # noqa: BLE001 -- a raising callback ends its own request, not the step
             self._fail(r, exc)
+
+    def _timing(self, r: Request) -> None:
+        now = time.monotonic()
+        if len(r.generated) == 1:
+            self.stats.ttft.observe(now - r.submitted)
+        else:
+            self.stats.itl.observe(now - r.last_token)
+        r.last_token = now
+        if r.finish_reason:
+            self.stats.e2e.observe(now - r.submitted)
 
     def _stops(self, options: GenerationOptions) -> set[int]:
         stops = set(options.stop_token_ids)

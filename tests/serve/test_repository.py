@@ -45,16 +45,11 @@ def test_triton_repo_carries_the_pool_options(artifact, tmp_path, capsys):
     assert "--max-prefill-tokens: expected an integer in [1, 2**31), got 0" in capsys.readouterr().err
 
 
-def test_serve_says_which_cache_path_an_artifact_gets(artifact, tmp_path):
-    from neox_testing import default_checkpoint
-    from neoxrt.export.exporter import export_checkpoint
-    from neoxrt.export.options import ExportOptions
+def test_serve_says_which_cache_path_an_artifact_gets(artifact, static_artifact):
     from neoxrt.serve.server import cache_line
 
     assert "--kv-cache static for the KV-cache pool" in cache_line(artifact)
-    static = tmp_path / "static"
-    export_checkpoint(default_checkpoint(), static, ExportOptions(kv_cache="static"), log=lambda *_: None)
-    assert "KV-cache pool" in cache_line(static) and "dynamic" not in cache_line(static)
+    assert "KV-cache pool" in cache_line(static_artifact) and "dynamic" not in cache_line(static_artifact)
 
 
 def test_serve_refuses_clashing_ports(artifact, capsys):
