@@ -204,3 +204,31 @@ def test_a_failing_row_fails_alone(generator, monkeypatch):
     assert str(errors["c"]) == "client callback broke" and len(got.ids[c]) == 3
     assert sched.stats.failed == 2 and not sched.pool.rows
     assert got.ids[a] == alone(generator, "Tonight", max_new_tokens=10, ignore_eos=True)
+
+
+def test_fp16_static_export_on_the_pool(tmp_path):
+    out = tmp_path / "fp16"
+    export_checkpoint(default_checkpoint(), out, ExportOptions(kv_cache="static", dtype="fp16"), log=lambda *_: None)
+    gen = Generator.from_artifacts(out, threads=2)
+    sched, got = Scheduler(gen, max_batch=4, prefill_tokens=6, prefix_block=4), Collect()
+    rids = [sched.submit(p, got, max_new_tokens=10, ignore_eos=True) for p in (LONG, "We", LONG)]
+    drain(sched)
+    assert sched.pool is not None and sched.stats.prefix_hits > 0
+    for rid, p in zip(rids, (LONG, "We", LONG)):
+        assert got.ids[rid] == alone(gen, p, max_new_tokens=10, ignore_eos=True), p
+
+
+def test_health_reports_a_stuck_step(generator, monkeypatch):
+    import time
+
+    from neoxrt.runtime import scheduler as module
+
+    sched = Scheduler(generator)
+    sched.start()
+    try:
+        assert sched.health() is None
+        monkeypatch.setattr(sched, "_step_started", time.monotonic() - module.STUCK_S - 5)
+        assert "a scheduler step has run for" in sched.health()
+    finally:
+        sched._step_started = None
+        sched.stop()
