@@ -8,6 +8,10 @@ process: token-id prompts, greedy, `ignore_eos`.
              (16 new) back to back; the short clients' tokens/s and gap p99, the long prompts served
 
     python -m neoxrt.bench.pool_loads [--shape pythia-160m] [--clients 8] [--long 1024] [--new 32] [--prefix 768]
+                                      [--ways portable pool pool-last]
+
+Ways: portable (the default export: dynamic cache, every position's logits), pool (--kv-cache static), pool-last
+(--kv-cache static --logits last: the prompt chunks skip the LM head but at their last position).
 """
 
 from __future__ import annotations
@@ -108,14 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill-tokens", type=int, default=256)
     parser.add_argument("--loads", nargs="+", default=["long", "prefix", "mixed"])
+    parser.add_argument("--ways", nargs="+", default=["portable", "pool"], choices=["portable", "pool", "pool-last"])
     parser.add_argument("--root", type=Path, default=Path(".cache/bench-pool"))
     args = parser.parse_args(argv)
-    from neoxrt.bench.pool_step import _artifacts
+    from neoxrt.bench.shapes import exported, shape_checkpoint
     from neoxrt.runtime import Generator
     from neoxrt.runtime.scheduler import Scheduler
 
     loads = {"long": load_long, "prefix": load_prefix, "mixed": load_mixed}
-    ways = dict(zip(("portable", "pool"), _artifacts(args.shape, args.root)))
+    options = {"portable": {}, "pool": {"kv_cache": "static"}, "pool-last": {"kv_cache": "static", "logits": "last"}}
+    ckpt = shape_checkpoint(args.shape, args.root)
+    suffix = {"portable": "fused", "pool": "fused-static", "pool-last": "fused-static-last"}
+    ways = {w: exported(ckpt, args.root / f"{args.shape}-{suffix[w]}", options[w]) for w in args.ways}
     print(f"{args.shape}, {args.threads} threads, {args.clients} clients, --max-prefill-tokens {args.prefill_tokens}")
     print("| load | way | wall s | tok/s | TTFT p50 ms | TTFT p99 ms | gap p99 ms | long prompts |")
     print("|---|---|---|---|---|---|---|---|")
