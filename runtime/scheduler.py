@@ -51,7 +51,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
-from neoxrt.runtime.generator import Generator, TextSoFar, TokenEvent, left_pad, token_logprobs
+from neoxrt.runtime.generator import Generator, RowBook, TokenEvent, left_pad, token_logprobs
 from neoxrt.runtime.kv_pool import KVPool, default_memory, is_static, pool_for
 from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, processes, top_indices
 
@@ -76,22 +76,23 @@ STUCK_S = 120.0  # a step running longer than this makes `health` report the sch
 
 @dataclass
 class Request:
-    """One submitted request. `on_event` gets its `TokenEvent`s (row = the request id) from the scheduler's
-    thread; `on_error` gets the exception if a step fails; `is_cancelled` is polled once per step;
-    `on_prompt_logprobs`, when given, gets the prompt's log-probabilities from its prompt step (before its first
-    event), as `Generator.prompt_logprobs` computes them, each with the `options.logprobs` most likely tokens."""
+    """One submitted request: its options, random generator and `RowBook` (tokens, text, stops: `emit` records a
+    token and says whether the request is finished, as `Generator`'s loops do for their rows). `on_event` gets its
+    `TokenEvent`s (row = the request id) from the scheduler's thread; `on_error` gets the exception if its row fails
+    (or `RequestCancelled` when it is cancelled); `is_cancelled` is polled once per step; `on_prompt_logprobs`, when
+    given, gets the prompt's log-probabilities once its prompt is computed (before its first event), as
+    `Generator.prompt_logprobs` computes them, each with the `options.logprobs` most likely tokens."""
 
     id: int
     prompt: list[int]
     options: GenerationOptions
+    book: RowBook  # its tokens, text and stops: the state `Generator`'s loops keep per row, for one row
     on_event: Callable[[TokenEvent], None]
     on_error: Callable[[Exception], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
     on_prompt_logprobs: Callable[[list], None] | None = None
     # decoding state
     rng: np.random.Generator = field(init=False)
-    seen: np.ndarray = field(init=False)
-    generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     done: int = 0  # prompt tokens in the cache (the pool: chunked prefill, prefix reuse)
     submitted: float = field(default_factory=time.monotonic)
@@ -100,7 +101,21 @@ class Request:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.options.seed)
-        self.seen = np.array(self.prompt, np.int64)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.book.generated[0]
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.book.seen[0]
+
+    def emit(self, token: int, logprob: float | None = None, top=None) -> TokenEvent:
+        """Record `token`; the event (row = this request's id) says whether the request is finished."""
+        event = self.book.emit(0, token, logprob, top)
+        event.row = self.id
+        self.finish_reason = event.finish_reason
+        return event
 
     def cancelled(self) -> bool:
         return bool(self.is_cancelled and self.is_cancelled())
@@ -196,7 +211,6 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._emitted: dict[int, TextSoFar] = {}
         self.last_error: BaseException | None = None  # what ended a step (or the loop) unexpectedly
         self._step_started: float | None = None  # monotonic start of the step in progress (the watchdog's beat)
 
@@ -236,7 +250,8 @@ class Scheduler:
                 self.stats.rejected += 1
                 raise QueueFullError(f"server busy: {len(self._queue)} requests already queued (max_queue "
                                      f"{self.max_queue}); retry later")
-            request = Request(next(self._ids), ids, opts, on_event, on_error, is_cancelled, on_prompt_logprobs)
+            request = Request(next(self._ids), ids, opts, RowBook(self.generator, [ids], opts), on_event, on_error,
+                              is_cancelled, on_prompt_logprobs)
             self._queue.append(request)
             self.stats.requests += 1
             self.stats.prompt_tokens += len(ids)
@@ -300,7 +315,6 @@ class Scheduler:
                 self.pool.remove(rid)
         self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
         self._mask = np.zeros((0, 0), np.int64)
-        self._emitted.clear()
         self.stats.active = 0
 
     def step(self) -> None:
@@ -335,8 +349,6 @@ class Scheduler:
     def _leave(self, rows: list[Request]) -> None:
         """`rows` leave the batch; their cache is freed."""
         gone = {r.id for r in rows}
-        for rid in gone:
-            self._emitted.pop(rid, None)
         if self.pool is not None:
             for rid in gone:
                 self.pool.remove(rid)
@@ -487,7 +499,6 @@ class Scheduler:
         except Exception as exc:  # a failed step ends the requests in it, not the server
             live = {r.id for r in self._live}
             for request in self._live + [r for r in joining if r.id not in live]:
-                self._emitted.pop(request.id, None)
                 self._fail(request, exc)
             self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
             self._mask = np.zeros((0, 0), np.int64)
@@ -531,26 +542,19 @@ class Scheduler:
         for j, r in enumerate(requests):
             if j not in plain:
                 chosen[j] = next_tokens(logits[j:j + 1], [r.seen], r.options, r.rng, [len(r.generated)],
-                                        sorted(self._stops(r.options)))[0]
+                                        sorted(r.book.stops))[0]
         for j, r in enumerate(requests):
             scored = token_logprobs(logits[j:j + 1], chosen[j:j + 1], r.options.logprobs)
             self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))
         return chosen
 
     def _emit(self, r: Request, token: int, logprob: float | None = None, top=None) -> None:
-        r.generated.append(token)
-        r.seen = np.append(r.seen, token)
+        """`token` recorded for `r` (its stops and length decide whether it is finished) and sent to its client."""
+        event = r.emit(token, logprob, top)
         self.stats.tokens += 1
-        self._emitted.setdefault(r.id, TextSoFar())
-        piece, reason = self.generator._piece(r.id, r.generated, self._emitted, r.options)
-        if token in self._stops(r.options):
-            reason = "stop_token"
-        elif len(r.generated) >= r.options.max_new_tokens:
-            reason = reason or "length"
-        r.finish_reason = reason
         self._timing(r)
         try:
-            r.on_event(TokenEvent(r.id, token, piece, reason, logprob, top))
+            r.on_event(event)
         except Exception as exc:  # noqa: BLE001 -- a raising callback ends its own request, not the step
             self._fail(r, exc)
 
@@ -563,12 +567,6 @@ class Scheduler:
         r.last_token = now
         if r.finish_reason:
             self.stats.e2e.observe(now - r.submitted)
-
-    def _stops(self, options: GenerationOptions) -> set[int]:
-        stops = set(options.stop_token_ids)
-        if self.generator.eos_token_id is not None and not options.ignore_eos:
-            stops.add(self.generator.eos_token_id)
-        return stops
 
     def _keep(self, rows: np.ndarray) -> None:
         """Keep `rows` of the batch, then cut the cache columns every remaining row masks out."""
