@@ -58,3 +58,9 @@ def test_re_sent_prompt_reuses_its_prefix_through_openai(served, generator):
     assert samples["vllm:prefix_cache_hits_total"] >= 64 and samples["vllm:num_requests_waiting"] == 0
     assert samples["vllm:generation_tokens_total"] >= 10 * (len(PROMPTS) + 2)
     assert samples["vllm:time_to_first_token_seconds_count"] >= len(PROMPTS) + 2
+    with urllib.request.urlopen(f"{served.metrics}/metrics", timeout=10) as r:  # Triton's port: neoxrt_*
+        triton = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
+                  if line.startswith("neoxrt_")}
+    assert triton["neoxrt_prefix_hits_total"] == samples["vllm:prefix_cache_hits_total"]
+    assert triton["neoxrt_prefill_tokens_total"] > 0 and triton["neoxrt_failed_total"] == 0
+    assert 0 <= triton["neoxrt_kv_cache_usage"] <= 1
