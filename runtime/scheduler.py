@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from neoxrt import contract as io
+from neoxrt.engine_meta import DECODE, PROMPT
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
 from neoxrt.runtime.generator import Generator, RowBook, TokenEvent, left_pad, token_logprobs
 from neoxrt.runtime.kv_pool import KVPool, default_memory, is_static, pool_for
@@ -190,10 +191,13 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
             raise NeoxrtError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
                               f"{prefill_tokens} and {max_queue}")
+        self.session = generator.session
+        self.limits = engine_limits(self.session)  # a TensorRT engine's profiles bound batch, prompt and context
+        if self.limits:
+            max_batch = min(max_batch, self.limits["batch"])
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
         self.prefill_tokens = prefill_tokens
         self.on_step = on_step  # called after every step (metrics)
-        self.session = generator.session
         self.pool: KVPool | None = None
         if is_static(self.session):
             if not hasattr(self.session, "sess"):
@@ -239,6 +243,12 @@ class Scheduler:
         # the artifact's generation_config.json defaults under the request's keywords, as Generator.stream takes them
         opts = GenerationOptions(**self.generator._with_defaults([ids], options, beams=False))
         self.generator._check_length([ids], opts)
+        if self.limits and len(ids) > self.limits["prompt"]:
+            raise RuntimeShapeError(f"prompt ({len(ids)} tokens) exceeds the engine's prompt profile of "
+                                    f"{self.limits['prompt']} tokens")
+        if self.limits and len(ids) + opts.max_new_tokens > self.limits["context"]:
+            raise RuntimeShapeError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
+                                    f"engine's decode profile of {self.limits['context']} positions")
         if self.pool is not None and len(ids) + opts.max_new_tokens > self.pool.capacity:
             raise RuntimeShapeError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
                                     f"KV-cache pool's {self.pool.capacity} tokens (--kv-cache-memory)")
@@ -603,6 +613,17 @@ class Scheduler:
         _, heads, _, head_dim = spec.shape
         empty = np.zeros((batch, heads, 0, head_dim), spec.dtype)
         return {name: empty for name in self._cache_names()}
+
+
+def engine_limits(session) -> dict[str, int]:
+    """{batch, prompt, context} a TensorRT engine's profiles allow ({} for other sessions): the scheduler's rows,
+    a prompt's tokens, and prompt + new tokens (the decode profile's past + 1)."""
+    profiles = getattr(session, "profiles", None)
+    if not isinstance(profiles, dict) or PROMPT not in profiles or DECODE not in profiles:
+        return {}
+    prompt, decode = profiles[PROMPT], profiles[DECODE]
+    return {"batch": min(prompt[io.BATCH].max, decode[io.BATCH].max), "prompt": prompt[io.SEQUENCE].max,
+            "context": decode[io.PAST_SEQUENCE].max + 1}
 
 
 def _prompt_logprobs(logits: np.ndarray, prompt: list[int], top: int) -> list:
