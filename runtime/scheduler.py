@@ -447,15 +447,19 @@ class Scheduler:
                 self._pick(firsts, np.asarray(np.stack(last), np.float32))
 
     def _groups(self, rids: list, plan: dict) -> list[list]:
-        """Runs of consecutive pool rows, cut where padding would exceed the real tokens (or, for graphs with the
-        last position's logits only, where the chunk length changes)."""
+        """Runs of consecutive pool rows, cut where padding would exceed the real tokens, where the padded chunk
+        would not fit the rows' room in the pool, or (graphs with the last position's logits only) where the chunk
+        length changes."""
         groups: list[list] = []
         position = {rid: j for j, rid in enumerate(self.pool.rows)}
+        room = self.pool.capacity // max(len(self.pool.rows), 1)  # the widest a row may be laid out
         for rid in rids:
             g = groups[-1] if groups else None
             if g and position[g[-1]] + 1 == position[rid]:
                 lengths = [plan[x] for x in g] + [plan[rid]]
-                if (self.pool.all_logits or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths):
+                slots = max(self.pool.ends[position[x]] for x in g + [rid]) + max(lengths)
+                if (self.pool.all_logits or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths) \
+                        and slots <= room:
                     g.append(rid)
                     continue
             groups.append([rid])
