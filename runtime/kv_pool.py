@@ -15,15 +15,16 @@ copies nothing proportional to the context (docs/SERVING.md has the measurement)
 
 The width grows when a run needs more slots (a repack of the live rows, amortised by rounding up) and shrinks when
 the longest rows have left, so short rows do not keep paying for a long one that is gone; while a long row is live
-every row pays its width in the attention read (the static graph attends over all bound slots).
+every row is bound at its width (the static graph attends over the bound slots, masked; measured on ONNX Runtime,
+short rows beside a long one pay a fraction of the long one's step: docs/SERVING.md).
 
 `PrefixCache` keeps finished and running rows' keys and values by blocks of `block` tokens, keyed on the token ids
-of the whole prefix up to the block's end (a hash chain, as vLLM's block hashes), in an arena of its own allocated
+of the whole prefix up to the block's end (exact, as vLLM's chained block hashes make it), in an arena of its own allocated
 once, evicted least recently used; a new row whose prompt starts with cached blocks gets them copied into its slots
 instead of computing them.
 
 Memory bound: (capacity_tokens + prefix blocks x block) x layers x 2 x heads x head_dim values of the cache dtype,
-allocated once, plus one row's copy during a repack.
+allocated once, plus during a repack a copy of one cache tensor's live rows (1 / (2 x layers) of the live cache).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from neoxrt import contract as io
 from neoxrt.errors import NeoxrtError, RuntimeShapeError
 
-WIDTH_STEP = 64  # the width is a multiple of this (repacks are rare: at most one per 64 tokens of growth)
+WIDTH_STEP = 64  # the width is a multiple of this; it grows by a quarter more than needed (repacks are rare)
 
 
 def token_bytes(session) -> int:
