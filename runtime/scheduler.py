@@ -11,9 +11,9 @@ allocated once and written in place. Every step
     2. admits queued requests, oldest first, while the pool can hold prompt + max_new_tokens for each (reserved at
        admission, as TGI does: nothing is preempted later); a prompt that starts with cached blocks gets them
        copied instead of computed (prefix reuse);
-    3. runs prompt chunks, at most `prefill_tokens` tokens in all, oldest prompt first, each row's chunk written
-       at its own slots (consecutive rows in one run, right-padded); a row whose prompt is done picks its first
-       token;
+    3. runs prompt chunks, at most `prefill_tokens` tokens in all -- the oldest prompt half of them while others
+       wait, the others the rest, oldest first -- each row's chunk written at its own slots (consecutive rows in
+       one run, right-padded); a row whose prompt is done picks its first token;
     4. runs one decode step for every row past its prompt, each at its own slot, then retires the finished rows
        (their blocks offered to the prefix cache).
 
@@ -405,21 +405,28 @@ class Scheduler:
         return len(r.prompt) + r.options.max_new_tokens
 
     def _prefill_pool(self) -> None:
-        """Prompt chunks for this step: `prefill_tokens` in all, oldest prompt first; consecutive rows of the pool
-        run together (right-padded), the others alone."""
+        """Prompt chunks for this step: `prefill_tokens` in all. The oldest prompt takes half the budget when others
+        wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
+        progressing, and short prompts behind it are not held for its whole prefill. A prompt that shares a block
+        with an older one still computing waits for it (then copies those blocks). Consecutive rows of the pool run
+        together (right-padded), the others alone."""
         budget, plan = self.prefill_tokens, {}
-        for r in self._live:
+        waiting = [r for r in self._live if r.done < len(r.prompt)]
+        waiting = [r for j, r in enumerate(waiting) if not self._behind_its_prefix(r, waiting[:j])]
+        for k, r in enumerate(waiting):
             if budget == 0:
                 break
-            if r.done >= len(r.prompt):
-                continue
             if r.done == 0 and r.on_prompt_logprobs is None:  # looked up as late as possible: a prompt finished
                 r.done = self.pool.reuse(r.id, r.prompt)  # meanwhile may have left its blocks
                 self.stats.prefix_hits += r.done
                 self.stats.prefix_queries += len(r.prompt)
-            n = min(len(r.prompt) - r.done, budget)
-            plan[r.id] = n
-            budget -= n
+            share = max(budget // 2, 1) if k == 0 and len(waiting) > 1 else budget
+            plan[r.id] = min(len(r.prompt) - r.done, share)
+            budget -= plan[r.id]
+        if budget and waiting and waiting[0].id in plan:  # what the others left goes to the oldest
+            first = waiting[0]
+            more = min(len(first.prompt) - first.done - plan[first.id], budget)
+            plan[first.id] += more
         by_id = {r.id: r for r in self._live}
         for group in self._groups([rid for rid in self.pool.rows if rid in plan], plan):
             rows = [by_id[rid] for rid in group]
@@ -445,6 +452,21 @@ class Scheduler:
                     last.append(out[n - 1] if self.pool.all_logits else out[-1])
             if firsts:
                 self._pick(firsts, np.asarray(np.stack(last), np.float32))
+
+    def _behind_its_prefix(self, r: Request, older: list[Request]) -> bool:
+        """Whether `r` should wait a step: it has not started, and an older prompt still computing shares at least
+        a prefix-cache block with it (those blocks will be copied once computed, not computed twice)."""
+        prefix = self.pool.prefix
+        if prefix is None or r.done or r.on_prompt_logprobs is not None:
+            return False
+        mine = np.asarray(r.prompt)
+        for o in older:
+            n = min(len(mine), len(o.prompt))
+            differ = np.flatnonzero(mine[:n] != np.asarray(o.prompt[:n]))
+            shared = (int(differ[0]) if differ.size else n) // prefix.block * prefix.block
+            if shared and o.done < shared:
+                return True
+        return False
 
     def _groups(self, rids: list, plan: dict) -> list[list]:
         """Runs of consecutive pool rows, cut where padding would exceed the real tokens, where the padded chunk
