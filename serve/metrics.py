@@ -13,7 +13,7 @@ vLLM has the metric (so its dashboards and autoscaling rules read ours), `neoxrt
 
 from __future__ import annotations
 
-from neoxrt.runtime.scheduler import Histogram, SchedulerStats
+from neoxrt.runtime.scheduler_stats import Histogram, SchedulerStats
 
 
 def prometheus_text(s: SchedulerStats, model: str) -> str:
