@@ -6,6 +6,7 @@ process: token-id prompts, greedy, `ignore_eos`.
     prefix   the same clients x 2, prompts sharing a `--prefix`-token prefix + 16 unique tokens, 16 new tokens
     mixed    `--clients` short clients (32-token prompts, 64 new) while one client sends `--long`-token prompts
              (16 new) back to back; the short clients' tokens/s and gap p99, the long prompts served
+    short    bench-serve's load: 16 clients x 2 requests, 32-token prompts, 64 new tokens
 
     python -m neoxrt.bench.pool_loads [--shape pythia-160m] [--clients 8] [--long 1024] [--new 32] [--prefix 768]
                                       [--ways portable pool pool-last]
@@ -102,6 +103,11 @@ def load_mixed(sched, rng, args) -> dict:
     return {**_stats(shorts, wall), "long_prompts_served": len(longs.ttft)}
 
 
+def load_short(sched, rng, args) -> dict:
+    clients = [Client(sched, [list(rng.integers(10, 50000, 32)) for _ in range(2)], 64) for _ in range(16)]
+    return _stats(clients, _run(sched, clients))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="pythia-160m")
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from neoxrt.runtime import Generator
     from neoxrt.runtime.scheduler import Scheduler
 
-    loads = {"long": load_long, "prefix": load_prefix, "mixed": load_mixed}
+    loads = {"long": load_long, "prefix": load_prefix, "mixed": load_mixed, "short": load_short}
     options = {"portable": {}, "pool": {"kv_cache": "static"}, "pool-last": {"kv_cache": "static", "logits": "last"}}
     ckpt = shape_checkpoint(args.shape, args.root)
     suffix = {"portable": "fused", "pool": "fused-static", "pool-last": "fused-static-last"}
