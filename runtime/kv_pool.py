@@ -112,6 +112,7 @@ class KVPool:
         self.reserved: list[int] = []  # per row: slots it may grow to (prompt + max_new_tokens)
         self.width = 0
         self.repacks = 0
+        self._logits: dict[tuple, np.ndarray] = {}
         self.binding = session.sess.io_binding()
         self._io = getattr(self.binding, "_iobinding", None)
         import onnxruntime as ort
@@ -216,7 +217,10 @@ class KVPool:
                  io.WRITE_INDICES: ends}
         if self.session.cache_branch:  # Optimum's merged decoders
             feeds["use_cache_branch"] = np.array([True])
-        logits = np.empty((b, s if self.all_logits else 1, self.vocab), np.float32)
+        dims = (b, s if self.all_logits else 1, self.vocab)
+        logits = self._logits.get(dims)
+        if logits is None:  # one buffer per shape, written in place run after run
+            logits = self._logits[dims] = np.empty(dims, np.float32)
         self._feeds = feeds  # bound by pointer: alive until the run is over
         for name, array in feeds.items():
             self._bind(name, array.dtype, array.shape, array.ctypes.data, False)

@@ -470,7 +470,11 @@ class Scheduler:
             if len(rows) == 1:
                 self._fail(rows[0], exc)
                 return [None]
-        return [self._run_rows([r], ids[j:j + 1], real[j:j + 1])[0] for j, r in enumerate(rows)]
+        alone = []
+        for j, r in enumerate(rows):  # the runs alone share one logits buffer: each row's copied out at once
+            out = self._run_rows([r], ids[j:j + 1], real[j:j + 1])[0]
+            alone.append(None if out is None else out.copy())
+        return alone
 
     # -- the portable path's step -----------------------------------------------------------------------
     def _step_arrays(self) -> None:
