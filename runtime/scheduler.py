@@ -1,32 +1,48 @@
-"""In-flight batching: requests join the running batch at decode-step boundaries and leave it when they finish.
+"""In-flight batching: requests join the running batch at step boundaries and leave it when they finish.
 
 `Generator` runs one batch from its prompt step to its last token, compacting finished rows out; the
-`Scheduler` adds the other half, joining. Every step it
+`Scheduler` adds the other half, joining. Two ways of keeping the cache, picked by the artifact:
 
-    1. drops rows whose client went away (`is_cancelled`), and requests still queued likewise;
-    2. admits queued requests while the batch has room, up to `prefill_tokens` prompt tokens a step (so a burst
-       of arrivals gets its first tokens group by group instead of all after one long prompt step, and running
-       rows are not stalled long): their prompts run together in one left-padded prompt step of their own
-       (past length 0), each picks its first token, and their caches are merged into the running batch's --
-       both sides left-padded with masked zeros to one cache length;
-    3. runs one decode step for every live row (each row's pending token, its own position ids), picks each
-       row's next token with its own options and random generator, and retires the rows that finished;
-       the cache columns that every remaining row masks out (left padding) are cut off.
+**The KV-cache pool** (static-cache exports, `--kv-cache static`; `runtime/kv_pool.py`): the cache lives in slots
+allocated once and written in place. Every step
+
+    1. drops rows whose client went away (`is_cancelled`) and requests still queued likewise: their slots are free
+       for this very step;
+    2. admits queued requests, oldest first, while the pool can hold prompt + max_new_tokens for each (reserved at
+       admission, as TGI does: nothing is preempted later); a prompt that starts with cached blocks gets them
+       copied instead of computed (prefix reuse);
+    3. runs prompt chunks, at most `prefill_tokens` tokens in all -- the oldest prompt half of them while others
+       wait, the others the rest, oldest first -- each row's chunk written at its own slots (consecutive rows in
+       one run, right-padded); a row whose prompt is done picks its first token;
+    4. runs one decode step for every row past its prompt, each at its own slot, then retires the finished rows
+       (their blocks offered to the prefix cache).
+
+So no stream waits for more than one chunk's run, long prompts progress at the budget's pace under any load,
+and a decode step reads each row's cache where it lies. A failing run is retried row by row: the row that fails
+alone fails (its `on_error`), the others go on.
+
+**The portable path** (dynamic-cache exports and backends without the pool): the cache is carried as arrays
+through `Session.run`, so every backend with a `run` works. Every step it drops cancelled rows; admits queued
+requests while the batch has room, up to `prefill_tokens` prompt tokens (at least one request): their prompts
+run together in one left-padded prompt step (past length 0), each picks its first token, and their caches are
+merged into the running batch's, both sides left-padded with masked zeros to one cache length; runs one decode
+step for every live row; retires the finished rows and cuts the cache columns every remaining row masks out. Its
+length is at most the longest live row, never the sum.
 
 Each request keeps its own `GenerationOptions` and seed: sampling is per row, drawing from its own
 `numpy.random.default_rng(seed)` exactly as `Generator` draws for a batch of one, so a request gets the same
-tokens as when it runs alone (up to the last-bit differences of batched matmuls). The cache is carried as
-arrays through `Session.run` (the portable contract), so every backend with a `run` works; its length is at
-most the longest live row (prompt + tokens so far), never the sum.
+tokens as when it runs alone (up to the last-bit differences of batched matmuls). `_pick` and `_emit` are the one
+place a row's token is chosen and recorded, for both paths.
 
-Memory bound: per live row, layers x 2 x heads x (prompt + max_new_tokens) x head_dim values of the cache
-dtype, twice during a step (past in, present out).
+Memory bound: the pool's `kv_cache_memory` bytes, allocated once; the portable path: per live row, layers x 2 x
+heads x (prompt + max_new_tokens) x head_dim values of the cache dtype, twice during a step (past in, present out).
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -34,10 +50,15 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from neoxrt import contract as io
+from neoxrt.engine_meta import DECODE, PROMPT
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
-from neoxrt.runtime.generator import Generator, TextSoFar, TokenEvent, finish_reason, left_pad, token_logprobs
+from neoxrt.runtime.generator import Generator, RowBook, TokenEvent, left_pad, token_logprobs
+from neoxrt.runtime.kv_pool import KVPool, default_memory, is_static, pool_for
 from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, processes, top_indices
-from neoxrt.runtime.structured import Constraint, masked
+from neoxrt.runtime.scheduler_stats import Histogram, SchedulerStats
+from neoxrt.runtime.structured import masked
+
+__all__ = ["Histogram", "QueueFullError", "Request", "RequestCancelled", "Scheduler", "SchedulerDown", "SchedulerStats"]
 
 # the keywords a request may carry: GenerationOptions' fields, and transformers' max_length
 REQUEST_OPTIONS = frozenset(f.name for f in fields(GenerationOptions)) | {"max_length"}
@@ -47,47 +68,67 @@ class QueueFullError(NeoxrtError):
     """The scheduler's queue holds its maximum of waiting requests (back-pressure: retry later)."""
 
 
+class RequestCancelled(NeoxrtError):
+    """Given to a cancelled request's `on_error` when it leaves (so a front can send its final response)."""
+
+
+class SchedulerDown(NeoxrtError):
+    """The scheduler's loop has stopped or is stuck (`Scheduler.health` says why); nothing is queued."""
+
+
+STUCK_S = 120.0  # a step running longer than this makes `health` report the scheduler stuck
+
+
 @dataclass
 class Request:
-    """One submitted request. `on_event` gets its `TokenEvent`s (row = the request id) from the scheduler's
-    thread; `on_error` gets the exception if a step fails; `is_cancelled` is polled once per step;
-    `on_prompt_logprobs`, when given, gets the prompt's log-probabilities from its prompt step (before its first
-    event), as `Generator.prompt_logprobs` computes them, each with the `options.logprobs` most likely tokens."""
+    """One submitted request: its options, random generator and `RowBook` (tokens, text, stops: `emit` records a
+    token and says whether the request is finished, as `Generator`'s loops do for their rows). `on_event` gets its
+    `TokenEvent`s (row = the request id) from the scheduler's thread; `on_error` gets the exception if its row fails
+    (or `RequestCancelled` when it is cancelled); `is_cancelled` is polled once per step; `on_prompt_logprobs`, when
+    given, gets the prompt's log-probabilities once its prompt is computed (before its first event), as
+    `Generator.prompt_logprobs` computes them, each with the `options.logprobs` most likely tokens."""
 
     id: int
     prompt: list[int]
     options: GenerationOptions
+    book: RowBook  # its tokens, text and stops: the state `Generator`'s loops keep per row, for one row
     on_event: Callable[[TokenEvent], None]
     on_error: Callable[[Exception], None] | None = None
     is_cancelled: Callable[[], bool] | None = None
     on_prompt_logprobs: Callable[[list], None] | None = None
-    constraint: Constraint | None = None  # options.structured_outputs compiled for this request (its grammar state)
     # decoding state
     rng: np.random.Generator = field(init=False)
-    seen: np.ndarray = field(init=False)
-    generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    done: int = 0  # prompt tokens in the cache (the pool: chunked prefill, prefix reuse)
+    submitted: float = field(default_factory=time.monotonic)
+    last_token: float = 0.0  # when its latest token was emitted
+    prompt_scores: list = field(default_factory=lambda: [None])  # on_prompt_logprobs' entries, chunk by chunk
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.options.seed)
-        self.seen = np.array(self.prompt, np.int64)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.book.generated[0]
+
+    @property
+    def constraint(self):
+        """options.structured_outputs compiled for this request (its grammar state; the book advances it), or None."""
+        return self.book.constraints[0]
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.book.seen[0]
+
+    def emit(self, token: int, logprob: float | None = None, top=None) -> TokenEvent:
+        """Record `token`; the event (row = this request's id) says whether the request is finished."""
+        event = self.book.emit(0, token, logprob, top)
+        event.row = self.id
+        self.finish_reason = event.finish_reason
+        return event
 
     def cancelled(self) -> bool:
         return bool(self.is_cancelled and self.is_cancelled())
-
-
-@dataclass
-class SchedulerStats:
-    """Counters since start; `occupancy` = mean live rows per decode step / max_batch."""
-
-    requests: int = 0
-    rejected: int = 0
-    cancelled: int = 0
-    tokens: int = 0
-    steps: int = 0
-    row_steps: int = 0
-    active: int = 0
-    queued: int = 0
 
 
 class Scheduler:
@@ -98,18 +139,36 @@ class Scheduler:
     """
 
     def __init__(self, generator: Generator, max_batch: int = 16, max_queue: int = 64, prefill_tokens: int = 128,
-                 on_step: Callable[[SchedulerStats], None] | None = None):
+                 on_step: Callable[[SchedulerStats], None] | None = None, kv_cache_memory: int | None = None,
+                 prefix_cache: bool = True, prefix_block: int = 32):
+        """Args:
+            prefill_tokens: prompt tokens computed per step (the pool: the chunk budget; the portable path: prompt
+                tokens admitted, at least one request).
+            kv_cache_memory: the pool's bytes (static-cache artifacts on ONNX Runtime), allocated once; None:
+                `kv_pool.default_memory`.
+            prefix_cache: reuse cached prompt prefixes (the pool only), in blocks of `prefix_block` tokens.
+
+        Raises:
+            NeoxrtError: a bound below 1 (max_queue below 0), or a pool too small for one row.
+        """
         if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
             raise NeoxrtError(f"max_batch and prefill_tokens must be >= 1 and max_queue >= 0, got {max_batch}, "
                               f"{prefill_tokens} and {max_queue}")
-        self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
-        self.prefill_tokens = prefill_tokens  # prompt tokens admitted per step (at least one request)
-        self.on_step = on_step  # called after every step (metrics)
         self.session = generator.session
-        if any(s.name == io.WRITE_INDICES for s in self.session.io_spec()[0]):
-            raise ArtifactError("in-flight batching needs a dynamic-cache artifact (export --kv-cache dynamic, the "
-                                "default); this one has a static cache")
-        self.stats = SchedulerStats()
+        self.limits = engine_limits(self.session)  # a TensorRT engine's profiles bound batch, prompt and context
+        if self.limits:
+            max_batch = min(max_batch, self.limits["batch"])
+        self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
+        self.prefill_tokens = prefill_tokens
+        self.on_step = on_step  # called after every step (metrics)
+        self.pool: KVPool | None = None
+        if is_static(self.session):
+            if not hasattr(self.session, "sess"):
+                raise ArtifactError("in-flight batching of a static-cache artifact needs ONNX Runtime (its KV-cache "
+                                    "pool); export --kv-cache dynamic for other backends")
+            memory = kv_cache_memory or default_memory(self.session, max_batch, generator.max_positions, prefix_cache)
+            self.pool = pool_for(self.session, max_batch, memory, generator.max_positions, prefix_cache, prefix_block)
+        self.stats = SchedulerStats(pool_capacity=self.pool.capacity if self.pool else 0)
         self._queue: deque[Request] = deque()
         self._live: list[Request] = []
         self._past: list[np.ndarray] = []  # per cache tensor [B, H, P, D], rows in the order of _live
@@ -119,7 +178,8 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._emitted: dict[int, TextSoFar] = {}
+        self.last_error: BaseException | None = None  # what ended a step (or the loop) unexpectedly
+        self._step_started: float | None = None  # monotonic start of the step in progress (the watchdog's beat)
 
     # -- submitting -------------------------------------------------------------------------------------
     def submit(self, prompt, on_event: Callable[[TokenEvent], None], on_error=None, is_cancelled=None,
@@ -134,6 +194,7 @@ class Scheduler:
             RuntimeShapeError: bad prompt or options, or prompt + max_new_tokens past the model's context.
             ArtifactError: prompt log-probabilities asked of a graph that returns the last position's logits only.
             QueueFullError: `max_queue` requests are already waiting.
+            SchedulerDown: the loop thread has died or is stuck (`health`).
         """
         unknown = sorted(set(options) - REQUEST_OPTIONS)
         if unknown:  # a request's field that no option takes: named, not a TypeError
@@ -145,16 +206,28 @@ class Scheduler:
         # the artifact's generation_config.json defaults under the request's keywords, as Generator.stream takes them
         opts = GenerationOptions(**self.generator._with_defaults([ids], options, beams=False))
         self.generator._check_length([ids], opts)
-        (constraint,) = self.generator.constraints(1, opts)  # compiled here, on the caller's thread (time-limited)
+        if self.limits and len(ids) > self.limits["prompt"]:
+            raise RuntimeShapeError(f"prompt ({len(ids)} tokens) exceeds the engine's prompt profile of "
+                                    f"{self.limits['prompt']} tokens")
+        if self.limits and len(ids) + opts.max_new_tokens > self.limits["context"]:
+            raise RuntimeShapeError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
+                                    f"engine's decode profile of {self.limits['context']} positions")
+        if self.pool is not None and len(ids) + opts.max_new_tokens > self.pool.capacity:
+            raise RuntimeShapeError(f"prompt ({len(ids)} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the "
+                                    f"KV-cache pool's {self.pool.capacity} tokens (--kv-cache-memory)")
+        down = self.health()
+        if down is not None:
+            raise SchedulerDown(down)
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 self.stats.rejected += 1
                 raise QueueFullError(f"server busy: {len(self._queue)} requests already queued (max_queue "
                                      f"{self.max_queue}); retry later")
-            request = Request(next(self._ids), ids, opts, on_event, on_error, is_cancelled, on_prompt_logprobs,
-                              constraint)
+            request = Request(next(self._ids), ids, opts, RowBook(self.generator, [ids], opts), on_event, on_error,
+                              is_cancelled, on_prompt_logprobs)
             self._queue.append(request)
             self.stats.requests += 1
+            self.stats.prompt_tokens += len(ids)
             self.stats.queued = len(self._queue)
             self._lock.notify()
         return request.id
@@ -173,18 +246,246 @@ class Scheduler:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._queue and not self._live:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            self.step()
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._queue and not self._live:
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 -- a bug in a step: its requests fail, the loop goes on
+                    self.last_error = exc
+                    self._fail_all(exc)
+        except BaseException as exc:  # the thread ends: nothing may wait on it (health() reports it)
+            self.last_error = exc
+            self._fail_all(SchedulerDown(f"the scheduler stopped: {type(exc).__name__}: {exc}"))
+            raise
+
+    def health(self) -> str | None:
+        """None while the loop serves (or was never started); else why not: its thread died, or a step has run
+        for more than `STUCK_S` seconds."""
+        if self._thread is None or self._stopping:
+            return None
+        if not self._thread.is_alive():
+            why = f": {type(self.last_error).__name__}: {self.last_error}" if self.last_error is not None else ""
+            return f"the scheduler thread has stopped{why}"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > STUCK_S:
+            return f"a scheduler step has run for {time.monotonic() - started:.0f} s (more than {STUCK_S:.0f})"
+        return None
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Every live and queued request fails with `exc`; the cache is emptied."""
+        with self._lock:
+            queued, self._queue = list(self._queue), deque()
+            self.stats.queued = 0
+        for r in self._live + queued:
+            self._fail(r, exc)
+        if self.pool is not None:
+            for rid in list(self.pool.rows):
+                self.pool.remove(rid)
+        self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
+        self._mask = np.zeros((0, 0), np.int64)
+        self.stats.active = 0
 
     def step(self) -> None:
-        """One iteration: drop cancelled requests, admit queued ones, one decode step. A failing step is
-        reported to every request it touched (`on_error`), which are then dropped."""
+        """One iteration: drop cancelled requests, admit queued ones, prompt work, one decode step."""
+        self._step_started = time.monotonic()
         self._drop_cancelled()
+        if self.pool is not None:
+            self._step_pool()
+        else:
+            self._step_arrays()
+        self._step_started = None
+        self.stats.active = len(self._live)
+        if self.on_step is not None:
+            self.on_step(self.stats)
+
+    def _drop_cancelled(self) -> None:
+        """Cancelled requests leave (their cache freed now) and get `RequestCancelled` as their last word."""
+        with self._lock:
+            dropped = [r for r in self._queue if r.cancelled()]
+            self._queue = deque(r for r in self._queue if not r.cancelled())
+        gone = [r for r in self._live if r.cancelled()]
+        if gone:
+            self._leave(gone)
+        self.stats.cancelled += len(dropped) + len(gone)
+        for r in dropped + gone:
+            if r.on_error is not None:
+                try:
+                    r.on_error(RequestCancelled(f"request {r.id} cancelled by its client"))
+                except Exception:  # noqa: BLE001 -- it is over either way
+                    pass
+
+    def _leave(self, rows: list[Request]) -> None:
+        """`rows` leave the batch; their cache is freed."""
+        gone = {r.id for r in rows}
+        if self.pool is not None:
+            for rid in gone:
+                self.pool.remove(rid)
+            self._live = [r for r in self._live if r.id not in gone]
+        else:
+            self._keep(np.array([j for j, r in enumerate(self._live) if r.id not in gone], np.int64))
+
+    def _retire_finished(self) -> None:
+        done = [r for r in self._live if r.finish_reason]
+        if self.pool is not None:
+            for r in done:
+                if r.finish_reason != "error":
+                    self.pool.keep(r.id, r.prompt + r.generated)
+        if done:
+            self._leave(done)
+
+    def _fail(self, r: Request, exc: Exception) -> None:
+        """End `r` alone with `exc` (its `on_error`; an error there is dropped: it must not end other rows)."""
+        r.finish_reason = "error"
+        self.stats.failed += 1
+        if r.on_error is not None:
+            try:
+                r.on_error(exc)
+            except Exception:  # noqa: BLE001 -- the request is over either way
+                pass
+
+    # -- the pool's step --------------------------------------------------------------------------------
+    def _step_pool(self) -> None:
+        pool = self.pool
+        with self._lock:  # oldest first; the first that does not fit waits (no overtaking: long prompts get in)
+            while self._queue and pool.fits(self._reserve(self._queue[0])):
+                r = self._queue.popleft()
+                pool.add(r.id, self._reserve(r))
+                self._live.append(r)
+            self.stats.queued = len(self._queue)
+        self._prefill_pool()
+        self._retire_finished()
+        self._decode_pool()
+        self._retire_finished()
+        self.stats.pool_tokens = pool.used_tokens()
+
+    @staticmethod
+    def _reserve(r: Request) -> int:
+        return len(r.prompt) + r.options.max_new_tokens
+
+    def _prefill_pool(self) -> None:
+        """Prompt chunks for this step: `prefill_tokens` in all. The oldest prompt takes half the budget when others
+        wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
+        progressing, and short prompts behind it are not held for its whole prefill. A prompt that shares a block
+        with an older one still computing waits for it (then copies those blocks). Consecutive rows of the pool run
+        together (right-padded), the others alone."""
+        budget, plan = self.prefill_tokens, {}
+        waiting = [r for r in self._live if r.done < len(r.prompt)]
+        waiting = [r for j, r in enumerate(waiting) if not self._behind_its_prefix(r, waiting[:j])]
+        for k, r in enumerate(waiting):
+            if budget == 0:
+                break
+            if r.done == 0 and r.on_prompt_logprobs is None:  # looked up as late as possible: a prompt finished
+                r.done = self.pool.reuse(r.id, r.prompt)  # meanwhile may have left its blocks
+                self.stats.prefix_hits += r.done
+                self.stats.prefix_queries += len(r.prompt)
+            share = max(budget // 2, 1) if k == 0 and len(waiting) > 1 else budget
+            plan[r.id] = min(len(r.prompt) - r.done, share)
+            budget -= plan[r.id]
+        if budget and waiting and waiting[0].id in plan:  # what the others left goes to the oldest
+            first = waiting[0]
+            more = min(len(first.prompt) - first.done - plan[first.id], budget)
+            plan[first.id] += more
+        by_id = {r.id: r for r in self._live}
+        for group in self._groups([rid for rid in self.pool.rows if rid in plan], plan):
+            rows = [by_id[rid] for rid in group]
+            width = max(plan[r.id] for r in rows)
+            ids = np.full((len(rows), width), self.generator.eos_token_id or 0, np.int64)
+            for j, r in enumerate(rows):
+                ids[j, :plan[r.id]] = r.prompt[r.done:r.done + plan[r.id]]
+            logits = self._run_rows(rows, ids, np.array([plan[r.id] for r in rows]))
+            firsts, last = [], []
+            for r, out in zip(rows, logits):
+                if out is None:
+                    continue
+                n = plan[r.id]
+                if r.on_prompt_logprobs is not None:
+                    r.prompt_scores += _chunk_logprobs(out[:n], r.prompt, r.done, r.options.logprobs or 0)
+                r.done += n
+                self.stats.prefill_tokens += n
+                self.pool.keep(r.id, r.prompt[:r.done])
+                if r.done == len(r.prompt):
+                    if r.on_prompt_logprobs is not None:
+                        r.on_prompt_logprobs(r.prompt_scores)
+                    firsts.append(r)
+                    last.append(out[n - 1] if self.pool.all_logits else out[-1])
+            if firsts:
+                self._pick(firsts, np.asarray(np.stack(last), np.float32))
+
+    def _behind_its_prefix(self, r: Request, older: list[Request]) -> bool:
+        """Whether `r` should wait a step: it has not started, and an older prompt still computing shares at least
+        a prefix-cache block with it (those blocks will be copied once computed, not computed twice)."""
+        prefix = self.pool.prefix
+        if prefix is None or r.done or r.on_prompt_logprobs is not None:
+            return False
+        mine = np.asarray(r.prompt)
+        for o in older:
+            n = min(len(mine), len(o.prompt))
+            differ = np.flatnonzero(mine[:n] != np.asarray(o.prompt[:n]))
+            shared = (int(differ[0]) if differ.size else n) // prefix.block * prefix.block
+            if shared and o.done < shared:
+                return True
+        return False
+
+    def _groups(self, rids: list, plan: dict) -> list[list]:
+        """Runs of consecutive pool rows, cut where padding would exceed the real tokens, where the padded chunk
+        would not fit the rows' room in the pool, or (graphs with the last position's logits only) where the chunk
+        length changes."""
+        groups: list[list] = []
+        position = {rid: j for j, rid in enumerate(self.pool.rows)}
+        room = self.pool.capacity // max(len(self.pool.rows), 1)  # the widest a row may be laid out
+        for rid in rids:
+            g = groups[-1] if groups else None
+            if g and position[g[-1]] + 1 == position[rid]:
+                lengths = [plan[x] for x in g] + [plan[rid]]
+                slots = max(self.pool.ends[position[x]] for x in g + [rid]) + max(lengths)
+                if (self.pool.all_logits or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths) \
+                        and slots <= room:
+                    g.append(rid)
+                    continue
+            groups.append([rid])
+        return groups
+
+    def _decode_pool(self) -> None:
+        """One token for every row past its prompt: one run over the pool rows from the first such row to the
+        last (a row between them still in its prompt is fed a masked token that its next chunk overwrites)."""
+        decoding = {r.id: r for r in self._live if r.done == len(r.prompt) and r.generated and not r.finish_reason}
+        if not decoding:
+            return
+        span = [j for j, rid in enumerate(self.pool.rows) if rid in decoding]
+        by_id = {r.id: r for r in self._live}
+        rows = [by_id[rid] for rid in self.pool.rows[span[0]:span[-1] + 1]]
+        ids = np.array([[r.generated[-1] if r.id in decoding else 0] for r in rows], np.int64)
+        logits = self._run_rows(rows, ids, np.array([int(r.id in decoding) for r in rows]))
+        picked = [(r, out) for r, out in zip(rows, logits) if r.id in decoding and out is not None]
+        self.stats.steps += 1
+        self.stats.row_steps += len(picked)
+        if picked:
+            self._pick([r for r, _ in picked], np.asarray(np.stack([out[-1] for _, out in picked]), np.float32))
+
+    def _run_rows(self, rows: list[Request], ids: np.ndarray, real: np.ndarray) -> list[np.ndarray | None]:
+        """The pool's run over `rows`, each row's logits [S or 1, V]; a failing run is retried row by row, and a
+        row that fails alone fails (None in its place)."""
+        try:
+            return list(self.pool.run([r.id for r in rows], ids, real))
+        except Exception as exc:  # noqa: BLE001 -- which row? each alone
+            if len(rows) == 1:
+                self._fail(rows[0], exc)
+                return [None]
+        alone = []
+        for j, r in enumerate(rows):  # the runs alone share one logits buffer: each row's copied out at once
+            out = self._run_rows([r], ids[j:j + 1], real[j:j + 1])[0]
+            alone.append(None if out is None else out.copy())
+        return alone
+
+    # -- the portable path's step -----------------------------------------------------------------------
+    def _step_arrays(self) -> None:
+        """Admit queued requests (one prompt step), one decode step. A failing step is reported to every request
+        it touched (`on_error`), which are then dropped."""
         with self._lock:
             joining: list[Request] = []
             budget = self.prefill_tokens
@@ -199,27 +500,11 @@ class Scheduler:
             if self._live:
                 self._decode()
         except Exception as exc:  # a failed step ends the requests in it, not the server
-            for request in self._live + [r for r in joining if r not in self._live]:
-                self._emitted.pop(request.id, None)
-                if request.on_error is not None:
-                    request.on_error(exc)
+            live = {r.id for r in self._live}
+            for request in self._live + [r for r in joining if r.id not in live]:
+                self._fail(request, exc)
             self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
             self._mask = np.zeros((0, 0), np.int64)
-        self.stats.active = len(self._live)
-        if self.on_step is not None:
-            self.on_step(self.stats)
-
-    def _drop_cancelled(self) -> None:
-        with self._lock:
-            kept = deque(r for r in self._queue if not r.cancelled())
-            self.stats.cancelled += len(self._queue) - len(kept)
-            self._queue = kept
-        gone = [j for j, r in enumerate(self._live) if r.cancelled()]
-        for j in gone:
-            self._emitted.pop(self._live[j].id, None)
-        if gone:
-            self.stats.cancelled += len(gone)
-            self._keep(np.setdiff1d(np.arange(len(self._live)), gone))
 
     def _admit(self, joining: list[Request]) -> None:
         """Prompt step for the joining requests together, first token each, caches merged into the batch."""
@@ -262,33 +547,31 @@ class Scheduler:
         for j, r in enumerate(requests):
             if j not in plain:
                 chosen[j] = next_tokens(logits[j:j + 1], [r.seen], r.options, r.rng, [len(r.generated)],
-                                        sorted(self._stops(r.options)))[0]
+                                        sorted(r.book.stops))[0]
         for j, r in enumerate(requests):
             scored = token_logprobs(raw[j:j + 1], chosen[j:j + 1], r.options.logprobs)
             self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))
         return chosen
 
     def _emit(self, r: Request, token: int, logprob: float | None = None, top=None) -> None:
-        r.generated.append(token)
-        r.seen = np.append(r.seen, token)
+        """`token` recorded for `r` (its stops and length decide whether it is finished) and sent to its client."""
+        event = r.emit(token, logprob, top)
         self.stats.tokens += 1
-        self._emitted.setdefault(r.id, TextSoFar())
-        if r.constraint is not None:
-            r.constraint.advance(token)
-        piece, reason = self.generator._piece(r.id, r.generated, self._emitted, r.options)
-        reason = finish_reason(token, reason, self._stops(r.options), r.constraint, len(r.generated), r.options)
-        r.finish_reason = reason
-        r.on_event(TokenEvent(r.id, token, piece, reason, logprob, top))
+        self._timing(r)
+        try:
+            r.on_event(event)
+        except Exception as exc:  # noqa: BLE001 -- a raising callback ends its own request, not the step
+            self._fail(r, exc)
 
-    def _stops(self, options: GenerationOptions) -> set[int]:
-        return options.stops(self.generator.eos_token_id)
-
-    def _retire_finished(self) -> None:
-        done = [j for j, r in enumerate(self._live) if r.finish_reason]
-        for j in done:
-            self._emitted.pop(self._live[j].id, None)
-        if done:
-            self._keep(np.setdiff1d(np.arange(len(self._live)), done))
+    def _timing(self, r: Request) -> None:
+        now = time.monotonic()
+        if len(r.generated) == 1:
+            self.stats.ttft.observe(now - r.submitted)
+        else:
+            self.stats.itl.observe(now - r.last_token)
+        r.last_token = now
+        if r.finish_reason:
+            self.stats.e2e.observe(now - r.submitted)
 
     def _keep(self, rows: np.ndarray) -> None:
         """Keep `rows` of the batch, then cut the cache columns every remaining row masks out."""
@@ -327,13 +610,32 @@ class Scheduler:
         return {name: empty for name in self._cache_names()}
 
 
+def engine_limits(session) -> dict[str, int]:
+    """{batch, prompt, context} a TensorRT engine's profiles allow ({} for other sessions): the scheduler's rows,
+    a prompt's tokens, and prompt + new tokens (the decode profile's past + 1)."""
+    profiles = getattr(session, "profiles", None)
+    if not isinstance(profiles, dict) or PROMPT not in profiles or DECODE not in profiles:
+        return {}
+    prompt, decode = profiles[PROMPT], profiles[DECODE]
+    return {"batch": min(prompt[io.BATCH].max, decode[io.BATCH].max), "prompt": prompt[io.SEQUENCE].max,
+            "context": decode[io.PAST_SEQUENCE].max + 1}
+
+
 def _prompt_logprobs(logits: np.ndarray, prompt: list[int], top: int) -> list:
     """[None, (log p(token | before), [(token, log p)] of the `top` most likely), ...] from one row's prompt-step
     logits [S, V] (left padding cut off)."""
-    logp = log_softmax(np.asarray(logits[:-1], np.float64))
+    return [None] + _chunk_logprobs(logits, prompt, 0, top)
+
+
+def _chunk_logprobs(logits: np.ndarray, prompt: list[int], start: int, top: int) -> list:
+    """The entries of `_prompt_logprobs` that a chunk's logits [n, V] (prompt positions start.. start + n - 1)
+    give: each position scores the prompt's next token."""
+    n = min(len(logits), len(prompt) - 1 - start)
+    if n <= 0:
+        return []
+    logp = log_softmax(np.asarray(logits[:n], np.float64))
     best = top_indices(logp, top)
-    return [None] + [(float(logp[t, tok]), [(int(b), float(logp[t, b])) for b in best[t]])
-                     for t, tok in enumerate(prompt[1:])]
+    return [(float(logp[t, prompt[start + t + 1]]), [(int(b), float(logp[t, b])) for b in best[t]]) for t in range(n)]
 
 
 def _left_pad_cols(mask: np.ndarray, width: int) -> np.ndarray:

@@ -19,12 +19,16 @@ class TritonBackend:
     """`pb` is the `triton_python_backend_utils` module (only importable inside Triton)."""
 
     def __init__(self, pb, name: str, artifact, max_batch: int, max_queue: int, threads: int | None,
-                 openai: tuple[str, int] = ("127.0.0.1", 0)):
-        """`openai` (host, port): also serve the OpenAI-compatible endpoint on the same scheduler (port 0: off)."""
+                 openai: tuple[str, int] = ("127.0.0.1", 0), kv_cache_memory: float = 0.0,
+                 max_prefill_tokens: int = 256, prefix_cache: bool = True):
+        """`openai` (host, port): also serve the OpenAI-compatible endpoint on the same scheduler (port 0: off);
+        `kv_cache_memory` GiB of KV-cache pool (0: the default)."""
         self.pb = pb
         self.generator = Generator.from_artifacts(artifact, threads=threads)
         self.metrics = _Metrics(pb, name, max_batch)
-        self.scheduler = Scheduler(self.generator, max_batch=max_batch, max_queue=max_queue, on_step=self.metrics.update)
+        self.scheduler = Scheduler(self.generator, max_batch=max_batch, max_queue=max_queue, on_step=self.metrics.update,
+                                   prefill_tokens=max_prefill_tokens, prefix_cache=prefix_cache,
+                                   kv_cache_memory=int(kv_cache_memory * 2**30) or None)
         self.scheduler.start()
         self.frontend = None
         if openai[1]:
@@ -104,9 +108,14 @@ class _Metrics:
         counters = (("tokens", "tokens generated"), ("requests", "requests accepted"),
                     ("rejected", "requests refused because the queue was full"),
                     ("cancelled", "requests cancelled by their client"), ("steps", "decode steps"),
-                    ("row_steps", "rows decoded, summed over decode steps (occupancy = d row_steps / d steps / max)"))
+                    ("row_steps", "rows decoded, summed over decode steps (occupancy = d row_steps / d steps / max)"),
+                    ("failed", "requests ended by an error of their own"),
+                    ("prefill_tokens", "prompt tokens computed"),
+                    ("prefix_hits", "prompt tokens copied from the prefix cache instead of computed"),
+                    ("prefix_queries", "prompt tokens looked up in the prefix cache"))
         gauges = (("active_rows", "rows in the running batch"), ("queue_length", "requests waiting for a row"),
-                  ("batch_occupancy", "mean live rows per decode step / max batch"))
+                  ("batch_occupancy", "mean live rows per decode step / max batch"),
+                  ("kv_cache_usage", "KV-cache pool slots in use / its capacity (0 without the pool)"))
         # families must outlive their metrics: both are kept
         self.families = [fam(name=f"neoxrt_{key}_total", description=text, kind=fam.COUNTER) for key, text in counters]
         self.families += [fam(name=f"neoxrt_{key}", description=text, kind=fam.GAUGE) for key, text in gauges]
@@ -128,4 +137,5 @@ class _Metrics:
             self.gauges["active_rows"].set(s.active)
             self.gauges["queue_length"].set(s.queued)
             self.gauges["batch_occupancy"].set(s.row_steps / s.steps / self.max_batch if s.steps else 0.0)
+            self.gauges["kv_cache_usage"].set(s.pool_tokens / s.pool_capacity if s.pool_capacity else 0.0)
 

@@ -15,7 +15,9 @@ def _repo_options(args: argparse.Namespace):
     from neoxrt.serve.repository import RepoOptions
 
     return RepoOptions(name=args.name, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads,
-                       openai_port=args.openai_port, openai_host=getattr(args, "host", "127.0.0.1"))
+                       openai_port=args.openai_port, openai_host=getattr(args, "host", "127.0.0.1"),
+                       kv_cache_memory=args.kv_cache_memory, max_prefill_tokens=args.max_prefill_tokens,
+                       prefix_cache=not args.no_prefix_cache)
 
 
 def _cmd_triton_repo(args: argparse.Namespace) -> int:
@@ -39,6 +41,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=t.positive_int, default=16, help="rows decoded together, in-flight (default 16)")
     p.add_argument("--max-queue", type=t.count, default=64, help="requests waiting beyond those; more are refused (64)")
     p.add_argument("--threads", type=t.count, default=0, help="ONNX Runtime intra-op threads (default 0: all cores)")
+    p.add_argument("--kv-cache-memory", type=t.nonnegative_float, default=0.0, metavar="GIB",
+                   help="GiB of KV-cache pool, allocated at start (static-cache artifacts: export --kv-cache static); "
+                        "default 0: what --max-batch rows of the whole context need, at most a quarter of the "
+                        "memory available at start")
+    p.add_argument("--max-prefill-tokens", type=t.positive_int, default=256,
+                   help="prompt tokens computed per step; longer prompts are chunked between decode steps (256)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the cached keys and values of prompt prefixes seen before")
     p.add_argument("--openai-port", type=int, default=0,
                    help="also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) on "
                         "this port, on the same scheduler as the Triton model (default 0: off)")

@@ -16,7 +16,10 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
         self.backend = TritonBackend(pb_utils, config["name"], folder, max_batch=int(params["max_batch"]),
                                      max_queue=int(params["max_queue"]), threads=int(params["threads"]) or None,
-                                     openai=(params.get("openai_host", "127.0.0.1"), int(params.get("openai_port", 0))))
+                                     openai=(params.get("openai_host", "127.0.0.1"), int(params.get("openai_port", 0))),
+                                     kv_cache_memory=float(params.get("kv_cache_memory", 0)),
+                                     max_prefill_tokens=int(params.get("max_prefill_tokens", 256)),
+                                     prefix_cache=params.get("prefix_cache", "1") == "1")
 
     def execute(self, requests):
         for request in requests:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from neoxrt.errors import NeoxrtError
 from neoxrt.runtime import Generator
-from neoxrt.runtime.scheduler import QueueFullError, Scheduler
+from neoxrt.runtime.scheduler import QueueFullError, Scheduler, SchedulerDown
 from neoxrt.serve.openai_api import (
     FINISH,
     ApiError,
@@ -41,7 +41,9 @@ from neoxrt.serve.openai_api import (
 )
 from neoxrt.serve.repository import ServeError
 
-WAIT_S = 2.0  # a non-streaming request checks this often whether its client is still there
+WAIT_S = 0.2  # a non-streaming request checks this often whether its client is still there (its row is
+# dropped at the scheduler's next step after that)
+RETRY_AFTER_S = 1  # the Retry-After a full queue answers with
 
 
 class _Run:
@@ -94,7 +96,8 @@ class OpenAIFrontend:
         self.tokenizer = generator.tokenizer
         routes = [Route("/v1/models", self.models), Route("/v1/models/{model:path}", self.model),
                   Route("/v1/completions", self.completions, methods=["POST"]),
-                  Route("/v1/chat/completions", self.chat, methods=["POST"]), Route("/health", self.health)]
+                  Route("/v1/chat/completions", self.chat, methods=["POST"]), Route("/health", self.health),
+                  Route("/metrics", self.metrics)]
 
         async def http_error(request, exc: HTTPException):
             return self._error(ApiError(f"{request.method} {request.url.path}: {exc.detail}", None, exc.status_code))
@@ -131,9 +134,18 @@ class OpenAIFrontend:
                 "max_model_len": self.generator.max_positions}
 
     async def health(self, request):
+        """200 while the scheduler serves; 503 with the reason when its loop has died or is stuck (the watchdog)."""
         from starlette.responses import Response
 
-        return Response(status_code=200)
+        down = self.scheduler.health()
+        return Response(status_code=200) if down is None else Response(down, status_code=503)
+
+    async def metrics(self, request):
+        from starlette.responses import Response
+
+        from neoxrt.serve.metrics import prometheus_text
+
+        return Response(prometheus_text(self.scheduler.stats, self.name), media_type="text/plain; version=0.0.4")
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -212,7 +224,10 @@ class OpenAIFrontend:
                 self.scheduler.submit(choice.prompt_ids, **run.callbacks(choice, scored), **options)
         except QueueFullError as exc:
             run.closed = True
-            raise ApiError(str(exc), None, 503, "server_error", "server_busy") from None
+            raise ApiError(str(exc), None, 429, "server_error", "server_busy") from None
+        except SchedulerDown as exc:
+            run.closed = True
+            raise ApiError(str(exc), None, 503, "server_error", "scheduler_down") from None
         except NeoxrtError as exc:
             run.closed = True
             raise ApiError(str(exc), _field_of(str(exc))) from None
@@ -222,12 +237,13 @@ class OpenAIFrontend:
     async def _whole(self, request, run: _Run, req: ApiRequest, prompts, rid: str):
         from starlette.responses import JSONResponse, Response
 
+        watcher = asyncio.create_task(self._watch(request, run))
         try:
             while run.left:
                 try:
                     choice, kind, payload = await asyncio.wait_for(run.queue.get(), WAIT_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                    if run.closed:  # the client went away: its rows leave at the scheduler's next step
                         return Response(status_code=499)
                     continue
                 run.apply(choice, kind, payload, req.logprobs is not None)
@@ -235,9 +251,20 @@ class OpenAIFrontend:
             return self._error(ApiError(f"generation failed: {exc}", None, 500, "server_error"))
         finally:
             run.closed = True
+            watcher.cancel()
         body = [self._choice_body(c, req) for c in run.choices]
         return JSONResponse(envelope(rid, self.name, req.chat, False, body,
                                      {"usage": usage(run.choices, prompts, req.max_tokens > 0)}))
+
+    @staticmethod
+    async def _watch(request, run: _Run) -> None:
+        """Every `WAIT_S` while a non-streaming request waits: a client that has gone closes its run (tokens may
+        keep arriving meanwhile, so this cannot wait for a pause in them)."""
+        while not run.closed:
+            if await request.is_disconnected():
+                run.closed = True
+                return
+            await asyncio.sleep(WAIT_S)
 
     def _choice_body(self, c: Choice, req: ApiRequest) -> dict:
         new = c.ids if req.max_tokens else []
@@ -315,7 +342,8 @@ class OpenAIFrontend:
     def _error(exc: ApiError):
         from starlette.responses import JSONResponse
 
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def _field_of(message: str) -> str | None:

@@ -34,6 +34,9 @@ class RepoOptions:
     threads: int = 0  # ONNX Runtime intra-op threads (0: all cores)
     openai_port: int = 0  # the OpenAI-compatible endpoint, in the model's own process (0: off)
     openai_host: str = "127.0.0.1"
+    kv_cache_memory: float = 0.0  # GiB for the KV-cache pool (static-cache artifacts; 0: kv_pool.default_memory)
+    max_prefill_tokens: int = 256  # prompt tokens computed per scheduler step (chunked prefill)
+    prefix_cache: bool = True  # reuse cached prompt prefixes (the pool)
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name.startswith("."):
@@ -41,6 +44,9 @@ class RepoOptions:
         if self.max_batch < 1 or self.max_queue < 0 or self.threads < 0:
             raise ServeError(f"--max-batch must be >= 1, --max-queue and --threads >= 0, got {self.max_batch}, "
                              f"{self.max_queue}, {self.threads}")
+        if not self.kv_cache_memory >= 0 or self.max_prefill_tokens < 1:
+            raise ServeError(f"--kv-cache-memory must be >= 0 GiB (0: the default) and --max-prefill-tokens >= 1, got "
+                             f"{self.kv_cache_memory} and {self.max_prefill_tokens}")
         if not 0 <= self.openai_port <= 65535 or not self.openai_host or '"' in self.openai_host:
             raise ServeError(f"--openai-port must be in [0, 65535] (0: off) with a host address, got "
                              f"{self.openai_host!r}:{self.openai_port}")
@@ -52,7 +58,9 @@ def config_pbtxt(options: RepoOptions) -> str:
         return f'  {{ name: "{f.name}" data_type: {f.triton_type} dims: [ {", ".join(map(str, f.dims))} ]{optional} }}'
 
     params = {"artifact": ARTIFACT_DIR, "max_batch": options.max_batch, "max_queue": options.max_queue,
-              "threads": options.threads, "openai_host": options.openai_host, "openai_port": options.openai_port}
+              "threads": options.threads, "openai_host": options.openai_host, "openai_port": options.openai_port,
+              "kv_cache_memory": options.kv_cache_memory, "max_prefill_tokens": options.max_prefill_tokens,
+              "prefix_cache": int(options.prefix_cache)}
     return "\n".join([
         f'name: "{options.name}"',
         'backend: "python"',

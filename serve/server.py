@@ -150,6 +150,18 @@ class TritonProcess:
         return self.proc.returncode
 
 
+def cache_line(artifact: Path) -> str:
+    """How the scheduler will keep this artifact's cache (one line for the user)."""
+    from neoxrt import contract as io
+    from neoxrt.manifest import read_manifest
+
+    manifest = read_manifest(artifact, ("export", "calibrate", "build"), verify_files=False)
+    if any(t["name"] == io.WRITE_INDICES for t in manifest["io"]["inputs"]):
+        return "neoxrt serve: KV-cache pool (static cache): chunked prefill, prefix reuse, admission by memory"
+    return ("neoxrt serve: this artifact has a dynamic cache (the export default): the portable path, the cache "
+            "copied each step; export with --kv-cache static for the KV-cache pool")
+
+
 class StopFlag:
     """Set from a signal handler. Not a `threading.Event`: its `set()` takes a lock that the interrupted main
     thread may hold inside `Event.wait()`, and the handler then waits for itself forever (seen: SIGTERM ignored)."""
@@ -189,6 +201,7 @@ def serve(artifact: Path, repo_options: RepoOptions, options: ServerOptions, ann
             openai = (f", OpenAI http://{o.host}:{repo_options.openai_port}/v1" if repo_options.openai_port else "")
             announce(f"neoxrt serve: ready. HTTP {server.http_url}/v2/models/{name}/generate (and /generate_stream), "
                      f"gRPC {o.host}:{o.grpc_port}, metrics http://{o.host}:{o.metrics_port}/metrics{openai}")
+            announce(cache_line(artifact))
             sys.stdout.flush()
         while not stop.is_set():
             time.sleep(0.2)  # a signal interrupts the sleep; its handler only sets the flag

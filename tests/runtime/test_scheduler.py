@@ -1,5 +1,6 @@
 """In-flight batching: requests join the running batch mid-decode, keep their own options and seed, and get
-the tokens they get alone."""
+the tokens they get alone -- on the portable path (dynamic cache) and on the KV-cache pool (static cache, with
+all logits and with the last position's only)."""
 
 import threading
 
@@ -10,7 +11,7 @@ from neoxrt.errors import RuntimeShapeError
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
 from neoxrt.runtime import Generator
-from neoxrt.runtime.scheduler import QueueFullError, Scheduler
+from neoxrt.runtime.scheduler import QueueFullError, RequestCancelled, Scheduler, SchedulerDown
 
 QUIET = dict(log=lambda *_: None)
 REQUESTS = [  # (prompt, options): greedy, seeded sampling of each kind, penalty, stop string
@@ -23,11 +24,20 @@ REQUESTS = [  # (prompt, options): greedy, seeded sampling of each kind, penalty
 ]
 
 
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sched") / "default"
-    export_checkpoint(default_checkpoint(), out, ExportOptions(attention="decomposed"), **QUIET)
+CACHES = {"arrays": dict(attention="decomposed"), "pool": dict(kv_cache="static"),
+          "pool-last": dict(kv_cache="static", logits="last")}
+
+
+@pytest.fixture(scope="module", params=list(CACHES))
+def generator(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sched") / request.param
+    export_checkpoint(default_checkpoint(), out, ExportOptions(**CACHES[request.param]), **QUIET)
     return Generator.from_artifacts(out, threads=2)
+
+
+def test_static_artifacts_get_the_pool(generator):
+    sched = Scheduler(generator)
+    assert (sched.pool is not None) == (generator.manifest["export_options"]["kv_cache"] == "static")
 
 
 class Collect:
@@ -135,6 +145,8 @@ def test_threaded_loop_serves_concurrent_submitters(generator):
 
 
 def test_prefill_budget_admits_a_burst_group_by_group(generator):
+    if Scheduler(generator).pool is not None:
+        pytest.skip("the pool admits by memory and chunks prompts: tests/runtime/test_kv_pool.py")
     sched, got = Scheduler(generator, max_batch=8, prefill_tokens=7), Collect()
     prompts = ["The state of the Union", "Our economy is strong", "We will win", "Tonight we meet"]
     sizes = [len(generator.encode(p)[0]) for p in prompts]
@@ -177,6 +189,8 @@ def test_generation_config_defaults_apply_as_in_generate(generator, monkeypatch)
 def test_logprobs_and_prompt_logprobs_equal_the_generators(generator):
     """Token log-probs (with the top 3) and the prompt's (echo) from the shared prompt step, next to a running
     row of another length, equal Generator.generate(logprobs=3) and Generator.prompt_logprobs."""
+    if generator.manifest["export_options"]["logits"] == "last":
+        pytest.skip("prompt log-probabilities need every position's logits")
     sched, got, prompts = Scheduler(generator, max_batch=4), Collect(), {}
     events = []
     sched.submit("Tonight", got, max_new_tokens=20, ignore_eos=True)
@@ -198,3 +212,63 @@ def test_logprobs_and_prompt_logprobs_equal_the_generators(generator):
     ids = generator.encode([prompt])[0]
     assert all(len(top) == 3 and max(v for _, v in top) >= lp - 1e-9 for lp, top in p[1:])
     assert sum(top[0][0] == tok for (_, top), tok in zip(p[1:], ids[1:])) >= 1  # some prompt token is the argmax
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(generator, monkeypatch):
+    """An exception out of a step ends the requests it held (on_error), not the loop: later requests are served."""
+    sched, got, errors, done = Scheduler(generator, max_batch=4), Collect(), [], threading.Event()
+    step = sched.step
+    broken = [True]
+
+    def once():
+        if broken:
+            broken.clear()
+            raise RuntimeError("step bug")
+        step()
+
+    monkeypatch.setattr(sched, "step", once)
+    sched.start()
+    try:
+        sched.submit("We", got, max_new_tokens=4, on_error=lambda e: (errors.append(e), done.set()))
+        assert done.wait(30) and str(errors[0]) == "step bug" and sched.health() is None
+        done.clear()
+        rid = sched.submit("We", lambda e: (got(e), e.finish_reason and done.set()), max_new_tokens=4)
+        assert done.wait(30)
+    finally:
+        sched.stop()
+    assert got.ids[rid] == alone(generator, "We", dict(max_new_tokens=4))[0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
+def test_a_dead_loop_is_reported_and_refuses_requests(generator, monkeypatch):
+    """The watchdog: when the loop's thread dies, health() says so, its requests got their error, and submit
+    refuses instead of queueing for nobody."""
+    sched, errors = Scheduler(generator), []
+
+    def die():
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(sched, "step", die)
+    assert sched.health() is None
+    sched.start()
+    sched.submit("We", lambda e: None, max_new_tokens=4, on_error=errors.append)
+    sched._thread.join(10)
+    assert "the scheduler thread has stopped: SystemExit: killed" in sched.health()
+    assert len(errors) == 1 and isinstance(errors[0], SchedulerDown)
+    with pytest.raises(SchedulerDown, match="thread has stopped"):
+        sched.submit("We", lambda e: None, max_new_tokens=4)
+
+
+def test_cancelled_requests_get_a_last_word(generator):
+    """A cancelled request, queued or running, gets RequestCancelled through on_error (Triton's final response)."""
+    sched, got, words = Scheduler(generator, max_batch=1), Collect(), {}
+    gone = []
+    running = sched.submit("We", got, max_new_tokens=30, ignore_eos=True, is_cancelled=lambda: bool(gone),
+                           on_error=lambda e: words.setdefault("running", e))
+    queued = sched.submit("Our", got, max_new_tokens=3, is_cancelled=lambda: bool(gone),
+                          on_error=lambda e: words.setdefault("queued", e))
+    sched.step()
+    gone.append(True)
+    sched.step()
+    assert isinstance(words["running"], RequestCancelled) and isinstance(words["queued"], RequestCancelled)
+    assert running in got.ids and queued not in got.ids and sched.stats.active == 0 and sched.stats.cancelled == 2

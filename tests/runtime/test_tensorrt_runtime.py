@@ -324,3 +324,27 @@ def test_a_tensorrt_older_than_supported_is_one_line(monkeypatch):
         tensorrt_api.import_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="11.4.0.106"))
     assert tensorrt_api.import_tensorrt().__version__ == "11.4.0.106"
+
+
+def test_scheduler_takes_its_limits_from_the_engine_profiles(exports, tmp_path):
+    """An engine built for 4 rows and 256 positions: the scheduler runs 4 rows (not its default 16), so a fifth
+    request waits instead of failing the batch, and refuses a request past the decode profile, naming both."""
+    from neoxrt.runtime.scheduler import Scheduler
+
+    session, manifest, _ = session_for(exports, "dynamic", tmp_path)
+    sched = Scheduler(Generator(session, manifest))
+    assert sched.max_batch == 4 and sched.limits["context"] == 256
+    got: dict = {}
+    rids = [sched.submit(p, lambda e: got.setdefault(e.row, []).append(e.token_id), max_new_tokens=5, ignore_eos=True)
+            for p in PROMPTS + PROMPTS[:5 - len(PROMPTS)]]
+    assert len(rids) == 5
+    sched.step()
+    assert sched.stats.active == 4 and sched.stats.queued == 1
+    while sched.stats.active or sched.stats.queued:
+        sched.step()
+    want = Generator.from_artifacts(exports["dynamic"])
+    for rid, p in zip(rids, PROMPTS + PROMPTS[:5 - len(PROMPTS)]):
+        assert got[rid] == want.generate([p], max_new_tokens=5, ignore_eos=True).ids[0]
+    with pytest.raises(RuntimeShapeError, match=r"\+ max_new_tokens \(300\) exceeds the engine's decode profile of "
+                                                r"256 positions"):
+        sched.submit(PROMPTS[0], lambda e: None, max_new_tokens=300)

@@ -19,6 +19,14 @@ def artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def static_artifact(tmp_path_factory):
+    """The same model exported with --kv-cache static: the scheduler's KV-cache pool."""
+    out = tmp_path_factory.mktemp("serve") / "static"
+    export_checkpoint(default_checkpoint(), out, ExportOptions(kv_cache="static"), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
     """`neoxrt serve` in a child process; its temporary folder under a fresh TMPDIR so a test can check it is
     gone. Stopped by pid (SIGTERM, then SIGKILL) at the end whatever the tests did."""

@@ -79,14 +79,15 @@ class Server:
             return False
 
 
-def start_server(artifact: Path, tmpdir: Path, openai: bool = False) -> Server:
-    """`neoxrt serve ARTIFACT` on free ports of 127.0.0.1 (and the OpenAI endpoint with `openai`), ready."""
+def start_server(artifact: Path, tmpdir: Path, openai: bool = False, extra: tuple[str, ...] = ()) -> Server:
+    """`neoxrt serve ARTIFACT` on free ports of 127.0.0.1 (and the OpenAI endpoint with `openai`; `extra`: more
+    options), ready."""
     pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton)")
     http, grpc, metrics, oai = free_ports(4)
     env = dict(os.environ, TMPDIR=str(tmpdir))
     argv = [sys.executable, "-m", "neoxrt.cli", "serve", str(artifact), "--http-port", str(http), "--grpc-port",
             str(grpc), "--metrics-port", str(metrics), "--threads", "2", "--max-batch", "16"]
-    argv += ["--openai-port", str(oai)] if openai else []
+    argv += (["--openai-port", str(oai)] if openai else []) + list(extra)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     srv = Server(proc, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}", "neoxrt", tmpdir,
                  artifact, f"http://127.0.0.1:{oai}/v1" if openai else None)

@@ -34,6 +34,24 @@ def test_triton_repo_writes_a_python_backend_repository(artifact, tmp_path, caps
     assert 'key: "openai_port" value: { string_value: "8080" }' in (tmp_path / "r5" / "neoxrt" / "config.pbtxt").read_text()
 
 
+def test_triton_repo_carries_the_pool_options(artifact, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(artifact), str(repo), "--kv-cache-memory", "1.5", "--max-prefill-tokens", "64",
+                 "--no-prefix-cache"]) == 0
+    config = (repo / "neoxrt" / "config.pbtxt").read_text()
+    for key, value in (("kv_cache_memory", "1.5"), ("max_prefill_tokens", "64"), ("prefix_cache", "0")):
+        assert f'key: "{key}" value: {{ string_value: "{value}" }}' in config
+    assert main(["triton-repo", str(artifact), str(tmp_path / "r2"), "--max-prefill-tokens", "0"]) == 2
+    assert "--max-prefill-tokens: expected an integer in [1, 2**31), got 0" in capsys.readouterr().err
+
+
+def test_serve_says_which_cache_path_an_artifact_gets(artifact, static_artifact):
+    from neoxrt.serve.server import cache_line
+
+    assert "--kv-cache static for the KV-cache pool" in cache_line(artifact)
+    assert "KV-cache pool" in cache_line(static_artifact) and "dynamic" not in cache_line(static_artifact)
+
+
 def test_serve_refuses_clashing_ports(artifact, capsys):
     assert main(["serve", str(artifact), "--http-port", "18990", "--openai-port", "18990"]) == 2
     assert "must differ, got 18990, 8001, 8002, 18990" in capsys.readouterr().err

@@ -1,0 +1,333 @@
+"""The scheduler's KV-cache pool: static-cache slots allocated once, written in place by the graph.
+
+Mechanism (the static export, `--kv-cache static`): past and present of each cache tensor are bound to the same
+memory, and TensorScatter writes each row's new keys and values at that row's own `write_indices` slot, so a step
+copies nothing proportional to the context (docs/SERVING.md has the measurement). The pool owns that memory:
+
+    one flat buffer per cache tensor, capacity_tokens x heads x head_dim values, allocated at start
+    live rows 0..B-1 viewed as [B, H, W, D] (W: the width, the longest row's need rounded up)
+    row j holds its tokens in slots [0, end_j): no holes; `attention_mask` is slot < end (computed, not stored)
+
+    add(rid, reserve)   a row at the end (admission checks `fits` first: B x the largest reservation <= capacity)
+    run(rids, ids, n)   one graph run over consecutive rows: row j writes its ids at slots end_j.. (its first n_j
+                        are real, the rest right padding that the mask hides and the next write overwrites)
+    remove(rid)         the last row's slots moved into the hole (one row copy), B - 1
+
+The width grows when a run needs more slots (a repack of the live rows, amortised by rounding up) and shrinks when
+the longest rows have left, so short rows do not keep paying for a long one that is gone; while a long row is live
+every row is bound at its width (the static graph attends over the bound slots, masked; measured on ONNX Runtime,
+short rows beside a long one pay a fraction of the long one's step: docs/SERVING.md).
+
+`PrefixCache` keeps finished and running rows' keys and values by blocks of `block` tokens, keyed on the token ids
+of the whole prefix up to the block's end (exact, as vLLM's chained block hashes make it), in an arena of its own allocated
+once, evicted least recently used; a new row whose prompt starts with cached blocks gets them copied into its slots
+instead of computing them.
+
+Memory bound: (capacity_tokens + prefix blocks x block) x layers x 2 x heads x head_dim values of the cache dtype,
+allocated once, plus during a repack a copy of one cache tensor's live rows (1 / (2 x layers) of the live cache).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from neoxrt import contract as io
+from neoxrt.errors import NeoxrtError, RuntimeShapeError
+
+WIDTH_STEP = 64  # the width is a multiple of this; it grows by a quarter more than needed (repacks are rare)
+
+
+def token_bytes(session) -> int:
+    """Cache bytes one token takes in every layer (keys and values)."""
+    spec = {s.name: s for s in session.io_spec()[0]}[io.past_key(0)]
+    _, heads, _, head_dim = spec.shape
+    return 2 * session.num_layers * int(heads) * int(head_dim) * np.dtype(spec.dtype).itemsize
+
+
+PREFIX_SHARE = 0.25  # of the pool's memory, for the prefix cache's arena (when it is on)
+MEMORY_SHARE = 0.25  # the default pool: at most this share of the memory available at start
+
+
+def default_memory(session, max_rows: int, max_positions: int, prefix: bool = True) -> int:
+    """The default pool size in bytes: what `max_rows` rows of the whole context need (plus the prefix cache's
+    share), but no more than a quarter of the memory available now (`available_memory`: MemAvailable, within
+    this process's memory cgroup)."""
+    from neoxrt.runtime.ort_session import available_memory
+
+    need = max_rows * max_positions * token_bytes(session)
+    if prefix:
+        need = int(need / (1 - PREFIX_SHARE))
+    return min(need, int(available_memory() * MEMORY_SHARE))
+
+
+def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bool = True, block: int = 32) -> KVPool:
+    """A pool of `memory` bytes: the prefix cache's share (when on) in blocks of `block` tokens, the rest slots.
+
+    Raises:
+        NeoxrtError: the memory holds less than one row of `block` tokens.
+    """
+    per_token = token_bytes(session)
+    live = int(memory * (1 - PREFIX_SHARE)) if prefix else memory
+    blocks = int(memory * PREFIX_SHARE) // (per_token * block) if prefix else 0
+    capacity = live // per_token
+    if capacity < block:
+        raise NeoxrtError(f"--kv-cache-memory {memory / 2**30:.3f} GiB holds {capacity} tokens of this model's cache "
+                          f"({per_token} bytes a token); expected room for at least {block}")
+    return KVPool(session, max_rows, capacity, blocks, block, max_positions)
+
+
+def is_static(session) -> bool:
+    return any(s.name == io.WRITE_INDICES for s in session.io_spec()[0])
+
+
+class KVPool:
+    """Static-cache slots of up to `max_rows` rows, `capacity_tokens` slots in all, over an `OrtSession` of a
+    static-cache export."""
+
+    def __init__(self, session, max_rows: int, capacity_tokens: int, prefix_blocks: int = 0, block: int = 32,
+                 max_positions: int = 1 << 30):
+        """`max_positions`: the model's context (padding positions are clamped below it: the rotary tables end
+        there); `prefix_blocks` blocks of `block` tokens for prefix reuse (0: off)."""
+        if not is_static(session) or not hasattr(session, "sess"):
+            raise NeoxrtError("the KV-cache pool needs an ONNX Runtime session of a static-cache export "
+                              "(neoxrt export --kv-cache static)")
+        if max_rows < 1 or capacity_tokens < 1:
+            raise NeoxrtError(f"the KV-cache pool needs max_rows >= 1 and capacity_tokens >= 1, got {max_rows} and "
+                              f"{capacity_tokens}")
+        spec = {s.name: s for s in session.io_spec()[0]}[io.past_key(0)]
+        _, self.heads, _, self.head_dim = (int(x) if not isinstance(x, str) else x for x in spec.shape)
+        self.dtype = np.dtype(spec.dtype)
+        self.session, self.max_rows, self.capacity = session, max_rows, capacity_tokens
+        self.max_positions = max_positions
+        self.names = [n for i in range(session.num_layers) for n in (io.past_key(i), io.past_value(i))]
+        self.presents = [n.replace("past_key_values.", "present.") for n in self.names]
+        self.flat = [np.zeros(capacity_tokens * self.heads * self.head_dim, self.dtype) for _ in self.names]
+        logits = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
+        self.all_logits = io.logits_rows(logits, 2) == 2
+        self.vocab = logits.shape[-1]
+        self.rows: list = []  # request ids, in slot order
+        self.ends: list[int] = []  # per row: tokens cached (= the next write slot)
+        self.reserved: list[int] = []  # per row: slots it may grow to (prompt + max_new_tokens)
+        self.width = 0
+        self.repacks = 0
+        self._logits: dict[tuple, np.ndarray] = {}
+        self.binding = session.sess.io_binding()
+        self._io = getattr(self.binding, "_iobinding", None)
+        import onnxruntime as ort
+
+        self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device() if self._io is not None else None
+        self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
+
+    # -- memory -------------------------------------------------------------------------------------------
+    def fits(self, reserve: int) -> bool:
+        """Whether one more row reserving `reserve` slots fits beside the live rows."""
+        return len(self.rows) < self.max_rows and (len(self.rows) + 1) * max(self.reserved + [reserve]) <= self.capacity
+
+    def used_tokens(self) -> int:
+        return len(self.rows) * self.width
+
+    def add(self, rid, reserve: int) -> None:
+        """A new empty row at the end, reserving `reserve` slots.
+
+        Raises:
+            RuntimeShapeError: it does not fit (call `fits` first).
+        """
+        if not self.fits(reserve):
+            raise RuntimeShapeError(f"KV-cache pool: a row of {reserve} slots does not fit beside {len(self.rows)} "
+                                    f"rows reserving up to {max(self.reserved, default=0)} of {self.capacity} slots")
+        if (len(self.rows) + 1) * self.width > self.capacity:
+            self._reshape(self.capacity // (len(self.rows) + 1))
+        self.rows.append(rid)
+        self.ends.append(0)
+        self.reserved.append(reserve)
+
+    def remove(self, rid) -> None:
+        """Free `rid`'s slots: the last row moves into them (one row copy per cache tensor)."""
+        j, last = self.rows.index(rid), len(self.rows) - 1
+        if j != last:
+            for t in range(len(self.names)):
+                view = self._view(t, len(self.rows), self.width)
+                view[j, :, :self.ends[last]] = view[last, :, :self.ends[last]]
+            self.rows[j], self.ends[j], self.reserved[j] = self.rows[last], self.ends[last], self.reserved[last]
+        del self.rows[last], self.ends[last], self.reserved[last]
+        longest = max(self.ends, default=0)
+        if not self.rows:
+            self.width = 0
+        elif _round_up(longest + 1) < self.width // 2:  # the long rows are gone: stop paying for their width
+            self._reshape(_round_up(longest + 1))
+
+    def length(self, rid) -> int:
+        return self.ends[self.rows.index(rid)]
+
+    def set_length(self, rid, n: int) -> None:
+        """As if `rid`'s first `n` slots were written (benchmarks time steps at a context without computing it)."""
+        j = self.rows.index(rid)
+        if n + 1 > self.width:
+            self._reshape(self._grown(n + 1))
+        self.ends[j] = n
+
+    def _view(self, t: int, batch: int, width: int) -> np.ndarray:
+        n = batch * self.heads * width * self.head_dim
+        return self.flat[t][:n].reshape(batch, self.heads, width, self.head_dim)
+
+    def _grown(self, need: int) -> int:
+        limit = self.capacity // max(len(self.rows), 1)
+        if need > limit:
+            raise RuntimeShapeError(f"KV-cache pool: a run needs {need} slots per row, {len(self.rows)} rows allow "
+                                    f"{limit} of {self.capacity}")
+        return min(max(need, _round_up(need + need // 4)), limit)
+
+    def _reshape(self, width: int) -> None:
+        """Re-lay the live rows at `width` slots each (their written slots copied; the rest is masked)."""
+        keep = min(max(self.ends, default=0), width)
+        b = len(self.rows)
+        if b and keep:
+            for t in range(len(self.names)):
+                rows = self._view(t, b, self.width)[:, :, :keep].copy()
+                self._view(t, b, width)[:, :, :keep] = rows
+        self.width = width
+        self.repacks += 1
+
+    # -- running --------------------------------------------------------------------------------------------
+    def run(self, rids: list, input_ids: np.ndarray, real: np.ndarray | None = None, advance: bool = True) -> np.ndarray:
+        """One graph run over the consecutive rows `rids`: row j's `input_ids[j]` are written at its slots from
+        its end on, the first `real[j]` of them real (the rest right padding); positions and mask follow from the
+        rows' lengths. Returns the logits [b, S or 1, V] (the bound buffer: valid until the next run of that
+        shape); with `advance` the rows' lengths grow by `real`.
+
+        Raises:
+            RuntimeShapeError: the rows are not consecutive in the pool, or the run needs more slots than allowed.
+        """
+        b, s = input_ids.shape
+        lo = self.rows.index(rids[0])
+        if self.rows[lo:lo + b] != list(rids):
+            raise RuntimeShapeError(f"KV-cache pool: a run takes consecutive rows, got {list(rids)} of {self.rows}")
+        real = np.full(b, s, np.int64) if real is None else np.asarray(real, np.int64)
+        ends = np.array(self.ends[lo:lo + b], np.int64)
+        need = int(ends.max()) + s
+        if need > self.width:
+            self._reshape(self._grown(need))
+        width = self.width
+        limit = self.max_positions - 1
+        feeds = {io.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
+                 io.ATTENTION_MASK: (np.arange(width)[None] < (ends + real)[:, None]).astype(np.int64),
+                 io.POSITION_IDS: np.minimum(ends[:, None] + np.arange(s)[None], limit),
+                 io.WRITE_INDICES: ends}
+        if self.session.cache_branch:  # Optimum's merged decoders
+            feeds["use_cache_branch"] = np.array([True])
+        dims = (b, s if self.all_logits else 1, self.vocab)
+        logits = self._logits.get(dims)
+        if logits is None:  # one buffer per shape, written in place run after run
+            logits = self._logits[dims] = np.empty(dims, np.float32)
+        self._feeds = feeds  # bound by pointer: alive until the run is over
+        for name, array in feeds.items():
+            self._bind(name, array.dtype, array.shape, array.ctypes.data, False)
+        self._bind(io.LOGITS, logits.dtype, logits.shape, logits.ctypes.data, True)
+        shape = (b, self.heads, width, self.head_dim)
+        offset = lo * self.heads * width * self.head_dim * self.dtype.itemsize
+        for t, (name, out) in enumerate(zip(self.names, self.presents)):
+            pointer = self.flat[t].ctypes.data + offset
+            self._bind(name, self.dtype, shape, pointer, False)
+            self._bind(out, self.dtype, shape, pointer, True)
+        self.session.sess.run_with_iobinding(self.binding)
+        if advance:
+            for j in range(b):
+                self.ends[lo + j] += int(real[j])
+        return logits
+
+    def _bind(self, name: str, dtype, shape, pointer: int, output: bool) -> None:
+        if self._io is not None:
+            (self._io.bind_output if output else self._io.bind_input)(name, self._cpu, dtype, list(shape), pointer)
+        else:
+            (self.binding.bind_output if output else self.binding.bind_input)(name, "cpu", 0, dtype, list(shape), pointer)
+
+    # -- prefix reuse -------------------------------------------------------------------------------------------
+    def reuse(self, rid, tokens: list[int]) -> int:
+        """Copy the cached blocks `tokens` starts with into `rid`'s (empty) slots; returns how many tokens were
+        copied (0 without a prefix cache). At least the last token is left to compute (its logits are needed)."""
+        if self.prefix is None:
+            return 0
+        return self.prefix.load(rid, tokens[:len(tokens) - 1])
+
+    def keep(self, rid, tokens: list[int]) -> None:
+        """Offer `rid`'s cached tokens (`tokens` are their ids, as many as it has cached) to the prefix cache."""
+        if self.prefix is not None:
+            self.prefix.store(rid, tokens)
+
+
+class PrefixCache:
+    """Blocks of `block` tokens' keys and values, keyed on the ids of the whole prefix they end (exact: a hash
+    is only a dict key, the ids are compared too), least recently used evicted first; in an arena allocated
+    once: [blocks, cache tensors, heads, block, head_dim]."""
+
+    def __init__(self, pool: KVPool, blocks: int, block: int):
+        self.pool, self.block = pool, block
+        self.arena = np.zeros((blocks, len(pool.names), pool.heads, block, pool.head_dim), pool.dtype)
+        self.free = list(range(blocks))
+        self.index: OrderedDict[tuple, int] = OrderedDict()  # prefix ids (a tuple) -> arena block; LRU first
+        self.hits = self.queries = self.evictions = 0  # tokens found, tokens asked about, blocks evicted
+
+    def _keys(self, tokens: list[int]) -> list[tuple]:
+        return [tuple(tokens[:end]) for end in range(self.block, len(tokens) + 1, self.block)]
+
+    def load(self, rid, tokens: list[int]) -> int:
+        """Copy the longest cached run of `tokens`' full blocks into `rid`'s slots from 0; returns its length."""
+        found = []
+        keys = []
+        for key in self._keys(tokens):
+            slot = self.index.get(key)
+            if slot is None:
+                break
+            keys.append(key)
+            found.append(slot)
+        self._touch(keys)
+        self.queries += len(tokens)
+        n = len(found) * self.block
+        if not n:
+            return 0
+        j = self.pool.rows.index(rid)
+        if n + 1 > self.pool.width:
+            self.pool._reshape(self.pool._grown(n + 1))
+        for t in range(len(self.pool.names)):
+            row = self.pool._view(t, len(self.pool.rows), self.pool.width)[j]  # [H, W, D]
+            for k, slot in enumerate(found):
+                row[:, k * self.block:(k + 1) * self.block] = self.arena[slot, t]
+        self.pool.ends[j] = n
+        self.hits += n
+        return n
+
+    def store(self, rid, tokens: list[int]) -> None:
+        """Copy `rid`'s full blocks not cached yet into the arena (evicting the least recently used)."""
+        j = self.pool.rows.index(rid)
+        keys = self._keys(tokens[:self.pool.ends[j]])
+        for k, key in enumerate(keys):
+            if key in self.index:
+                continue
+            if not self.free:
+                if not self.index:
+                    return
+                _, slot = self.index.popitem(last=False)
+                self.evictions += 1
+                self.free.append(slot)
+            slot = self.free.pop()
+            for t in range(len(self.pool.names)):
+                row = self.pool._view(t, len(self.pool.rows), self.pool.width)[j]
+                self.arena[slot, t] = row[:, k * self.block:(k + 1) * self.block]
+            self.index[key] = slot
+        self._touch(keys)
+
+    def _touch(self, keys: list[tuple]) -> None:
+        """Mark a chain used, its first block last: eviction takes a chain's tail before its head (a block
+        past an evicted one could never be found again)."""
+        for key in reversed(keys):
+            if key in self.index:
+                self.index.move_to_end(key)
+
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def _round_up(n: int) -> int:
+    return -(-n // WIDTH_STEP) * WIDTH_STEP

@@ -1,0 +1,286 @@
+"""The scheduler's KV-cache pool (static-cache exports): rows written in place at their own slots, chunked
+prefill under a token budget, prefix reuse, admission by memory, and failures that stay with their request --
+every request still gets the tokens it gets alone."""
+
+import numpy as np
+import pytest
+
+from neox_testing import default_checkpoint
+from neoxrt.errors import RuntimeShapeError
+from neoxrt.export.exporter import export_checkpoint
+from neoxrt.export.options import ExportOptions
+from neoxrt.runtime import Generator
+from neoxrt.runtime.kv_pool import KVPool, token_bytes
+from neoxrt.runtime.scheduler import Scheduler
+
+LONG = ("Gentlemen of the Senate and House of Representatives: it is my duty to report on the state of the Union, "
+        "and I do so with great confidence in our future")
+
+
+@pytest.fixture(scope="module", params=["all", "last"])
+def generator(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pool") / request.param
+    export_checkpoint(default_checkpoint(), out, ExportOptions(kv_cache="static", logits=request.param),
+                      log=lambda *_: None)
+    return Generator.from_artifacts(out, threads=2)
+
+
+class Collect:
+    def __init__(self):
+        self.ids, self.reason, self.steps = {}, {}, {}
+
+    def __call__(self, event):
+        self.ids.setdefault(event.row, []).append(event.token_id)
+        if event.finish_reason:
+            self.reason[event.row] = event.finish_reason
+
+
+def alone(generator, prompt, **options):
+    return generator.generate([prompt], **options).ids[0]
+
+
+def drain(sched, limit=400):
+    for _ in range(limit):
+        if not (sched.stats.active or sched.stats.queued):
+            return
+        sched.step()
+    raise AssertionError(f"scheduler not done after {limit} steps")
+
+
+def test_pool_rows_move_and_widen_intact(generator):
+    """remove() moves the last row into the hole, a wider width re-lays the rows: their slots keep their values."""
+    pool = KVPool(generator.session, max_rows=4, capacity_tokens=4 * 256)
+    rng = np.random.default_rng(0)
+    for rid in range(3):
+        pool.add(rid, 200)
+        pool.set_length(rid, 10 + rid)
+    want = {}
+    for t in range(len(pool.names)):
+        view = pool._view(t, 3, pool.width)
+        view[...] = rng.standard_normal(view.shape)
+        want[t] = {rid: view[j, :, :pool.ends[j]].copy() for j, rid in enumerate(pool.rows)}
+    width = pool.width
+    pool.remove(0)  # row 2 moves into slot 0
+    assert pool.rows == [2, 1]
+    pool.set_length(1, 150)  # wider
+    assert pool.width > width and pool.repacks >= 2
+    for t in range(len(pool.names)):
+        view = pool._view(t, 2, pool.width)
+        np.testing.assert_array_equal(view[0, :, :12], want[t][2])
+        np.testing.assert_array_equal(view[1, :, :11], want[t][1])
+
+
+def test_chunked_prefill_keeps_decoding_and_tokens(generator):
+    """A long prompt prefilled 5 tokens a step beside a running row: the running row gets a token every step (no
+    stall), and both get their alone tokens (greedy and seeded sampling)."""
+    sched, got = Scheduler(generator, max_batch=4, prefill_tokens=5), Collect()
+    short = sched.submit("We", got, max_new_tokens=40, ignore_eos=True)
+    sched.step()
+    long = sched.submit(LONG, got, max_new_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    n = len(generator.encode(LONG)[0])
+    counts = []
+    while long not in got.ids:
+        sched.step()
+        counts.append(len(got.ids[short]))
+    assert len(counts) == -(-n // 5)  # one chunk a step
+    assert np.all(np.diff(counts) == 1)  # the running row advanced at every chunk
+    drain(sched)
+    assert sched.stats.prefill_tokens == n + 1
+    assert got.ids[short] == alone(generator, "We", max_new_tokens=40, ignore_eos=True)
+    assert got.ids[long] == alone(generator, LONG, max_new_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+
+
+def test_long_prompt_progresses_under_steady_short_traffic(generator):
+    """Fair both ways: under a new short request every step, the long prompt (the oldest) gets at least half the
+    budget each step, so its first token comes within ceil(prompt / half) steps, and the short ones are served
+    meanwhile instead of waiting for its whole prefill."""
+    sched, got = Scheduler(generator, max_batch=8, prefill_tokens=6), Collect()
+    long = sched.submit(LONG, got, max_new_tokens=3, ignore_eos=True)
+    n = len(generator.encode(LONG)[0])
+    shorts = []
+    for step in range(60):  # noqa: B007 -- the step count is checked after the loop
+        shorts.append(sched.submit("The state of the Union is", got, max_new_tokens=2, ignore_eos=True))
+        sched.step()
+        if long in got.ids:
+            break
+    assert -(-n // 6) <= step + 1 <= -(-n // 3)
+    assert sum(1 for rid in shorts if rid in got.ids) >= (step + 1) // 3  # short prompts got first tokens meanwhile
+    drain(sched)
+    assert got.ids[long] == alone(generator, LONG, max_new_tokens=3, ignore_eos=True)
+    want = alone(generator, "The state of the Union is", max_new_tokens=2, ignore_eos=True)
+    assert all(got.ids[rid] == want for rid in shorts)
+
+
+def test_prefix_reuse_is_exact_and_counted(generator):
+    """A follow-up that re-sends a finished request's prompt and answer reuses its blocks (counted as hits) and
+    gets the same tokens as without the prefix cache."""
+    (first,) = generator.encode([LONG])
+    outputs = {}
+    for reuse in (True, False):
+        sched, got = Scheduler(generator, max_batch=4, prefix_cache=reuse, prefix_block=4), Collect()
+        a = sched.submit(first, got, max_new_tokens=8, ignore_eos=True)
+        drain(sched)
+        follow = first + got.ids[a] + generator.encode([" and so"])[0]
+        b = sched.submit(follow, got, max_new_tokens=10, ignore_eos=True)
+        drain(sched)
+        outputs[reuse] = got.ids[b]
+        hits = sched.stats.prefix_hits
+        if reuse:
+            assert hits >= (len(first) + 7) // 4 * 4 - 4 and sched.pool.prefix.hit_rate() > 0
+        else:
+            assert hits == 0
+    assert outputs[True] == outputs[False] == alone(generator, follow, max_new_tokens=10, ignore_eos=True)
+
+
+def test_prefix_cache_evicts_least_recently_used(generator):
+    """A prefix cache of a few blocks keeps the most recent chain; older chains are evicted, not mixed up."""
+    per_block = token_bytes(generator.session) * 4
+    # a quarter of the memory is the prefix arena: 3 blocks of 4 tokens
+    sched = Scheduler(generator, max_batch=2, prefix_block=4, kv_cache_memory=per_block * 12)
+    got = Collect()
+    prompts = [list(range(100 + 20 * k, 113 + 20 * k)) for k in range(3)]
+    for p in prompts:
+        sched.submit(p, got, max_new_tokens=1)
+        drain(sched)
+    prefix = sched.pool.prefix
+    assert prefix.evictions > 0 and len(prefix.index) <= 3
+    before = sched.stats.prefix_hits
+    rid = sched.submit(prompts[-1] + [7], got, max_new_tokens=4, ignore_eos=True)
+    drain(sched)
+    assert sched.stats.prefix_hits > before  # the latest chain is still there
+    assert got.ids[rid] == alone(generator, prompts[-1] + [7], max_new_tokens=4, ignore_eos=True)
+
+
+def test_admission_waits_for_memory_and_refuses_what_never_fits(generator):
+    per_token = token_bytes(generator.session)
+    sched = Scheduler(generator, max_batch=8, prefix_cache=False, kv_cache_memory=per_token * 64)
+    got = Collect()
+    rids = [sched.submit("We", got, max_new_tokens=20, ignore_eos=True) for _ in range(4)]  # 21 slots each: 3 fit
+    sched.step()
+    assert sched.stats.active == 3 and sched.stats.queued == 1
+    drain(sched)
+    want = alone(generator, "We", max_new_tokens=20, ignore_eos=True)
+    assert all(got.ids[r] == want for r in rids)
+    with pytest.raises(RuntimeShapeError, match=r"prompt \(1 tokens\) \+ max_new_tokens \(80\) exceeds the KV-cache "
+                                                r"pool's 64 tokens"):
+        sched.submit("We", got, max_new_tokens=80)
+
+
+def test_cancelled_row_frees_its_slots_at_the_next_step(generator):
+    sched, got, gone = Scheduler(generator, max_batch=4), Collect(), []
+    keep = sched.submit("Tonight", got, max_new_tokens=12, ignore_eos=True)
+    drop = sched.submit(LONG, got, max_new_tokens=12, ignore_eos=True, is_cancelled=lambda: bool(gone))
+    sched.step()
+    assert drop in sched.pool.rows
+    gone.append(True)
+    sched.step()
+    assert sched.pool.rows == [keep] and sched.stats.cancelled == 1
+    drain(sched)
+    assert got.ids[keep] == alone(generator, "Tonight", max_new_tokens=12, ignore_eos=True)
+
+
+def test_a_failing_row_fails_alone(generator, monkeypatch):
+    """A run that fails for one row is retried row by row: that row gets its error, the others go on; a raising
+    callback ends its own request only."""
+    sched, got, errors = Scheduler(generator, max_batch=4), Collect(), {}
+    run = sched.pool.run
+    bad = []
+
+    def flaky(rids, *args, **kwargs):
+        if bad and bad[0] in rids:
+            raise RuntimeError("row failed")
+        return run(rids, *args, **kwargs)
+
+    monkeypatch.setattr(sched.pool, "run", flaky)
+
+    def raising(event):
+        got(event)
+        if len(got.ids[event.row]) == 3:
+            raise ValueError("client callback broke")
+
+    a = sched.submit("Tonight", got, max_new_tokens=10, ignore_eos=True)
+    b = sched.submit("We", got, max_new_tokens=10, ignore_eos=True, on_error=lambda e: errors.setdefault("b", e))
+    c = sched.submit("Our economy", raising, max_new_tokens=10, ignore_eos=True,
+                     on_error=lambda e: errors.setdefault("c", e))
+    sched.step()
+    bad.append(b)
+    drain(sched)
+    assert str(errors["b"]) == "row failed" and len(got.ids[b]) == 2
+    assert str(errors["c"]) == "client callback broke" and len(got.ids[c]) == 3
+    assert sched.stats.failed == 2 and not sched.pool.rows
+    assert got.ids[a] == alone(generator, "Tonight", max_new_tokens=10, ignore_eos=True)
+
+
+def test_fp16_static_export_on_the_pool(tmp_path):
+    out = tmp_path / "fp16"
+    export_checkpoint(default_checkpoint(), out, ExportOptions(kv_cache="static", dtype="fp16"), log=lambda *_: None)
+    gen = Generator.from_artifacts(out, threads=2)
+    sched, got = Scheduler(gen, max_batch=4, prefill_tokens=6, prefix_block=4), Collect()
+    rids = [sched.submit(p, got, max_new_tokens=10, ignore_eos=True) for p in (LONG, "We", LONG)]
+    drain(sched)
+    assert sched.pool is not None and sched.stats.prefix_hits > 0
+    for rid, p in zip(rids, (LONG, "We", LONG)):
+        assert got.ids[rid] == alone(gen, p, max_new_tokens=10, ignore_eos=True), p
+
+
+def test_health_reports_a_stuck_step(generator, monkeypatch):
+    import time
+
+    from neoxrt.runtime import scheduler as module
+
+    sched = Scheduler(generator)
+    sched.start()
+    try:
+        assert sched.health() is None
+        monkeypatch.setattr(sched, "_step_started", time.monotonic() - module.STUCK_S - 5)
+        assert "a scheduler step has run for" in sched.health()
+    finally:
+        sched._step_started = None
+        sched.stop()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed):
+    """Arrivals at random steps, random prompt and answer lengths, shared prefixes, a few cancellations, a pool of
+    200 slots and a budget of 7 tokens: nothing fails, the pool empties, and every request that ran to its end got
+    its alone tokens."""
+    rng = np.random.default_rng(seed)
+    per_token = token_bytes(generator.session)
+    sched = Scheduler(generator, max_batch=5, max_queue=100, prefill_tokens=7, prefix_block=4,
+                      kv_cache_memory=per_token * 200 * 4 // 3)
+    got, gone, submitted = Collect(), set(), {}
+    shared = list(rng.integers(100, 5000, 12))
+    for step in range(400):
+        if step < 60 and rng.random() < 0.4:
+            prompt = shared[:int(rng.integers(0, 13))] + list(rng.integers(100, 5000, int(rng.integers(1, 30))))
+            options = dict(max_new_tokens=int(rng.integers(1, 25)), ignore_eos=True)
+            mine = len(submitted)  # the id submit gives it (ids count from 0)
+            rid = sched.submit(prompt, got, is_cancelled=lambda mine=mine: mine in gone, **options)
+            assert rid == mine
+            submitted[rid] = (prompt, options)
+            if rng.random() < 0.1:
+                gone.add(rid)  # cancelled while queued or soon after it starts
+        sched.step()
+        assert sched.pool.used_tokens() <= sched.pool.capacity
+        if step >= 60 and not (sched.stats.active or sched.stats.queued):
+            break
+    assert not sched.pool.rows and sched.stats.failed == 0 and sched.stats.cancelled == len(gone) > 0
+    finished = [rid for rid in submitted if rid not in gone]
+    assert sched.stats.prefix_hits > 0 and len(finished) > 10
+    for rid in finished:
+        prompt, options = submitted[rid]
+        assert got.ids[rid] == alone(generator, prompt, **options), rid
+
+
+def test_prompts_arriving_together_compute_their_shared_prefix_once(generator):
+    """Four prompts with one long prefix, submitted at once: the later ones wait for the first to compute the
+    shared blocks and copy them (the prefix computed once, not four times), and all get their alone tokens."""
+    prefix = generator.encode([LONG])[0][:33]
+    prompts = [prefix + [200 + k, 300 + k] for k in range(4)]
+    sched, got = Scheduler(generator, max_batch=4, prefill_tokens=16, prefix_block=4), Collect()
+    rids = [sched.submit(p, got, max_new_tokens=5, ignore_eos=True) for p in prompts]
+    drain(sched)
+    assert sched.stats.prefix_hits == 3 * 32
+    assert sched.stats.prefill_tokens == sum(len(p) for p in prompts) - 3 * 32
+    for rid, p in zip(rids, prompts):
+        assert got.ids[rid] == alone(generator, p, max_new_tokens=5, ignore_eos=True)
