@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test fuzz lint export generate report int8 int4 engine gpu-check bench-export bench bench-large \
+.PHONY: venv demo test fuzz lint export generate report int8 int4 int4-accuracy engine gpu-check bench-export bench bench-large \
         bench-heads bench-serve bench-openai bench-structured eval-lm bench-llamacpp vllm-venv
 
 $(STAMP): pyproject.toml
@@ -76,10 +76,11 @@ int8: venv
 	$(BIN)/python -m neoxrt.report.summary reports/int8
 
 # INT4 weights-only variants of the default model against PyTorch (reports/int4/<variant>/, reports/int4/summary.md):
-# awq and round-to-nearest at blocks 32 and 128, onnxruntime's MatMulNBitsQuantizer (block 32) as the baseline,
+# gptq (the default) and round-to-nearest at blocks 32 and 128, awq at 32, onnxruntime's MatMulNBitsQuantizer (block 32) as the baseline,
 # next to our INT8 (W8A8, SmoothQuant) and INT8 weights-only artifacts
-INT4_VARIANTS := int4-awq-b32:--bits_4  int4-rtn-b32:--bits_4_--method_rtn  int4-awq-b128:--bits_4_--block-size_128 \
-                 int4-rtn-b128:--bits_4_--method_rtn_--block-size_128  int4-ort-nbits-b32:--bits_4_--method_ort-nbits \
+INT4_VARIANTS := int4-gptq-b32:--bits_4  int4-awq-b32:--bits_4_--method_awq  int4-rtn-b32:--bits_4_--method_rtn \
+                 int4-gptq-b128:--bits_4_--block-size_128  int4-rtn-b128:--bits_4_--method_rtn_--block-size_128 \
+                 int4-ort-nbits-b32:--bits_4_--method_ort-nbits \
                  int8-weights:
 int4: venv
 	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp32 --force
@@ -91,6 +92,19 @@ int4: venv
 	$(BIN)/neoxrt calibrate artifacts/default-fp32 artifacts/default-int8 --force
 	$(BIN)/neoxrt compare artifacts/default-int8 --reference $(MODEL) --report reports/int4/int8 > /dev/null
 	$(BIN)/python -m neoxrt.report.summary reports/int4
+
+# INT4 perplexity of every method (gptq, awq, rtn, onnxruntime's MatMulNBitsQuantizer) against the fp32 export, all
+# on the same windows in one run; INT4_TEXT: a long held-out text (default: the embedded slice)
+INT4_TEXT ?= neoxrt/assets/corpus/sotu-eval-slice.txt
+INT4_WINDOWS ?= 400
+int4-accuracy: venv
+	$(BIN)/neoxrt export $(MODEL) artifacts/default-fp32 --force
+	@set -e; for m in gptq awq rtn ort-nbits; do \
+	  $(BIN)/neoxrt calibrate artifacts/default-fp32 artifacts/default-int4-$$m --force --weights-only --bits 4 --method $$m; \
+	done
+	$(BIN)/python -m neoxrt.bench.int4_accuracy artifacts/default-fp32 artifacts/default-int4-gptq artifacts/default-int4-awq \
+	  artifacts/default-int4-rtn artifacts/default-int4-ort-nbits --text $(INT4_TEXT) --windows $(INT4_WINDOWS) \
+	  --out artifacts/int4-accuracy.json
 
 # TensorRT (an NVIDIA GPU machine): the FP16 engine of the default model, and the whole GPU check
 # (FP16/INT8/plugin engines, accuracy reports, latency against PyTorch, plugin kernel against SDPA)
