@@ -9,7 +9,7 @@ OUT ?= artifacts/default-fp32
 PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
-.PHONY: venv demo test fuzz lint export generate report int8 int4 int4-accuracy engine gpu-check bench-export bench bench-large \
+.PHONY: venv demo test fuzz lint docs export generate report int8 int4 int4-accuracy engine gpu-check bench-export bench bench-large \
         bench-heads bench-serve bench-openai bench-structured eval-lm bench-llamacpp vllm-venv
 
 $(STAMP): pyproject.toml
@@ -48,6 +48,10 @@ fuzz: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+# docs/CLI.md from the argparse parsers (tests/test_cli_reference.py fails when it is stale)
+docs: venv
+	$(BIN)/python -m neoxrt.cli_reference docs/CLI.md
 
 export: venv
 	$(BIN)/neoxrt export $(MODEL) $(OUT) --force $(EXPORT_ARGS)
