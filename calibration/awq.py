@@ -25,8 +25,9 @@ import numpy as np
 from neoxrt.calibration.int4 import block_scales, dequantize_blocks, quantize_blocks
 
 ALPHAS = np.linspace(0.0, 1.0, 11)
-GRAM_WHOLE = 8192  # inputs up to this wide keep the whole X^T X; wider ones (NeoX-20B's 24576-wide MLP input) keep
-GRAM_BLOCK = 4096  # its diagonal blocks of this size (GPTQ then spreads errors within a block)
+GRAM_WHOLE = 2048  # inputs up to this wide keep the whole X^T X; wider ones (NeoX-20B's 6144 and 24576) keep its
+GRAM_BLOCK = 2048  # diagonal blocks of this size: GPTQ then spreads errors within a block, at K x 2048 x N multiply-adds
+# a weight instead of K^2 N (a third at 6144, a twelfth at 24576) and a twelfth of the memory at 24576
 SEARCH_COLUMNS = 512  # output columns per weight the alpha search measures its error on (evenly spaced; all if fewer)
 
 

@@ -41,7 +41,8 @@ def _add_calibrate(sub) -> None:
     p.add_argument("out_dir", help="INT8 / INT4 artifact folder to write (atomically)")
     p.add_argument("--data", nargs="+", type=Path, metavar="FILE",
                    help="calibration text file(s) (default: the embedded calibration slice, disjoint from the eval slice)")
-    p.add_argument("--samples", type=t.positive_int, default=d.samples, help=f"windows to draw (default {d.samples})")
+    p.add_argument("--samples", type=t.positive_int, default=None,
+                   help="windows to draw (default 64; INT4: 64, fewer for models wider than 2048: 21 at NeoX-20B's width)")
     p.add_argument("--seq-len", type=t.positive_int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
     p.add_argument("--method", default=None, metavar="METHOD",
                    help=f"INT8 activation ranges: {', '.join(METHODS)} (default percentile; ort-dynamic = onnxruntime "

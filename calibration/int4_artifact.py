@@ -12,7 +12,7 @@
           layer (layered.py on ONNX Runtime, `_LayerStats`)
 
 Memory bound: the graph proto, one layer's statistics (K floats per activation and its X^T X, K x K float32 or
-its diagonal blocks: awq.gram_bounds; ~0.9 GB at the NeoX-20B width), the windows' hidden states between
+its diagonal blocks: awq.gram_bounds; 0.35 GB at the NeoX-20B width), the windows' hidden states between
 layers, and one weight at a time: its packed bytes and scales, and one column slice in fp32 (int4.CHUNK_BYTES,
 GPTQ_CHUNK_BYTES under GPTQ) with its temporaries; untouched weights (embedding) are copied block by block from
 the source's mapping.
@@ -43,7 +43,7 @@ from neoxrt.calibration.int4 import (
 )
 from neoxrt.calibration.layered import LayeredStats
 from neoxrt.calibration.onnx_weights import ArrayTensor, MappedTensor, data_less, open_onnx
-from neoxrt.calibration.options import CalibrationOptions
+from neoxrt.calibration.options import CalibrationOptions, int4_samples
 from neoxrt.calibration.targets import Target, lm_head, quant_targets, replace_graph, smooth_groups
 from neoxrt.errors import CalibrationError
 
@@ -172,8 +172,8 @@ def _windows(src: Path, manifest: dict, texts, options: CalibrationOptions):
         raise CalibrationError(f"source artifact {src} has no {io.TOKENIZER_FILE}; calibration text needs the tokenizer "
                                f"(or --method rtn, which reads none)")
     tokenizer = Tokenizer.from_file(str(src / io.TOKENIZER_FILE))
-    return calibration_windows(texts, tokenizer, options.samples, options.seq_len, options.seed,
-                               manifest["config"].get("eos_token_id"))
+    return calibration_windows(texts, tokenizer, int4_samples(options, manifest["config"]["hidden_size"]),
+                               options.seq_len, options.seed, manifest["config"].get("eos_token_id"))
 
 
 def _check_blocks(targets: list[Target], weights, block: int) -> None:

@@ -12,12 +12,24 @@ BITS = (8, 4)
 INT4_BLOCKS = (16, 32, 64, 128, 256)
 LM_HEADS = ("int8", "int4", "float")
 WEIGHT_RANGES = ("reduced", "full")
+DEFAULT_SAMPLES = 64
+INT4_TOKEN_VALUES = 1 << 24  # calibration tokens x hidden size at most, for the INT4 default (see int4_samples)
+
+
+def int4_samples(options: CalibrationOptions, hidden_size: int) -> int:
+    """The INT4 calibration windows: `options.samples`, or by default 64 capped so that tokens x hidden stays under
+    2^24 (at least 8): 64 windows up to the 2048-wide Pythia-1.4b, 21 for NeoX-20B's 6144."""
+    if options.samples is not None:
+        return options.samples
+    return max(8, min(DEFAULT_SAMPLES, INT4_TOKEN_VALUES // (hidden_size * options.seq_len)))
 
 
 @dataclass(frozen=True)
 class CalibrationOptions:
     """Args:
-        samples: calibration windows drawn (seeded) from the data.
+        samples: calibration windows drawn (seeded) from the data; None: 64, or with bits 4 fewer for wide models
+            (`int4_samples`: the GPTQ statistics pass costs 2 x parameters x tokens, so NeoX-20B's width reads 21
+            windows and stays a small multiple of round-to-nearest's time).
         seq_len: tokens per window (prompt steps, past 0).
         method: activation range selection: minmax, percentile, entropy (KL, as TensorRT's entropy calibrator);
             ort-dynamic is the onnxruntime.quantization.quantize_dynamic baseline (ONNX Runtime only, no data).
@@ -40,7 +52,7 @@ class CalibrationOptions:
         batch: windows per ONNX Runtime call while collecting statistics.
     """
 
-    samples: int = 64
+    samples: int | None = None
     seq_len: int = 128
     method: str | None = None
     percentile: float = 99.99
@@ -72,7 +84,9 @@ class CalibrationOptions:
             raise CalibrationError(f"--lm-head must be one of {', '.join(LM_HEADS)}, got {self.lm_head!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise CalibrationError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
-        if self.samples < 1:
+        if self.samples is None and self.bits == 8:
+            object.__setattr__(self, "samples", DEFAULT_SAMPLES)
+        if self.samples is not None and self.samples < 1:
             raise CalibrationError(f"--samples must be at least 1, got {self.samples}")
         if self.seq_len < 2:
             raise CalibrationError(f"--seq-len must be at least 2, got {self.seq_len}")
