@@ -23,8 +23,9 @@ import numpy as np
 from neoxrt.calibration.int4 import QMAX, QMIN, block_scales
 
 DAMP = 0.01  # of the mean of diag(H), added to its diagonal (GPTQ's default)
-LAZY = 32  # rows whose updates to the later rows are batched into one matrix product (128 on GPUs; on a CPU the
-# row loop's updates inside the batch cost more than the extra, smaller products: 4x fewer of them here)
+LAZY = 32  # rows whose updates to the rest of their OUTER batch are one matrix product
+OUTER = 256  # rows whose updates to every later row are one matrix product (each such product reads and writes all
+# the later rows of the slice: LAZY alone made those passes the memory-bound half of GPTQ's time at NeoX-20B width)
 
 
 @dataclass
@@ -77,21 +78,29 @@ def gptq_quantize(w: np.ndarray, factor: InverseFactor, block: int) -> tuple[np.
 
 
 def _rows(w: np.ndarray, u: np.ndarray, block: int, q: np.ndarray, scales: np.ndarray) -> None:
-    """GPTQ over the rows of one diagonal block of H, in place (w is consumed)."""
+    """GPTQ over the rows of one diagonal block of H, in place (w is consumed). Two levels of lazy batches: the
+    rows of a batch of `LAZY` update the rest of their batch of `OUTER` rows (which stays in cache), and an
+    OUTER batch updates every later row once, as one product (each later row still gets every earlier row's
+    update before it is rounded: the same numbers as updating row by row)."""
     k, lazy = w.shape[0], max(LAZY, block)  # a quantization block starts and ends inside one lazy batch
-    for b0 in range(0, k, lazy):
-        b1 = min(k, b0 + lazy)
-        wb = w[b0:b1]
-        err = np.empty_like(wb)
-        for i in range(b1 - b0):
-            r = b0 + i
-            if r % block == 0:
-                scales[r // block] = block_scales(wb[i:i + block], block)[0]
-            s = scales[r // block]
-            qi = np.clip(np.rint(wb[i] / s), QMIN, QMAX)
-            q[r] = qi
-            err[i] = (wb[i] - qi * s) / u[r, r]
-            if i + 1 < b1 - b0:
-                wb[i + 1:] -= np.outer(u[r, r + 1:b1], err[i])
-        if b1 < k:
-            w[b1:] -= u[b0:b1, b1:].T @ err
+    outer = max(OUTER, lazy)
+    for o0 in range(0, k, outer):
+        o1 = min(k, o0 + outer)
+        err = np.empty_like(w[o0:o1])
+        for b0 in range(o0, o1, lazy):
+            b1 = min(o1, b0 + lazy)
+            wb, eb = w[b0:b1], err[b0 - o0:b1 - o0]
+            for i in range(b1 - b0):
+                r = b0 + i
+                if r % block == 0:
+                    scales[r // block] = block_scales(wb[i:i + block], block)[0]
+                s = scales[r // block]
+                qi = np.clip(np.rint(wb[i] / s), QMIN, QMAX)
+                q[r] = qi
+                eb[i] = (wb[i] - qi * s) / u[r, r]
+                if i + 1 < b1 - b0:
+                    wb[i + 1:] -= np.outer(u[r, r + 1:b1], eb[i])
+            if b1 < o1:
+                w[b1:o1] -= u[b0:b1, b1:o1].T @ eb
+        if o1 < k:
+            w[o1:] -= u[o0:o1, o1:].T @ err
