@@ -59,7 +59,8 @@ def describe(artifact: Path) -> str:
     q = json.loads((artifact / io.MANIFEST_FILE).read_text()).get("quantization", {})
     if not q:
         return "-"
-    return f"{q.get('method', '?')}, {q.get('bits', '?')}-bit" + (f", block {q['block_size']}" if "block_size" in q else "")
+    method = q.get("method") or q.get("scheme", "?").split(" (")[0]
+    return f"{method}, {q.get('bits', '?')}-bit" + (f", block {q['block_size']}" if "block_size" in q else "")
 
 
 def main(argv: list[str] | None = None) -> int:
