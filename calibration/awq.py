@@ -9,8 +9,8 @@ sum_i ||X (Q(W_i s) / s - W_i)||^2 = sum_i tr(D_i^T G D_i) with G = X^T X, each 
 with max|w| / 7 block scales (AWQ's reference code), on a sample of output columns (`search_group`). The
 artifact's weights are then rounded by GPTQ (gptq.py) against G seen through the factors.
 
-Also here: `ActivationStats`, the per-activation sums every activation-aware method reads (|x|, x^2, and
-X^T X: whole up to `GRAM_WHOLE` channels, its diagonal blocks beyond).
+Also here: `ActivationStats`, the per-activation sums every activation-aware method reads (|x| and X^T X:
+whole up to `GRAM_WHOLE` channels, its diagonal blocks beyond).
 
 Memory bound: per activation, K floats of sums, plus X^T X for those asked (K x K float32, or its diagonal
 blocks), gathered one layer at a time (layered.py) and dropped once that layer's weights are quantized.
@@ -38,12 +38,11 @@ def gram_bounds(k: int) -> list[tuple[int, int]]:
 
 @dataclass
 class ActivationStats:
-    """Sums over calibration tokens of one activation: |x|, x^2 per channel, and X^T X (float32, whole or its
-    diagonal blocks: `gram_bounds`) when asked."""
+    """Sums over calibration tokens of one activation: |x| per channel (AWQ's factors), and X^T X (float32, whole or
+    its diagonal blocks: `gram_bounds`) when asked."""
 
     tokens: int = 0
     abs_sum: np.ndarray | None = None
-    sq_sum: np.ndarray | None = None
     grams: list[tuple[int, int, np.ndarray]] | None = None
     want_gram: bool = False
 
@@ -51,12 +50,11 @@ class ActivationStats:
         x = x.reshape(-1, x.shape[-1]).astype(np.float32)
         if self.abs_sum is None:
             k = x.shape[1]
-            self.abs_sum, self.sq_sum = np.zeros(k, np.float64), np.zeros(k, np.float64)
+            self.abs_sum = np.zeros(k, np.float64)
             if self.want_gram:
                 self.grams = [(a, b, np.zeros((b - a, b - a), np.float32)) for a, b in gram_bounds(k)]
         self.tokens += x.shape[0]
         self.abs_sum += np.abs(x).sum(axis=0)
-        self.sq_sum += np.square(x, dtype=np.float64).sum(axis=0)
         for a, b, gram in self.grams or ():
             gram += x[:, a:b].T @ x[:, a:b]
 
@@ -67,10 +65,6 @@ class ActivationStats:
     @property
     def mean_abs(self) -> np.ndarray:
         return self.abs_sum / max(self.tokens, 1)
-
-    @property
-    def mean_sq(self) -> np.ndarray:
-        return (self.sq_sum / max(self.tokens, 1)).astype(np.float32)
 
 
 @dataclass

@@ -213,11 +213,14 @@ _OUR_TOP = {v: k for k, v in _TOP_KEYS.items()}
 _OUR_LAYER = {v: k for k, v in _LAYER_KEYS.items()}
 
 
+def _prefixed(hf_key: str) -> str:
+    """A bare `GPTNeoXModel` checkpoint's names (no `gpt_neox.` prefix) read as the prefixed ones."""
+    return "gpt_neox." + hf_key if hf_key.startswith(_BARE_PREFIXES) else hf_key
+
+
 def our_key(hf_key: str) -> str | None:
-    """Our state-dict name for a Hugging Face one; '' for known buffers to skip; None if unknown. A bare
-    `GPTNeoXModel` checkpoint's names (no `gpt_neox.` prefix) are read as the prefixed ones."""
-    if hf_key.startswith(_BARE_PREFIXES):
-        hf_key = "gpt_neox." + hf_key
+    """Our state-dict name for a Hugging Face one; '' for known buffers to skip; None if unknown."""
+    hf_key = _prefixed(hf_key)
     if hf_key in _TOP_KEYS:
         return _TOP_KEYS[hf_key]
     match = _LAYER_RE.match(hf_key)
@@ -233,9 +236,7 @@ def our_key(hf_key: str) -> str | None:
 def layer_index(hf_key: str) -> int | None:
     """The layer a Hugging Face tensor name belongs to (buffers included); None for the embedding, final
     LayerNorm and heads."""
-    if hf_key.startswith(_BARE_PREFIXES):
-        hf_key = "gpt_neox." + hf_key
-    match = _LAYER_RE.match(hf_key)
+    match = _LAYER_RE.match(_prefixed(hf_key))
     return int(match.group(1)) if match else None
 
 
