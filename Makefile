@@ -120,7 +120,7 @@ engine: venv
 
 gpu-check: venv
 	$(BIN)/python -m pip install -q -e '.[gpu]'
-	$(BIN)/python -m neoxrt.gpu_check
+	$(BIN)/python -m neoxrt.bench.gpu_check
 
 # export time and peak RSS of the Pythia-160m shape (random weights)
 bench-export: venv
@@ -154,7 +154,7 @@ bench-llamacpp: venv
 # names an interpreter with it; otherwise the issue's anchors are printed.
 VLLM_PYTHON ?= $(wildcard .cache/vllm-venv/bin/python)
 bench-serve: venv
-	$(BIN)/python -m neoxrt.serve.bench $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
+	$(BIN)/python -m neoxrt.bench.serve $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
 
 vllm-venv:
 	python3 -m venv .cache/vllm-venv
@@ -165,7 +165,7 @@ vllm-venv:
 # the OpenAI endpoint's cost against Triton's path on one `neoxrt serve` (16 clients, SSE, Pythia-160m shape,
 # rounds interleaved); bench-results/openai.{md,json}
 bench-openai: venv
-	$(BIN)/python -m neoxrt.serve.bench_openai
+	$(BIN)/python -m neoxrt.bench.serve_openai
 
 # structured outputs' per-token cost: constrained vs unconstrained, batch 1 and 16 concurrent requests, rounds
 # interleaved (pythia-14m-sotu and the Pythia-70m shape); bench-results/structured.{md,json}
@@ -177,4 +177,4 @@ bench-structured: venv
 # exits 1 unless the accuracies equal the hf model's in float64 (float32 reported too); bench-results/eval-lm.{md,json}
 eval-lm: venv
 	$(BIN)/python -m pip install -q -e '.[export,dev,serve,eval]'
-	$(BIN)/python -m neoxrt.serve.eval_lm
+	$(BIN)/python -m neoxrt.bench.eval_lm

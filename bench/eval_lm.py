@@ -70,7 +70,7 @@ def evaluate(model: str, model_args: str, task_dir: Path, **kwargs) -> dict:
 def run(args) -> dict:
     from neoxrt.assets import DEFAULT_MODEL_DIR
     from neoxrt.bench.run import neoxrt_artifact
-    from neoxrt.serve.bench import Served
+    from neoxrt.bench.serve import Served
 
     root = Path(args.root)
     task_dir = write_task(root / "task", args.items)
@@ -123,7 +123,7 @@ def _gap(lls: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m neoxrt.serve.eval_lm", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m neoxrt.bench.eval_lm", description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=100, help="items (the held-out slice holds 111 passages)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--concurrent", type=int, default=8, help="lm-eval's concurrent requests to the endpoint")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the task file is local; nothing from the hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from neoxrt.serve.bench import write_results
+    from neoxrt.bench.serve import write_results
 
     result = run(args)
     write_results(Path(args.out), "eval-lm", result, markdown(result))

@@ -382,7 +382,7 @@ def write_results(out: Path, stem: str, result: dict, md: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m neoxrt.serve.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m neoxrt.bench.serve", description=__doc__.split("\n")[0])
     common_args(p, port=18400, requests_each=2)
     p.add_argument("--single-requests", type=int, default=4, help="requests of the one-client phase")
     p.add_argument("--artifacts", type=int, default=2, choices=(1, 2), help="1: fp32 only; 2: and INT8 weights-only")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxrt.serve.bench import (
+from neoxrt.bench.serve import (
     Served,
     common_args,
     cpu_seconds,
@@ -142,7 +142,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m neoxrt.serve.bench_openai", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m neoxrt.bench.serve_openai", description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="pythia-160m", choices=("pythia-160m", "pythia-70m", "default"),
                    help="random checkpoint of this shape, or the embedded pythia-14m-sotu model")
     common_args(p, port=18500, requests_each=1)
