@@ -117,13 +117,16 @@ class VllmServed:
     """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`, as the issue ran it) as a child
     process on 127.0.0.1, stopped by pid (its engine-core and worker children with it)."""
 
-    def __init__(self, python: str, checkpoint: Path, dtype: str, threads: int, max_batch: int, port: int):
+    def __init__(self, python: str, checkpoint: Path, dtype: str, threads: int, max_batch: int, port: int,
+                 max_model_len: int = 512, kv_space: int | None = 2):
+        """`kv_space`: VLLM_CPU_KVCACHE_SPACE in GiB (None: vLLM's default)."""
         self.openai = f"http://127.0.0.1:{port}/v1"
         argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint), "--dtype", dtype,
                 "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_batch), "--max-model-len",
-                "512", "--served-model-name", "neoxrt"]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(threads),
-               "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+                str(max_model_len), "--served-model-name", "neoxrt"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+        if kv_space is not None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_space)
         start = time.monotonic()
         self.log = open(Path(checkpoint).parent / f"vllm-{dtype}.log", "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
