@@ -1,5 +1,5 @@
 """One decode step of 16 rows at a given context, three ways of carrying the KV cache, interleaved in one process
-(the measurement behind the scheduler's KV-cache pool, docs/SERVING.md):
+(the measurement behind the scheduler's KV-cache pool, docs/serving.md):
 
     arrays   the dynamic (default) export through `Session.run`: past in and present out as numpy arrays, the
              scheduler's portable path before the pool

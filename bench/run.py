@@ -44,7 +44,7 @@ SPEC_ENGINES = {"int8": ("int8-weights", {}), "int8-k4": ("int8-weights", {"num_
                 "int8-dynamic": ("int8-dynamic", {}), "int4": ("int4-weights", {}),
                 "lookup": (None, {"prompt_lookup_tokens": 5})}
 # neoxrt-spec-<name>-screened (not in the default list): the target is the fp32 export with the screened LM
-# head (greedy tokens = fp32's); measured no faster than the exact target on random weights (docs/BENCH.md)
+# head (greedy tokens = fp32's); measured no faster than the exact target on random weights (docs/benchmarks.md)
 SCREENED_SPEC = "-screened"
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
 
