@@ -49,9 +49,11 @@ fuzz: venv
 lint: venv
 	$(BIN)/ruff check .
 
-# docs/CLI.md from the argparse parsers (tests/test_cli_reference.py fails when it is stale)
+# docs/CLI.md from the argparse parsers, and every table between <!-- results:NAME --> markers in README.md and
+# docs/*.md from docs/results/NAME.json (tests/test_cli_reference.py and tests/test_docs_results.py fail when stale)
 docs: venv
 	$(BIN)/python -m neoxrt.cli_reference docs/CLI.md
+	$(BIN)/python -m neoxrt.docs_render
 
 export: venv
 	$(BIN)/neoxrt export $(MODEL) $(OUT) --force $(EXPORT_ARGS)

@@ -1,5 +1,5 @@
 """Two artifacts' decode speed, interleaved in one process (the A/B behind a graph change's numbers in
-docs/BENCH.md): per pass, each artifact streams `new` greedy tokens after the same random `context`-token prompt
+docs/benchmarks.md): per pass, each artifact streams `new` greedy tokens after the same random `context`-token prompt
 (bench-llamacpp's timing: the mean gap after the first token), the order alternating between passes; the
 median of the per-pass ratios B / A.
 

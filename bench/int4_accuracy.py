@@ -5,7 +5,8 @@
 Windows: the text tokenised whole and cut into non-overlapping windows of S tokens, N of them evenly spaced (a
 long held-out text gives a perplexity difference steadier than `neoxrt compare`'s default slice of 16 x 128
 tokens). The fp32 export is the reference (it matches PyTorch within 1e-4: `neoxrt compare`). Prints one row
-per artifact (method and block from its manifest) and writes the rows as JSON with `--out`.
+per artifact (method and block from its manifest) and writes the rows as JSON with `--out`; `--results` also
+docs/results/int4-accuracy.json (the fp32 export as the reference; docs/quantization.md renders it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.assets import EVAL_TEXT
+from neoxrt.bench.results import add_results_flag, command_line
 
 
 def windows(tokenizer, text: Path, count: int, seq_len: int) -> np.ndarray:
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    add_results_flag(parser, "int4-accuracy")
     args = parser.parse_args(argv)
     from tokenizers import Tokenizer
 
@@ -90,7 +93,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps({"text": args.text.name, "windows": int(len(ids)), "seq_len": args.seq_len,
                                         "rows": rows}, indent=2))
+    if args.results:
+        publish(rows, args, command_line("neoxrt.bench.int4_accuracy", argv), len(ids))
     return 0
+
+
+def publish(rows: list[dict], args, command: str, windows: int) -> Path:
+    """docs/results/NAME.json: one row per quantized artifact, the fp32 export as the reference row; the first
+    quantized artifact named is the README's headline."""
+    from neoxrt.bench.results import write_result
+
+    def cells(r):
+        return [r["method"], round(r["perplexity"], 3), None if r is rows[0] else f"{r['delta_pct']:+.3f} %"]
+
+    headline = [{"measure": f"INT4 weights ({rows[1]['method']}): perplexity on {args.text.name}", "neoxrt":
+                 round(rows[1]["perplexity"], 3), "reference": f"{rows[0]['perplexity']:.3f} (fp32 export)",
+                 "ratio": f"{rows[1]['delta_pct']:+.3f} %"}] if len(rows) > 1 else []
+    return write_result(args.results, "INT4 weights: perplexity against the fp32 export, the same windows",
+                        ["method", "perplexity", "vs fp32"], [cells(r) for r in rows[1:]], command=command,
+                        reference="the fp32 export the artifacts were quantized from, same windows, same run",
+                        reference_rows=[cells(rows[0])], headline=headline,
+                        notes=f"{windows} windows x {args.seq_len} tokens of {args.text.name}.")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
 
 The same for a 1-layer checkpoint of that width, so the peak can be compared across depth. The full
 44 layers need 2 x 41 GB of disk (checkpoint + artifact); where the disk has less, the deepest model that
-fits is run and the report says so.
+fits is run and the report says so. `--results` also writes docs/results/large.json and large-int4.json
+(docs/export.md and docs/quantization.md render them).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from neoxrt.assets import DEFAULT_MODEL_DIR
+from neoxrt.bench.results import add_results_flag, command_line
 from neoxrt.bench.run import read_bandwidth
 
 NEOX_20B = dict(vocab_size=50432, hidden_size=6144, num_layers=44, num_heads=64, intermediate_size=24576,
@@ -311,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                         "generate on it, each in a memory limit")
     parser.add_argument("--int4-limit-gib", type=float, default=3.5, help="memory cgroup limit for the INT4 quantization")
     parser.add_argument("--tokens", type=int, default=8, help="tokens generated on the INT4 artifact")
+    add_results_flag(parser, "large")
     args = parser.parse_args(argv)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -351,38 +354,70 @@ def main(argv: list[str] | None = None) -> int:
     (root / "bench-large.json").write_text(json.dumps(rows, indent=2))
     print(render(rows, args.limit_gib))
     print(render_int4(rows, args.int4_limit_gib))
+    if args.results:
+        publish(rows, args, command_line("neoxrt.bench.large", argv))
     ok = all(r["export"]["returncode"] == 0 for r in rows)
     return 0 if ok and all(r["int4"]["quantize"]["returncode"] == 0 for r in rows if "int4" in r) else 1
 
 
-def render(rows: list[dict], limit_gib: float) -> str:
-    lines = [f"| layers | checkpoint GB | export s | plain copy GB/s | export / copy time | peak RssAnon GiB | "
-             f"cgroup peak GiB (limit {limit_gib:g}) | OOM kills |", "|---|---|---|---|---|---|---|---|"]
+def export_table(rows: list[dict], limit_gib: float) -> tuple[list[str], list[list]]:
+    columns = ["layers", "checkpoint GB", "export s", "plain copy GB/s", "export / copy time", "peak RssAnon GiB",
+               f"cgroup peak GiB (limit {limit_gib:g})", "OOM kills"]
+    cells = []
     for r in rows:
         e = r["export"]
-        lines.append(f"| {r['layers']} | {r['checkpoint_bytes'] / 1e9:.2f} | {e['seconds']} | {r['copy']['gb_per_s']} | "
-                     f"{r.get('export_over_copy', '-')} | {e['peak_anon_bytes'] / 2**30:.2f} | "
-                     f"{e.get('cgroup_peak_bytes', 0) / 2**30:.2f} | {e.get('cgroup_oom_kills', '-')} |")
-    return "\n".join(lines)
+        cells.append([r["layers"], f"{r['checkpoint_bytes'] / 1e9:.2f}", e["seconds"], r["copy"]["gb_per_s"],
+                      r.get("export_over_copy", "-"), f"{e['peak_anon_bytes'] / 2**30:.2f}",
+                      f"{e.get('cgroup_peak_bytes', 0) / 2**30:.2f}", e.get("cgroup_oom_kills", "-")])
+    return columns, cells
 
 
-def render_int4(rows: list[dict], limit_gib: float) -> str:
-    lines = [f"| layers | method | fp16 GB | INT4 GB (ratio) | quantize s (rtn s) | quantize peak RssAnon GiB | cgroup "
-             f"peak GiB (limit {limit_gib:g}) | OOM kills | generate limit GiB | generate peak RssAnon GiB | load s | "
-             "ms/token | floor ms | vs floor |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def int4_table(rows: list[dict], limit_gib: float) -> tuple[list[str], list[list]]:
+    columns = ["layers", "method", "fp16 GB", "INT4 GB (ratio)", "quantize s (rtn s)", "quantize peak RssAnon GiB",
+               f"cgroup peak GiB (limit {limit_gib:g})", "OOM kills", "generate limit GiB", "generate peak RssAnon GiB",
+               "load s", "ms/token", "floor ms", "vs floor"]
+    cells = []
     for r in rows:
         x = r.get("int4")
         if not x:
             continue
         q, g = x["quantize"], x.get("generate", {})
-        lines.append(f"| {r['layers']} | {x.get('method', '-')} | {x['fp16_bytes'] / 1e9:.2f} | "
-                     f"{x.get('int4_bytes', 0) / 1e9:.2f} ({x.get('size_ratio', '-')}) | {q['seconds']} "
-                     f"({x['rtn']['seconds']}) | {q['peak_anon_bytes'] / 2**30:.2f} | "
-                     f"{q.get('cgroup_peak_bytes', 0) / 2**30:.2f} | {q.get('cgroup_oom_kills', '-')} | "
-                     f"{g.get('cgroup_limit_bytes', 0) / 2**30:.2f} | {g.get('peak_anon_bytes', 0) / 2**30:.2f} | "
-                     f"{g.get('load_seconds', '-')} | {g.get('decode_ms_per_token', '-')} | {x.get('floor_ms', '-')} | "
-                     f"{x.get('decode_over_floor', '-')} |")
-    return "\n".join(lines)
+        cells.append([r["layers"], x.get("method", "-"), f"{x['fp16_bytes'] / 1e9:.2f}",
+                      f"{x.get('int4_bytes', 0) / 1e9:.2f} ({x.get('size_ratio', '-')})",
+                      f"{q['seconds']} ({x['rtn']['seconds']})", f"{q['peak_anon_bytes'] / 2**30:.2f}",
+                      f"{q.get('cgroup_peak_bytes', 0) / 2**30:.2f}", q.get("cgroup_oom_kills", "-"),
+                      f"{g.get('cgroup_limit_bytes', 0) / 2**30:.2f}", f"{g.get('peak_anon_bytes', 0) / 2**30:.2f}",
+                      g.get("load_seconds", "-"), g.get("decode_ms_per_token", "-"), x.get("floor_ms", "-"),
+                      x.get("decode_over_floor", "-")])
+    return columns, cells
+
+
+def markdown(table: tuple[list[str], list[list]]) -> str:
+    columns, cells = table
+    return "\n".join(["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
+                      *("| " + " | ".join(str(c) for c in row) + " |" for row in cells)])
+
+
+def render(rows: list[dict], limit_gib: float) -> str:
+    return markdown(export_table(rows, limit_gib))
+
+
+def render_int4(rows: list[dict], limit_gib: float) -> str:
+    return markdown(int4_table(rows, limit_gib))
+
+
+def publish(rows: list[dict], args, command: str) -> None:
+    """docs/results/NAME.json (the export; the plain copy in the same run is its reference) and NAME-int4.json."""
+    from neoxrt.bench.results import write_result
+
+    write_result(args.results, "The NeoX-20B shape exported to fp16 inside a memory limit", *export_table(rows, args.limit_gib),
+                 command=command, reference="a plain copy of the checkpoint on the same disk in the same run (the copy "
+                 "GB/s and export / copy columns)")
+    if any("int4" in r for r in rows):
+        write_result(f"{args.results}-int4", "INT4 weights (the default method) of the NeoX-20B width, quantized and run "
+                     "in memory limits", *int4_table(rows, args.int4_limit_gib), command=command,
+                     reference="--method rtn's time in the same limit, same run (in brackets); the INT4 weight-bandwidth "
+                     "floor measured in the same run")
 
 
 if __name__ == "__main__":

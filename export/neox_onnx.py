@@ -14,7 +14,7 @@ The fused flavour (except with the static cache) packs the qkv projection's outp
 (all heads of q, then of k, then of v) instead of the checkpoint's per-head [q_h, k_h, v_h]: the initializer
 keeps its checkpoint name with its columns permuted, so that one Split gives q, k, v as [B,S,Hd] and
 RotaryEmbedding and Attention take them 3-D (num_heads attributes) -- no Reshape/Transpose around attention,
-four fewer nodes a layer (14m INT8 weights-only decode ~20 % faster, docs/BENCH.md). `tensorrt_ready` puts
+four fewer nodes a layer (14m INT8 weights-only decode faster, docs/benchmarks.md). `tensorrt_ready` puts
 the 4-D form back for TensorRT, whose parser takes 4-D Attention only.
 
 The heads (`ExportOptions.task`, see `neoxrt.model.heads`) share the trunk without a KV cache; positions come

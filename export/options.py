@@ -40,7 +40,7 @@ class ExportOptions:
     """
 
     dtype: str = "fp32"
-    attention: str = "fused"  # measured fastest on ONNX Runtime CPU (docs/BENCH.md)
+    attention: str = "fused"  # measured fastest on ONNX Runtime CPU (docs/benchmarks.md)
     opset: int | None = None
     external_data_threshold: int = INLINE_LIMIT
     logits: str = "all"

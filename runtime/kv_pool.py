@@ -2,7 +2,7 @@
 
 Mechanism (the static export, `--kv-cache static`): past and present of each cache tensor are bound to the same
 memory, and TensorScatter writes each row's new keys and values at that row's own `write_indices` slot, so a step
-copies nothing proportional to the context (docs/SERVING.md has the measurement). The pool owns that memory:
+copies nothing proportional to the context (docs/serving.md has the measurement). The pool owns that memory:
 
     one flat buffer per cache tensor, capacity_tokens x heads x head_dim values, allocated at start
     live rows 0..B-1 viewed as [B, H, W, D] (W: the width, the longest row's need rounded up)
@@ -16,7 +16,7 @@ copies nothing proportional to the context (docs/SERVING.md has the measurement)
 The width grows when a run needs more slots (a repack of the live rows, amortised by rounding up) and shrinks when
 the longest rows have left, so short rows do not keep paying for a long one that is gone; while a long row is live
 every row is bound at its width (the static graph attends over the bound slots, masked; measured on ONNX Runtime,
-short rows beside a long one pay a fraction of the long one's step: docs/SERVING.md).
+short rows beside a long one pay a fraction of the long one's step: docs/serving.md).
 
 `PrefixCache` keeps finished and running rows' keys and values by blocks of `block` tokens, keyed on the token ids
 of the whole prefix up to the block's end (exact, as vLLM's chained block hashes make it), in an arena of its own allocated

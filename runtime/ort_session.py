@@ -6,7 +6,7 @@ Cost model of one decode step (portable contract: past [B,H,P,D] in, present [B,
   step t reads past from buffer t%2 and ORT writes present into buffer (t+1)%2 (ping-pong);
 - nothing crosses into Python but the last-position logits; no array is allocated per step;
 - the graph's Concat copies the cache once per step (O(P) bytes, the price of the portable contract, small
-  beside the weight reads at these sizes: the bench reports the cost at context 128 against 1024).
+  beside the weight reads at these sizes; `make bench` reports context 1024 against 128, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ def session_options(threads: int | None = None, base: ort.SessionOptions | None 
 def turn_taking_options() -> ort.SessionOptions:
     """Options for sessions that take turns on the same cores (a speculative target and its draft): their
     threads stop spinning when a run returns. By default each session's pool spins on after every run and steals
-    the cores from the other session's next run (measured, Pythia-160m shape with its INT8 draft, 2 cores:
-    verify steps 57 ms and draft steps 18 ms, against 26 and 9 ms with the spinning stopped)."""
+    the cores from the other session's next run, doubling both sessions' step times on a 2-core machine."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
@@ -53,12 +52,12 @@ def mapped_weights_config(model: Path) -> dict[str, str]:
     """Serve the weights from the memory-mapped model.onnx.data when a prepacked copy would not fit.
 
     ONNX Runtime maps aligned external data and, by default, copies each MatMul weight into a prepacked
-    buffer (anonymous memory, one copy of the weights; measured on the Pythia-160m shape: 0.8 s to load,
-    decode 0.87x the time of unpacked weights). Without prepacking the weights stay file pages: loaded in
-    0.03 s, shared between processes, reclaimable -- a model larger than RAM still runs (at disk speed).
+    buffer (anonymous memory, one copy of the weights; slower to load, faster to decode). Without prepacking the
+    weights stay file pages: loaded at once, shared between processes, reclaimable -- a model larger than RAM still
+    runs (at disk speed).
     fp32 weights go unpacked past half the available memory. 4-bit weights (MatMulNBits) are prepacked
     whenever the copy fits at all: unpacked, ONNX Runtime dequantizes each whole weight to fp32 on every call
-    (measured on the NeoX-20B width, 2 layers: 33 s per token in a 2.3 GiB limit).
+    (seconds per token at the NeoX-20B width).
     """
     data = model.with_name(io.WEIGHTS_FILE)
     if not data.is_file():

@@ -60,8 +60,8 @@ class SpeculativeOptions:
 def next_k(k: int, accepted: int, drafted: int, kmax: int) -> int:
     """The next round's K: up by two after a round that accepted all `drafted` guesses (as transformers'
     heuristic schedule), else halfway from K down to the accepted count + 1, at least 1. The default ceiling is 8:
-    measured with the INT8 weights-only draft of the Pythia-160m shape (2 threads, AVX2, docs/BENCH.md), K <= 4 /
-    8 / 12 gave 0.61 / 0.60 / 0.58x the fp32 time per token, within that machine's noise of each other."""
+    ceilings of 4, 8 and 12 measured alike with an INT8 weights-only draft (`neoxrt bench --engines
+    neoxrt-spec-int8-k4,neoxrt-spec-int8-k8,neoxrt-spec-int8-k12`; docs/generation.md)."""
     if accepted >= drafted:
         return min(k + 2, kmax)
     return max(1, min(k - 1, (k + accepted + 1) // 2))

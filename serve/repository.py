@@ -4,7 +4,7 @@
     REPO/NAME/1/model.py          `neoxrt.serve.model`: loads the artifact with our runtime and scheduler
     REPO/NAME/1/artifact/         the artifact folder (copied; `neoxrt serve` links it instead)
 
-The same folder runs in NVIDIA's Triton container once neoxrt is installed there (docs/SERVING.md).
+The same folder runs in NVIDIA's Triton container once neoxrt is installed there (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`neoxrt serve`: the `tritonserver` bundled with nvidia-pytriton, run as our own child process on a
 classic model repository in a temporary folder, managed by its pid.
 
-What the bundled server needs (each found the hard way, see docs/SERVING.md):
+What the bundled server needs (each found the hard way, see docs/serving.md):
 - a backend folder with the Python backend and the stub built for this interpreter's version;
 - the stub runs the `python3` first on PATH: this interpreter's bin folder goes first;
 - the stub must load this interpreter's libpython, not the system's: its LIBDIR goes first on LD_LIBRARY_PATH,

@@ -13,7 +13,7 @@ from neoxrt.model import load_model, random_model
 
 LOGITS_ATOL = 1e-4
 PRESENTS_ATOL = 1e-5  # same arithmetic, different matmul kernels
-FP16_LOGITS_ATOL = 0.05  # documented fp16 tolerance against fp32 (README)
+FP16_LOGITS_ATOL = 0.05  # documented fp16 tolerance against fp32 (docs/export.md)
 DECODE_STEPS = 16
 FLAVOURS = ["decomposed", "fused", "plugin"]
 

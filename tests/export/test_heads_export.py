@@ -29,7 +29,7 @@ from neoxrt.export.options import ExportOptions
 from neoxrt.model.heads import load_head_model
 
 ATOL = 1e-4
-FP16_ATOL = 0.05  # documented fp16 tolerance against fp32 (README)
+FP16_ATOL = 0.05  # documented fp16 tolerance against fp32 (docs/export.md)
 OUTPUTS = {"text-classification": {io.LOGITS: [io.BATCH, 3]},
            "token-classification": {io.LOGITS: [io.BATCH, io.SEQUENCE, 3]},
            "question-answering": {io.START_LOGITS: [io.BATCH, io.SEQUENCE], io.END_LOGITS: [io.BATCH, io.SEQUENCE]},
