@@ -48,7 +48,7 @@ def mean_nll(artifact: Path, ids: np.ndarray, threads: int, batch: int = 8) -> f
         rows = ids[start: start + batch]
         pos = np.broadcast_to(np.arange(rows.shape[1], dtype=np.int64), rows.shape).copy()
         feeds = io.prompt_feeds(rows, np.ones_like(rows), pos, config["num_layers"], config["num_heads"],
-                                config["hidden_size"] // config["num_heads"], kv)
+                                config["hidden_size"] // config["num_heads"], kv, static=io.WRITE_INDICES in names)
         logits = session.run([io.LOGITS], {k: v for k, v in feeds.items() if k in names})[0].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))

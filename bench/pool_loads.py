@@ -1,5 +1,5 @@
-"""The issue's three serving loads on the scheduler alone (no HTTP), the portable path (the default dynamic-cache
-export) against the KV-cache pool (the same checkpoint exported with --kv-cache static), one after the other in one
+"""The issue's three serving loads on the scheduler alone (no HTTP), the portable path (a dynamic-cache export,
+--kv-cache dynamic) against the KV-cache pool (the default export: static cache), one after the other in one
 process: token-id prompts, greedy, `ignore_eos`.
 
     long     `--clients` clients x 2 requests back to back, `--long`-token prompts, `--new` new tokens
@@ -11,8 +11,9 @@ process: token-id prompts, greedy, `ignore_eos`.
     python -m neoxrt.bench.pool_loads [--shape pythia-160m] [--clients 8] [--long 1024] [--new 32] [--prefix 768]
                                       [--ways portable pool pool-last]
 
-Ways: portable (the default export: dynamic cache, every position's logits), pool (--kv-cache static), pool-last
-(--kv-cache static --logits last: the prompt chunks skip the LM head but at their last position).
+Ways: portable (--kv-cache dynamic, every position's logits), pool (the default export: static cache, prompt chunks
+skip the LM head but at their last position through logits_to_keep), pool-last (--logits last: the graph returns
+the last position's logits only).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from neoxrt.runtime.scheduler import Scheduler
 
     loads = {"long": load_long, "prefix": load_prefix, "mixed": load_mixed, "short": load_short}
-    options = {"portable": {}, "pool": {"kv_cache": "static"}, "pool-last": {"kv_cache": "static", "logits": "last"}}
+    options = {"portable": {"kv_cache": "dynamic"}, "pool": {}, "pool-last": {"logits": "last"}}
     ckpt = shape_checkpoint(args.shape, args.root)
     suffix = {"portable": "fused", "pool": "fused-static", "pool-last": "fused-static-last"}
     ways = {w: exported(ckpt, args.root / f"{args.shape}-{suffix[w]}", options[w]) for w in args.ways}

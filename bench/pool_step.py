@@ -1,7 +1,7 @@
 """One decode step of 16 rows at a given context, three ways of carrying the KV cache, interleaved in one process
 (the measurement behind the scheduler's KV-cache pool, docs/serving.md):
 
-    arrays   the dynamic (default) export through `Session.run`: past in and present out as numpy arrays, the
+    arrays   the dynamic export (`--kv-cache dynamic`) through `Session.run`: past in and present out as numpy arrays, the
              scheduler's portable path before the pool
     bound    the dynamic export with the cache bound by pointer in two ping-pong buffers (`OrtBoundDecoder`): no
              arrays cross into Python, but the graph's Concat still writes past + 1 into the other buffer
@@ -36,7 +36,7 @@ def _artifacts(shape: str, root: Path) -> tuple[Path, Path]:
     from neoxrt.bench.shapes import exported, shape_checkpoint
 
     ckpt = shape_checkpoint(shape, root)
-    return (exported(ckpt, root / f"{shape}-fused", {}),
+    return (exported(ckpt, root / f"{shape}-fused", {"kv_cache": "dynamic"}),
             exported(ckpt, root / f"{shape}-fused-static", {"kv_cache": "static"}))
 
 

@@ -40,9 +40,10 @@ def _add_export(sub) -> None:
     p.add_argument("--opset", type=t.positive_int, default=None, help="ai.onnx opset (default: the flavour's lowest)")
     p.add_argument("--logits", default="all", choices=LOGITS,
                    help="all (optimum's contract, default) or last: [B, 1, V], faster prompts for generation")
-    p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHES,
-                   help="dynamic (optimum's contract, default) or static: fixed slots updated in place, no per-step "
-                        "cache copy (fused attention, opset 24)")
+    p.add_argument("--kv-cache", default=None, choices=KV_CACHES,
+                   help="static (the default where it applies: the causal LM, fused attention, opset 24): fixed slots "
+                        "updated in place, no per-step cache copy, the serving KV-cache pool; or dynamic (optimum's "
+                        "contract; the default for other flavours and heads)")
     p.add_argument("--lm-head", default="exact", choices=LM_HEADS,
                    help="exact (default) or screened: an INT8 copy of the LM head bounds the logits, the tokens that "
                         "can be the largest are recomputed in fp32 (greedy tokens = fp32's; fp32 only)")

@@ -9,7 +9,6 @@ second thread while the weights are written.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import threading
 import time
@@ -103,14 +102,15 @@ def io_section(model: onnx.ModelProto) -> dict:
             out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
         return out
 
-    return {"inputs": spec(model.graph.input), "outputs": spec(model.graph.output)}
+    weights = {t.name for t in model.graph.initializer}  # an input with a default (logits_to_keep) is not the contract's
+    return {"inputs": spec(v for v in model.graph.input if v.name not in weights), "outputs": spec(model.graph.output)}
 
 
 # the emitted graph's form, in every manifest (calibrated artifacts copy it): bump when the graph an export of the
 # same checkpoint and options would write changes, so that caches of artifacts (the benches) can tell theirs is
 # stale. 1: before the manifest said; 2: the fused flavour's packed [q | k | v] (9ec4dbd); 3: the sequence
-# classifier's last layer on the pooled token only.
-GRAPH_VERSION = 3
+# classifier's last layer on the pooled token only; 4: static-cache causal LMs take logits_to_keep (an input with a default).
+GRAPH_VERSION = 4
 
 
 def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool = False, log=print) -> dict:
@@ -126,7 +126,7 @@ def export_checkpoint(checkpoint, out_dir, options: ExportOptions, force: bool =
     config = read_config(folder)
     check_tokenizer(folder / io.TOKENIZER_FILE, config.vocab_size)
     head = read_head(folder, options.task)
-    options = dataclasses.replace(options, task=head.task)  # the task the checkpoint names, checked against flags
+    options = options.for_task(head.task)  # the task the checkpoint names, checked against flags
     weights = open_checkpoint(folder, config, head)
     hasher = _Hasher(folder)
     hasher.start()

@@ -33,13 +33,13 @@ scores/softmax in fp32 (Pythia overflows fp16 in attention scores and LayerNorm)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import onnx
 
 from neoxrt import contract as io
+from neoxrt.contract import TensorSpec
 from neoxrt.export.graph import GraphBuilder
 from neoxrt.export.options import ExportOptions
 from neoxrt.export.screen import screen_constants, screened_logits
@@ -328,6 +328,9 @@ class _Emitter:
         g.scope = "/lm_head"
         if self.opt.logits == "last":  # [B,1,Hd]: the last position (left padding keeps real tokens last)
             x = g.op("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])])
+        elif self.opt.kv_cache == "static":  # [B,K,Hd]: the last logits_to_keep positions (its default 0: all)
+            g.weight(io.LOGITS_TO_KEEP, np.zeros(1, np.int64))
+            x = g.op("Slice", [x, g.op("Neg", [io.LOGITS_TO_KEEP]), g.const([2**62]), g.const([1])])
         h = self.to_compute(self.layer_norm(x, "ln_f"))
         if self.opt.lm_head == "screened":  # fp32 only (ExportOptions)
             head = self.state["embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
@@ -345,6 +348,9 @@ class _Emitter:
                 g.op("Identity", [logits], [io.LOGITS])
         inputs, outputs = io.io_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.vocab_size,
                                      "float16" if self.fp16 else "float32", self.opt.logits, self.opt.kv_cache)
+        if self.opt.logits == "all" and self.opt.kv_cache == "static":
+            inputs = inputs + [TensorSpec(io.LOGITS_TO_KEEP, "int64", (1,))]  # with its initializer: overridable
+            outputs = [TensorSpec(io.LOGITS, "float32", (io.BATCH, "logits_sequence", cfg.vocab_size))] + outputs[1:]
         return g.make_model("neoxrt_gpt_neox", inputs, outputs, self.opt.opset,
                             doc=f"GPT-NeoX decoder, {self.opt.dtype}, attention={self.opt.attention}, "
                                 f"lm_head={self.opt.lm_head}")
@@ -404,5 +410,5 @@ def onnx_from_model(model: NeoX | NeoXHead, options: ExportOptions) -> onnx.Mode
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     head = getattr(model, "head", None)
     if head is not None:
-        options = dataclasses.replace(options, task=head.task)
+        options = options.for_task(head.task)
     return onnx_from_weights(model.config, state, options, head)[0]

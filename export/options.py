@@ -32,7 +32,9 @@ class ExportOptions:
     logits: all (logits [B, S, V], optimum's contract) or last ([B, 1, V]: the prompt step skips the LM head
         for every position but the last -- what generation needs, a third of a 128-token prompt's work).
     kv_cache: dynamic (past [B,H,P,D] in, present [B,H,P+S,D] out: optimum's contract) or static (fixed
-        slots updated in place with TensorScatter-24: no per-step cache copy; fused attention only).
+        slots updated in place with TensorScatter-24: no per-step cache copy, the serving scheduler's KV-cache
+        pool; fused attention only). None (the default): static where it applies (the causal LM with fused
+        attention at opset 24), dynamic otherwise (other flavours, heads, --opset 23).
     lm_head: exact, or screened (fp32 causal LM only): an INT8 copy of the LM head bounds every logit, and
         only the tokens that can still be the largest are recomputed from the fp32 weights (export/screen.py):
         the largest logit and greedy tokens are fp32's, the rest are within a proven bound; a quarter of the
@@ -44,7 +46,8 @@ class ExportOptions:
     opset: int | None = None
     external_data_threshold: int = INLINE_LIMIT
     logits: str = "all"
-    kv_cache: str = "dynamic"
+    kv_cache: str | None = None
+    auto_kv_cache: bool = dataclasses.field(default=False, init=False)  # kv_cache was left to the default
     task: str | None = None
     lm_head: str = "exact"
 
@@ -53,6 +56,10 @@ class ExportOptions:
             raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention not in ATTENTIONS:
             raise ExportError(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        object.__setattr__(self, "auto_kv_cache", self.kv_cache is None)
+        if self.kv_cache is None:
+            static = self.attention == "fused" and self.task not in HEAD_TASKS and self.opset in (None, STATIC_OPSET)
+            object.__setattr__(self, "kv_cache", "static" if static else "dynamic")
         if self.kv_cache not in KV_CACHES:
             raise ExportError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         allowed = OPSETS[self.attention]
@@ -88,5 +95,9 @@ class ExportOptions:
             if value == default:
                 raise ExportError(f"--task {self.task}: {flag} {value} applies to {TEXT_GENERATION} only")
 
+    def for_task(self, task: str) -> ExportOptions:
+        """These options for `task` (the one a checkpoint names); a defaulted kv_cache is chosen again for it."""
+        return dataclasses.replace(self, task=task, kv_cache=None if self.auto_kv_cache else self.kv_cache)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "auto_kv_cache"}

@@ -38,13 +38,18 @@ def support_table() -> dict:
 
 
 def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose Attention nodes take the whole K/V (cache concatenated before the node), and
-    whose INT4 MatMulNBits (neoxrt calibrate --bits 4) are INT4 DequantizeLinear (block on K) -> MatMul."""
+    """A copy of `model` whose Attention nodes take the whole K/V (cache concatenated before the node), whose
+    inputs with a default are constants, and whose INT4 MatMulNBits (neoxrt calibrate --bits 4) are INT4 DequantizeLinear (block on K) -> MatMul."""
     from neoxrt.calibration.int4 import dq_from_matmulnbits
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     dq_from_matmulnbits(out)
+    # inputs with a default (logits_to_keep) become constants: the engine returns every position's logits
+    weights = {t.name for t in out.graph.initializer}
+    kept = [i for i in out.graph.input if i.name not in weights]
+    del out.graph.input[:]
+    out.graph.input.extend(kept)
     nodes = []
     for node in out.graph.node:
         if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):

@@ -26,6 +26,9 @@ LOGITS = "logits"
 START_LOGITS = "start_logits"  # question answering (optimum's names)
 END_LOGITS = "end_logits"
 LAST_HIDDEN_STATE = "last_hidden_state"  # feature extraction
+LOGITS_TO_KEEP = "logits_to_keep"  # static-cache causal LM, --logits all: [1] int64, an input with a default (0:
+# every position; K: the last K positions only), as transformers' logits_to_keep; not in io_spec (an overridable
+# initializer: callers of the plain contract never see it)
 WRITE_INDICES = "write_indices"  # static KV cache: the slot each row's new tokens are written at
 
 # the largest count or length any option or request field takes (int32, as Triton's request fields): larger ones

@@ -106,6 +106,10 @@ class KVPool:
         self.flat = [np.zeros(capacity_tokens * self.heads * self.head_dim, self.dtype) for _ in self.names]
         logits = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
         self.all_logits = io.logits_rows(logits, 2) == 2
+        # the default export's graph takes logits_to_keep (an input with a default): a run may ask for the last
+        # position's logits only -- prompt chunks then skip the LM head but at their last position
+        self.keeps = self.all_logits and io.LOGITS_TO_KEEP in {i.name for i in session.sess.get_overridable_initializers()}
+        self._keep = {k: np.array([k], np.int64) for k in (0, 1)}
         self.vocab = logits.shape[-1]
         self.rows: list = []  # request ids, in slot order
         self.ends: list[int] = []  # per row: tokens cached (= the next write slot)
@@ -191,11 +195,13 @@ class KVPool:
         self.repacks += 1
 
     # -- running --------------------------------------------------------------------------------------------
-    def run(self, rids: list, input_ids: np.ndarray, real: np.ndarray | None = None, advance: bool = True) -> np.ndarray:
+    def run(self, rids: list, input_ids: np.ndarray, real: np.ndarray | None = None, advance: bool = True,
+            last: bool = False) -> np.ndarray:
         """One graph run over the consecutive rows `rids`: row j's `input_ids[j]` are written at its slots from
         its end on, the first `real[j]` of them real (the rest right padding); positions and mask follow from the
         rows' lengths. Returns the logits [b, S or 1, V] (the bound buffer: valid until the next run of that
-        shape); with `advance` the rows' lengths grow by `real`.
+        shape): [b, 1, V] for a graph of last-position logits, and with `last` where the graph takes
+        logits_to_keep (`keeps`); with `advance` the rows' lengths grow by `real`.
 
         Raises:
             RuntimeShapeError: the rows are not consecutive in the pool, or the run needs more slots than allowed.
@@ -217,7 +223,9 @@ class KVPool:
                  io.WRITE_INDICES: ends}
         if self.session.cache_branch:  # Optimum's merged decoders
             feeds["use_cache_branch"] = np.array([True])
-        dims = (b, s if self.all_logits else 1, self.vocab)
+        if self.keeps:
+            feeds[io.LOGITS_TO_KEEP] = self._keep[int(last)]
+        dims = (b, s if self.all_logits and not (last and self.keeps) else 1, self.vocab)
         logits = self._logits.get(dims)
         if logits is None:  # one buffer per shape, written in place run after run
             logits = self._logits[dims] = np.empty(dims, np.float32)

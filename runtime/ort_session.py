@@ -178,8 +178,10 @@ class _Bound:
         else:  # an ONNX Runtime without the private handle: the public API
             (self.binding.bind_output if output else self.binding.bind_input)(name, "cpu", 0, dtype, list(shape), pointer)
 
-    def _begin(self, input_ids, attention_mask, position_ids, extra: dict | None = None) -> tuple[int, np.ndarray]:
-        """Check the step, bind the id inputs (and `extra`); returns (total, logits buffer)."""
+    def _begin(self, input_ids, attention_mask, position_ids, extra: dict | None = None,
+               last: bool = False) -> tuple[int, np.ndarray]:
+        """Check the step, bind the id inputs (and `extra`); returns (total, logits buffer: [b, 1, V] with `last`,
+        the run asking for the last position's logits only)."""
         b, s = input_ids.shape
         total = self.past_len + s
         if b != self.batch or attention_mask.shape != (b, total):
@@ -189,9 +191,10 @@ class _Bound:
             )
         if total > self.max_total:
             raise RuntimeShapeError(f"KV cache holds {self.max_total} positions, step needs {total}")
-        logits = self.logits.get((b, s))
+        rows = 1 if last else io.logits_rows(self.logits_spec, s)
+        logits = self.logits.get((b, rows))
         if logits is None:  # once for the prompt shape, once for the decode shape
-            logits = self.logits[(b, s)] = np.empty((b, io.logits_rows(self.logits_spec, s), self.vocab), np.float32)
+            logits = self.logits[(b, rows)] = np.empty((b, rows, self.vocab), np.float32)
         # every step binds the same names, each new binding replacing the last: nothing to clear
         feeds = {io.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
                  io.ATTENTION_MASK: np.ascontiguousarray(attention_mask, np.int64),
@@ -268,19 +271,28 @@ class OrtStaticDecoder(_Bound):
         self.cache = [np.zeros((batch, self.heads, max_total, self.head_dim), self.dtype) for _ in self.names]
         self.mask = np.zeros((batch, max_total), np.int64)
         self.bound_batch = 0  # the batch the cache tensors are bound for (they do not move between steps)
+        # the default export takes logits_to_keep (an input with a default): `step` needs the last position only,
+        # so a prompt step skips the LM head for every other position
+        self.keeps = io.LOGITS_TO_KEEP in {i.name for i in session.sess.get_overridable_initializers()}
+        self._keep = {k: np.array([k], np.int64) for k in (0, 1)}
 
     def step(self, input_ids, attention_mask, position_ids):
-        return self.step_all(input_ids, attention_mask, position_ids)[:, -1]
+        return self._step(input_ids, attention_mask, position_ids, self.keeps)[:, -1]
 
     def truncate(self, length: int) -> None:
         """Rollback: later steps write from slot `length` on; the mask and causality hide what lies beyond."""
         self.past_len = min(self.past_len, length)
 
     def step_all(self, input_ids, attention_mask, position_ids) -> np.ndarray:
+        return self._step(input_ids, attention_mask, position_ids, False)
+
+    def _step(self, input_ids, attention_mask, position_ids, last: bool) -> np.ndarray:
         b = input_ids.shape[0]
         # the graph's mask covers every slot: bind the persistent [B, max_total] mask, fill it once checked
         extra = {io.WRITE_INDICES: np.full(b, self.past_len, np.int64), io.ATTENTION_MASK: self.mask[:b]}
-        total, logits = self._begin(input_ids, attention_mask, position_ids, extra)
+        if self.keeps:
+            extra[io.LOGITS_TO_KEEP] = self._keep[int(last)]
+        total, logits = self._begin(input_ids, attention_mask, position_ids, extra, last)
         self.mask[:b, :total] = attention_mask
         if self.bound_batch != b:
             for name, out, buf in zip(self.names, self.presents, self.cache):

@@ -397,8 +397,10 @@ class Scheduler:
             ids = np.full((len(rows), width), self.generator.eos_token_id or 0, np.int64)
             for j, r in enumerate(rows):
                 ids[j, :plan[r.id]] = r.prompt[r.done:r.done + plan[r.id]]
-            logits = self._run_rows(rows, ids, np.array([plan[r.id] for r in rows]))
-            firsts, last = [], []
+            last = self.pool.keeps and len({plan[r.id] for r in rows}) == 1 and all(
+                r.on_prompt_logprobs is None for r in rows)  # every row's last real token is the chunk's last
+            logits = self._run_rows(rows, ids, np.array([plan[r.id] for r in rows]), last)
+            firsts, lasts = [], []
             for r, out in zip(rows, logits):
                 if out is None:
                     continue
@@ -412,9 +414,9 @@ class Scheduler:
                     if r.on_prompt_logprobs is not None:
                         r.on_prompt_logprobs(r.prompt_scores)
                     firsts.append(r)
-                    last.append(out[n - 1] if self.pool.all_logits else out[-1])
+                    lasts.append(out[n - 1] if len(out) > 1 else out[-1])
             if firsts:
-                self._pick(firsts, np.asarray(np.stack(last), np.float32))
+                self._pick(firsts, np.asarray(np.stack(lasts), np.float32))
 
     def _behind_its_prefix(self, r: Request, older: list[Request]) -> bool:
         """Whether `r` should wait a step: it has not started, and an older prompt still computing shares at least
@@ -433,8 +435,8 @@ class Scheduler:
 
     def _groups(self, rids: list, plan: dict) -> list[list]:
         """Runs of consecutive pool rows, cut where padding would exceed the real tokens, where the padded chunk
-        would not fit the rows' room in the pool, or (graphs with the last position's logits only) where the chunk
-        length changes."""
+        would not fit the rows' room in the pool, or (graphs with the last position's logits only, and those taking
+        logits_to_keep, whose equal chunks skip the LM head) where the chunk length changes."""
         groups: list[list] = []
         position = {rid: j for j, rid in enumerate(self.pool.rows)}
         room = self.pool.capacity // max(len(self.pool.rows), 1)  # the widest a row may be laid out
@@ -443,8 +445,8 @@ class Scheduler:
             if g and position[g[-1]] + 1 == position[rid]:
                 lengths = [plan[x] for x in g] + [plan[rid]]
                 slots = max(self.pool.ends[position[x]] for x in g + [rid]) + max(lengths)
-                if (self.pool.all_logits or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths) \
-                        and slots <= room:
+                mixed = self.pool.all_logits and not self.pool.keeps  # lengths may differ (every position's logits)
+                if (mixed or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths) and slots <= room:
                     g.append(rid)
                     continue
             groups.append([rid])
@@ -467,18 +469,19 @@ class Scheduler:
         if picked:
             self._pick([r for r, _ in picked], np.asarray(np.stack([out[-1] for _, out in picked]), np.float32))
 
-    def _run_rows(self, rows: list[Request], ids: np.ndarray, real: np.ndarray) -> list[np.ndarray | None]:
+    def _run_rows(self, rows: list[Request], ids: np.ndarray, real: np.ndarray,
+                  last: bool = False) -> list[np.ndarray | None]:
         """The pool's run over `rows`, each row's logits [S or 1, V]; a failing run is retried row by row, and a
         row that fails alone fails (None in its place)."""
         try:
-            return list(self.pool.run([r.id for r in rows], ids, real))
+            return list(self.pool.run([r.id for r in rows], ids, real, last=last))
         except Exception as exc:  # noqa: BLE001 -- which row? each alone
             if len(rows) == 1:
                 self._fail(rows[0], exc)
                 return [None]
         alone = []
         for j, r in enumerate(rows):  # the runs alone share one logits buffer: each row's copied out at once
-            out = self._run_rows([r], ids[j:j + 1], real[j:j + 1])[0]
+            out = self._run_rows([r], ids[j:j + 1], real[j:j + 1], last)[0]
             alone.append(None if out is None else out.copy())
         return alone
 

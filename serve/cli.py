@@ -42,7 +42,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=t.count, default=64, help="requests waiting beyond those; more are refused (64)")
     p.add_argument("--threads", type=t.count, default=0, help="ONNX Runtime intra-op threads (default 0: all cores)")
     p.add_argument("--kv-cache-memory", type=t.nonnegative_float, default=0.0, metavar="GIB",
-                   help="GiB of KV-cache pool, allocated at start (static-cache artifacts: export --kv-cache static); "
+                   help="GiB of KV-cache pool, allocated at start (static-cache artifacts: the export default); "
                         "default 0: what --max-batch rows of the whole context need, at most a quarter of the "
                         "memory available at start")
     p.add_argument("--max-prefill-tokens", type=t.positive_int, default=256,

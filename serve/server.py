@@ -158,8 +158,8 @@ def cache_line(artifact: Path) -> str:
     manifest = read_manifest(artifact, ("export", "calibrate", "build"), verify_files=False)
     if any(t["name"] == io.WRITE_INDICES for t in manifest["io"]["inputs"]):
         return "neoxrt serve: KV-cache pool (static cache): chunked prefill, prefix reuse, admission by memory"
-    return ("neoxrt serve: this artifact has a dynamic cache (the export default): the portable path, the cache "
-            "copied each step; export with --kv-cache static for the KV-cache pool")
+    return ("neoxrt serve: this artifact has a dynamic cache (--kv-cache dynamic, or not the causal LM with fused "
+            "attention): the portable path, the cache copied each step; export with the defaults for the KV-cache pool")
 
 
 class StopFlag:

@@ -206,7 +206,7 @@ def speculative_artifacts(root: Path) -> dict[str, Path]:
 
     quiet = dict(log=lambda *_: None)
     out = {"fp32": root / "fp32", "static": root / "static", "last": root / "last"}
-    export_checkpoint(default_checkpoint(), out["fp32"], ExportOptions(), **quiet)
+    export_checkpoint(default_checkpoint(), out["fp32"], ExportOptions(kv_cache="dynamic"), **quiet)
     export_checkpoint(default_checkpoint(), out["static"], ExportOptions(kv_cache="static"), **quiet)
     export_checkpoint(default_checkpoint(), out["last"], ExportOptions(logits="last"), **quiet)
     out["int8"] = root / "int8"

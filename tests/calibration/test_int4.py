@@ -102,7 +102,8 @@ def _logits(model, ids):
     past = next(i for i in sess.get_inputs() if i.name == io.past_key(0))
     pos = np.arange(ids.shape[1], dtype=np.int64)[None]
     feeds = io.prompt_feeds(ids, np.ones_like(ids), pos, layers, past.shape[1], past.shape[3],
-                            "float16" if "16" in past.type else "float32")
+                            "float16" if "16" in past.type else "float32",
+                            static=any(i.name == io.WRITE_INDICES for i in sess.get_inputs()))
     return sess.run([io.LOGITS], feeds)[0].astype(np.float32)
 
 

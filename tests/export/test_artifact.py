@@ -71,8 +71,8 @@ def test_optimum_loads_decomposed_export_and_generates_our_tokens(default_artifa
 def test_external_data_path(tmp_path):
     ckpt = write_variant("gelu_parallel", tmp_path / "ckpt")
     out = tmp_path / "art"
-    export_checkpoint(ckpt, out, ExportOptions(external_data_threshold=0), **QUIET)
-    assert json.loads((out / io.MANIFEST_FILE).read_text())["opset"] == 23  # the default flavour is fused
+    export_checkpoint(ckpt, out, ExportOptions(external_data_threshold=0, kv_cache="dynamic"), **QUIET)
+    assert json.loads((out / io.MANIFEST_FILE).read_text())["opset"] == 23  # fused attention, dynamic cache
     assert (out / io.WEIGHTS_FILE).stat().st_size > (out / io.MODEL_FILE).stat().st_size
     manifest = json.loads((out / io.MANIFEST_FILE).read_text())
     assert io.WEIGHTS_FILE in manifest["files"]

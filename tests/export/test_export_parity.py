@@ -33,7 +33,8 @@ def _check_fp32(session, model):
 
 @pytest.mark.parametrize("attention", FLAVOURS)
 def test_trained_default_artifact_matches_pytorch(attention, tmp_path):
-    export_checkpoint(default_checkpoint(), tmp_path / "art", ExportOptions(attention=attention), log=lambda *_: None)
+    options = ExportOptions(attention=attention, kv_cache="dynamic")
+    export_checkpoint(default_checkpoint(), tmp_path / "art", options, log=lambda *_: None)
     _check_fp32(ort_session(tmp_path / "art" / "model.onnx", attention), load_model(default_checkpoint()))
 
 
@@ -41,7 +42,7 @@ def test_trained_default_artifact_matches_pytorch(attention, tmp_path):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_matches_pytorch(name, attention):
     model = random_model(VARIANTS[name], seed=1)
-    _check_fp32(ort_session(onnx_from_model(model, ExportOptions(attention=attention)), attention), model)
+    _check_fp32(ort_session(onnx_from_model(model, ExportOptions(attention=attention, kv_cache="dynamic")), attention), model)
 
 
 @pytest.mark.parametrize("name", ["gelu_parallel", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"])
@@ -60,7 +61,7 @@ def test_gelu_is_one_node_from_opset_20(name):
 @pytest.mark.parametrize("attention", ["decomposed", "fused"])
 def test_fp16_is_close_to_fp32_and_finite(attention):
     model = load_model(default_checkpoint())
-    session = ort_session(onnx_from_model(model, ExportOptions(attention=attention, dtype="fp16")))
+    session = ort_session(onnx_from_model(model, ExportOptions(attention=attention, dtype="fp16", kv_cache="dynamic")))
     for step, mask, ort_logits, torch_logits, ort_past, _ in step_pairs(session, model, PROMPTS, DECODE_STEPS, "float16"):
         assert np.isfinite(ort_logits).all() and all(np.isfinite(k).all() for k, _ in ort_past)
         rows = mask[:, -ort_logits.shape[1]:].numpy().astype(bool)
@@ -78,7 +79,7 @@ def test_fp16_survives_attention_scores_beyond_fp16_range():
     with torch.no_grad():
         _, (first, *_) = model(ids, torch.arange(6)[None], torch.ones_like(ids), model.empty_past(1))
         assert first[0].abs().max() ** 2 * model.config.head_dim > 65504  # the scores do overflow fp16
-    session = ort_session(onnx_from_model(model, ExportOptions(dtype="fp16")))
+    session = ort_session(onnx_from_model(model, ExportOptions(dtype="fp16", kv_cache="dynamic")))
     for _, _, ort_logits, torch_logits, _, _ in step_pairs(session, model, [[3, 4, 5, 6, 7, 8]], 4, "float16"):
         assert np.isfinite(ort_logits).all()
         assert np.abs(ort_logits - torch_logits).max() <= FP16_LOGITS_ATOL * 4

@@ -22,8 +22,8 @@ QUIET = dict(log=lambda *_: None)
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("last")
-    export_checkpoint(default_checkpoint(), root / "all", ExportOptions(), **QUIET)
-    export_checkpoint(default_checkpoint(), root / "last", ExportOptions(logits="last"), **QUIET)
+    export_checkpoint(default_checkpoint(), root / "all", ExportOptions(kv_cache="dynamic"), **QUIET)
+    export_checkpoint(default_checkpoint(), root / "last", ExportOptions(logits="last", kv_cache="dynamic"), **QUIET)
     return root / "all", root / "last"
 
 

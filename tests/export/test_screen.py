@@ -23,6 +23,7 @@ QUIET = dict(log=lambda *_: None)
 
 def _pair(ckpt, root, **options):
     exact, screened = root / "exact", root / "screened"
+    options = {"kv_cache": "dynamic", **options}  # _run feeds the dynamic contract
     export_checkpoint(ckpt, exact, ExportOptions(**options), **QUIET)
     export_checkpoint(ckpt, screened, ExportOptions(lm_head="screened", **options), **QUIET)
     return exact, screened

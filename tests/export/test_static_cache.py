@@ -25,9 +25,43 @@ QUIET = dict(log=lambda *_: None)
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("static")
-    export_checkpoint(default_checkpoint(), root / "dynamic", ExportOptions(), **QUIET)
+    export_checkpoint(default_checkpoint(), root / "dynamic", ExportOptions(kv_cache="dynamic"), **QUIET)
     export_checkpoint(default_checkpoint(), root / "static", ExportOptions(kv_cache="static"), **QUIET)
     return root / "dynamic", root / "static"
+
+
+def test_the_default_export_is_the_static_cache_where_it_applies():
+    assert ExportOptions().kv_cache == "static" and ExportOptions().opset == 24
+    for other in (dict(attention="decomposed"), dict(attention="plugin"), dict(opset=23), dict(task="text-classification")):
+        assert ExportOptions(**other).kv_cache == "dynamic", other
+    assert ExportOptions().for_task("text-classification").kv_cache == "dynamic"  # a head's checkpoint: no cache
+    assert ExportOptions(kv_cache="static").for_task("text-generation").kv_cache == "static"
+    with pytest.raises(ExportError, match="applies to text-generation only"):  # chosen, not defaulted: refused
+        ExportOptions(kv_cache="static").for_task("text-classification")
+
+
+def test_logits_to_keep_defaults_to_every_position(pair):
+    """An input with a default (not in the contract): unfed, every position's logits; K, the last K positions'."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(pair[1] / io.MODEL_FILE), providers=["CPUExecutionProvider"])
+    assert io.LOGITS_TO_KEEP not in {i.name for i in sess.get_inputs()}
+    assert [i.name for i in sess.get_overridable_initializers()] == [io.LOGITS_TO_KEEP]
+    ids = np.array([[510, 1375, 273, 253, 6398, 310]], np.int64)
+    feeds = io.prompt_feeds(ids, np.ones_like(ids), np.arange(6)[None], 6, 4, 32, "float32", static=True)
+    every = sess.run([io.LOGITS], feeds)[0]
+    assert every.shape[:2] == (1, 6)
+    for keep in (1, 2):
+        last = sess.run([io.LOGITS], {**feeds, io.LOGITS_TO_KEEP: np.array([keep], np.int64)})[0]
+        assert last.shape[:2] == (1, keep)
+        np.testing.assert_allclose(last, every[:, -keep:], atol=1e-5)
+
+
+def test_tensorrt_gets_logits_to_keep_as_a_constant(pair):
+    trt = tensorrt_ready(onnx.load(str(pair[1] / io.MODEL_FILE)))
+    assert io.LOGITS_TO_KEEP not in {i.name for i in trt.graph.input}
+    assert io.LOGITS_TO_KEEP in {t.name for t in trt.graph.initializer}
+    assert check_tensorrt_support(trt) == []
 
 
 def test_the_static_contract(pair):

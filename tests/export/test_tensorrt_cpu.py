@@ -32,14 +32,14 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     out = {}
-    for name, options in {"fused": ExportOptions(), "fused-fp16": ExportOptions(dtype="fp16"),
+    for name, options in {"fused": ExportOptions(kv_cache="dynamic"), "fused-fp16": ExportOptions(dtype="fp16", kv_cache="dynamic"),
                           "decomposed": ExportOptions(attention="decomposed"),
                           "plugin-fp16": ExportOptions(attention="plugin", dtype="fp16"),
                           "static-fp16": ExportOptions(dtype="fp16", kv_cache="static")}.items():
         export_checkpoint(default_checkpoint(), root / name, options, **QUIET)
         out[name] = root / name
     small = write_variant("gelu_parallel", root / "ckpt-256")  # a model with 256 positions
-    export_checkpoint(small, root / "small-256", ExportOptions(dtype="fp16"), **QUIET)
+    export_checkpoint(small, root / "small-256", ExportOptions(dtype="fp16", kv_cache="dynamic"), **QUIET)
     out["small-256"] = root / "small-256"
     for name, options in {"int8": CalibrationOptions(samples=8, seq_len=64),
                           "int8-weights": CalibrationOptions(weights_only=True),

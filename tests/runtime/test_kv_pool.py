@@ -284,3 +284,22 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once(generator):
     assert sched.stats.prefill_tokens == sum(len(p) for p in prompts) - 3 * 32
     for rid, p in zip(rids, prompts):
         assert got.ids[rid] == alone(generator, p, max_new_tokens=5, ignore_eos=True)
+
+
+def test_the_default_export_runs_prompt_chunks_with_the_last_logits_only(generator):
+    """The default export's graph takes logits_to_keep: a run with `last` returns [b, 1, V], the last position's
+    logits of the same run with every position's (a graph of last-position logits returns [b, 1, V] either way)."""
+    pool = KVPool(generator.session, 2, 256)
+    if pool.all_logits:
+        assert pool.keeps
+    ids = np.array([[510, 1375, 273, 253, 6398, 310], [187, 510, 3054, 273, 253, 8078]], np.int64)
+    every = []
+    for last in (False, True):
+        pool.add(("r", last, 0), 8)
+        pool.add(("r", last, 1), 8)
+        out = pool.run([("r", last, 0), ("r", last, 1)], ids, last=last).copy()
+        assert out.shape == (2, 6 if pool.all_logits and not last else 1, pool.vocab)
+        every.append(out[:, -1])
+        pool.remove(("r", last, 1))
+        pool.remove(("r", last, 0))
+    np.testing.assert_allclose(every[0], every[1], atol=1e-4)

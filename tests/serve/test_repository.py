@@ -48,7 +48,7 @@ def test_triton_repo_carries_the_pool_options(artifact, tmp_path, capsys):
 def test_serve_says_which_cache_path_an_artifact_gets(artifact, static_artifact):
     from neoxrt.serve.server import cache_line
 
-    assert "--kv-cache static for the KV-cache pool" in cache_line(artifact)
+    assert "export with the defaults for the KV-cache pool" in cache_line(artifact)
     assert "KV-cache pool" in cache_line(static_artifact) and "dynamic" not in cache_line(static_artifact)
 
 
