@@ -10,7 +10,7 @@ PROMPT ?= The state of the Union is
 EXPORT_ARGS ?=
 
 .PHONY: venv demo test fuzz lint docs export generate report int8 int4 int4-accuracy engine gpu-check bench-export bench bench-large \
-        bench-heads bench-serve bench-openai bench-structured eval-lm bench-llamacpp vllm-venv
+        bench-heads bench-serve bench-serve-loads bench-openai bench-structured eval-lm bench-llamacpp vllm-venv
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -157,6 +157,12 @@ bench-llamacpp: venv
 VLLM_PYTHON ?= $(wildcard .cache/vllm-venv/bin/python)
 bench-serve: venv
 	$(BIN)/python -m neoxrt.bench.serve $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON))
+	$(BIN)/python -m neoxrt.bench.serve_loads $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON)) $(SERVE_LOADS_ARGS)
+
+# the issue's serving loads alone (1024-token prompts, a shared 768-token prefix, short streams beside long prompts,
+# the short load) over the OpenAI endpoint, neoxrt serve (the default export) and vLLM in one run
+bench-serve-loads: venv
+	$(BIN)/python -m neoxrt.bench.serve_loads $(if $(VLLM_PYTHON),--vllm-python $(VLLM_PYTHON)) $(SERVE_LOADS_ARGS)
 
 vllm-venv:
 	python3 -m venv .cache/vllm-venv

