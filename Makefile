@@ -179,6 +179,7 @@ bench-openai: venv
 # interleaved (pythia-14m-sotu and the Pythia-70m shape); bench-results/structured.{md,json}
 bench-structured: venv
 	$(BIN)/python -m neoxrt.bench.structured $(STRUCTURED_ARGS)
+	$(if $(VLLM_PYTHON),$(BIN)/python -m neoxrt.bench.structured_vllm --vllm-python $(VLLM_PYTHON) $(STRUCTURED_VLLM_ARGS))
 
 # lm-evaluation-harness (not CI): `local-completions` against `neoxrt serve --openai-port` and lm-eval's `hf` model on
 # the same checkpoint (the embedded pythia-14m-sotu), a multiple-choice task written from the held-out corpus;

@@ -24,7 +24,7 @@ once, evicted least recently used; a new row whose prompt starts with cached blo
 instead of computing them.
 
 Memory bound: (capacity_tokens + prefix blocks x block) x layers x 2 x heads x head_dim values of the cache dtype,
-allocated once, plus during a repack a copy of one cache tensor's live rows (1 / (2 x layers) of the live cache).
+allocated once; a repack moves the live rows in place (at most one row-head block of keys or values copied aside).
 """
 
 from __future__ import annotations
@@ -187,10 +187,14 @@ class KVPool:
         """Re-lay the live rows at `width` slots each (their written slots copied; the rest is masked)."""
         keep = min(max(self.ends, default=0), width)
         b = len(self.rows)
-        if b and keep:
-            for t in range(len(self.names)):
-                rows = self._view(t, b, self.width)[:, :, :keep].copy()
-                self._view(t, b, width)[:, :, :keep] = rows
+        if b and keep and width != self.width:
+            # in place, one (row, head) block of keep x head_dim values at a time: widening moves every block to a
+            # higher offset, so the last goes first; narrowing, the first (no block is overwritten before it moves)
+            blocks = range(b * self.heads)
+            d, old = self.head_dim, self.width
+            for flat in self.flat:
+                for i in reversed(blocks) if width > old else blocks:
+                    flat[i * width * d:(i * width + keep) * d] = flat[i * old * d:(i * old + keep) * d]
         self.width = width
         self.repacks += 1
 
