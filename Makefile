@@ -100,7 +100,8 @@ int4: venv
 	$(BIN)/python -m neoxrt.report.summary reports/int4
 
 # INT4 perplexity of every method (gptq, awq, rtn, onnxruntime's MatMulNBitsQuantizer) against the fp32 export, all
-# on the same windows in one run; INT4_TEXT: a long held-out text (default: the embedded slice)
+# on the same windows in one run; INT4_TEXT: a long held-out text (default: the embedded slice);
+# INT4_ACCURACY_ARGS=--results publishes the table (docs/results/int4-accuracy.json, rendered in docs/quantization.md)
 INT4_TEXT ?= neoxrt/assets/corpus/sotu-eval-slice.txt
 INT4_WINDOWS ?= 400
 int4-accuracy: venv
@@ -110,7 +111,7 @@ int4-accuracy: venv
 	done
 	$(BIN)/python -m neoxrt.bench.int4_accuracy artifacts/default-fp32 artifacts/default-int4-gptq artifacts/default-int4-awq \
 	  artifacts/default-int4-rtn artifacts/default-int4-ort-nbits --text $(INT4_TEXT) --windows $(INT4_WINDOWS) \
-	  --out artifacts/int4-accuracy.json
+	  --out artifacts/int4-accuracy.json $(INT4_ACCURACY_ARGS)
 
 # TensorRT (an NVIDIA GPU machine): the FP16 engine of the default model, and the whole GPU check
 # (FP16/INT8/plugin engines, accuracy reports, latency against PyTorch, plugin kernel against SDPA)
