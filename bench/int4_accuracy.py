@@ -37,6 +37,7 @@ def mean_nll(artifact: Path, ids: np.ndarray, threads: int, batch: int = 8) -> f
     manifest = json.loads((artifact / io.MANIFEST_FILE).read_text())
     config = manifest["config"]
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only (TensorScatter warns on every run of a static graph not in place)
     options.intra_op_num_threads = threads
     for key, value in manifest.get("ort_session_config", {}).items():
         options.add_session_config_entry(key, value)

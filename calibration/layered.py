@@ -117,6 +117,7 @@ class LayeredStats:
 
     def _session(self, sub: onnx.ModelProto, tmp: Path) -> ort.InferenceSession:
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only (TensorScatter warns on every run of a static graph not in place)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.add_session_config_entry("session.disable_prepacking", "1")  # weights stay mapped file pages
         options.enable_cpu_mem_arena = False  # fp16 MatMuls widen their weight per call: freed after, not pooled

@@ -33,6 +33,7 @@ class StatsSession:
             if name not in known:
                 probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only (TensorScatter warns on every run of a static graph not in place)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if threads:
             options.intra_op_num_threads = threads
