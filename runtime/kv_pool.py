@@ -36,7 +36,7 @@ import numpy as np
 from neoxrt import contract as io
 from neoxrt.errors import NeoxrtError, RuntimeShapeError
 
-WIDTH_STEP = 64  # the width is a multiple of this; it grows by a quarter more than needed (repacks are rare)
+WIDTH_STEP = 64  # the width is a multiple of this; it grows to the widest reservation (repacks are rare)
 
 
 def token_bytes(session) -> int:
@@ -181,7 +181,9 @@ class KVPool:
         if need > limit:
             raise RuntimeShapeError(f"KV-cache pool: a run needs {need} slots per row, {len(self.rows)} rows allow "
                                     f"{limit} of {self.capacity}")
-        return min(max(need, _round_up(need + need // 4)), limit)
+        # straight to the widest reservation (prompt + max_new_tokens: the rows grow to it), so a long prompt costs
+        # one repack, not one per chunk; a quarter more than needed beyond it
+        return min(max(_round_up(max(self.reserved, default=0)), _round_up(need + need // 4)), limit)
 
     def _reshape(self, width: int) -> None:
         """Re-lay the live rows at `width` slots each (their written slots copied; the rest is masked)."""

@@ -62,7 +62,7 @@ def test_pool_rows_move_and_widen_intact(generator):
     width = pool.width
     pool.remove(0)  # row 2 moves into slot 0
     assert pool.rows == [2, 1]
-    pool.set_length(1, 150)  # wider
+    pool.set_length(1, 300)  # wider than the rows' reservation: the width had grown straight to it
     assert pool.width > width and pool.repacks >= 2
     for t in range(len(pool.names)):
         view = pool._view(t, 2, pool.width)
