@@ -106,10 +106,8 @@ class KVPool:
         self.flat = [np.zeros(capacity_tokens * self.heads * self.head_dim, self.dtype) for _ in self.names]
         logits = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
         self.all_logits = io.logits_rows(logits, 2) == 2
-        # the default export's graph takes logits_to_keep (an input with a default): a run may ask for the last
-        # position's logits only -- prompt chunks then skip the LM head but at their last position
-        self.keeps = self.all_logits and io.LOGITS_TO_KEEP in {i.name for i in session.sess.get_overridable_initializers()}
-        self._keep = {k: np.array([k], np.int64) for k in (0, 1)}
+        # a run may ask for the last position's logits only: prompt chunks then skip the LM head but at their last
+        self.keeps = self.all_logits and session.keeps_logits
         self.vocab = logits.shape[-1]
         self.rows: list = []  # request ids, in slot order
         self.ends: list[int] = []  # per row: tokens cached (= the next write slot)
@@ -120,6 +118,10 @@ class KVPool:
         self.binding = session.sess.io_binding()
         self._io = getattr(self.binding, "_iobinding", None)
         import onnxruntime as ort
+
+        from neoxrt.runtime.ort_session import KEEP_FEEDS
+
+        self._keep_feeds = KEEP_FEEDS
 
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device() if self._io is not None else None
         self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
@@ -230,7 +232,7 @@ class KVPool:
         if self.session.cache_branch:  # Optimum's merged decoders
             feeds["use_cache_branch"] = np.array([True])
         if self.keeps:
-            feeds[io.LOGITS_TO_KEEP] = self._keep[int(last)]
+            feeds[io.LOGITS_TO_KEEP] = self._keep_feeds[last]
         dims = (b, s if self.all_logits and not (last and self.keeps) else 1, self.vocab)
         logits = self._logits.get(dims)
         if logits is None:  # one buffer per shape, written in place run after run

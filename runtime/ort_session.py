@@ -25,6 +25,9 @@ USE_CACHE_BRANCH = "use_cache_branch"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
+KEEP_FEEDS = {False: np.zeros(1, np.int64), True: np.ones(1, np.int64)}  # logits_to_keep: every position / the last
+
+
 def session_options(threads: int | None = None, base: ort.SessionOptions | None = None,
                     config: dict[str, str] | None = None) -> ort.SessionOptions:
     """Our defaults, plus `config`: session config entries an artifact records for itself (its manifest's
@@ -133,6 +136,9 @@ class OrtSession:
         # Optimum's merged decoders take a bool `use_cache_branch` (False for the prompt step): fed here, so
         # the rest of neoxrt sees the plain contract
         self.cache_branch = any(s.name == USE_CACHE_BRANCH for s in self._inputs)
+        # the default export takes logits_to_keep, an input with a default (not in get_inputs): a run may ask for
+        # the last position's logits only
+        self.keeps_logits = io.LOGITS_TO_KEEP in {i.name for i in self.sess.get_overridable_initializers()}
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return self._inputs, self._outputs
@@ -271,10 +277,9 @@ class OrtStaticDecoder(_Bound):
         self.cache = [np.zeros((batch, self.heads, max_total, self.head_dim), self.dtype) for _ in self.names]
         self.mask = np.zeros((batch, max_total), np.int64)
         self.bound_batch = 0  # the batch the cache tensors are bound for (they do not move between steps)
-        # the default export takes logits_to_keep (an input with a default): `step` needs the last position only,
-        # so a prompt step skips the LM head for every other position
-        self.keeps = io.LOGITS_TO_KEEP in {i.name for i in session.sess.get_overridable_initializers()}
-        self._keep = {k: np.array([k], np.int64) for k in (0, 1)}
+        # `step` needs the last position only: where the graph takes logits_to_keep, a prompt step skips the LM head
+        # for every other position
+        self.keeps = session.keeps_logits
 
     def step(self, input_ids, attention_mask, position_ids):
         return self._step(input_ids, attention_mask, position_ids, self.keeps)[:, -1]
@@ -291,7 +296,7 @@ class OrtStaticDecoder(_Bound):
         # the graph's mask covers every slot: bind the persistent [B, max_total] mask, fill it once checked
         extra = {io.WRITE_INDICES: np.full(b, self.past_len, np.int64), io.ATTENTION_MASK: self.mask[:b]}
         if self.keeps:
-            extra[io.LOGITS_TO_KEEP] = self._keep[int(last)]
+            extra[io.LOGITS_TO_KEEP] = KEEP_FEEDS[last]
         total, logits = self._begin(input_ids, attention_mask, position_ids, extra, last)
         self.mask[:b, :total] = attention_mask
         if self.bound_batch != b:
