@@ -19,6 +19,7 @@ import onnx
 from neoxrt import contract as io
 from neoxrt.errors import CheckpointError, ExportError
 from neoxrt.export.external_data import initializer_bytes, save_streamed
+from neoxrt.export.graph import required_inputs
 from neoxrt.export.neox_onnx import PLUGIN_DOMAIN, PLUGIN_OP, PLUGIN_VERSION, onnx_from_weights
 from neoxrt.export.options import ExportOptions
 from neoxrt.fsutil import atomic_dir
@@ -102,8 +103,7 @@ def io_section(model: onnx.ModelProto) -> dict:
             out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape})
         return out
 
-    weights = {t.name for t in model.graph.initializer}  # an input with a default (logits_to_keep) is not the contract's
-    return {"inputs": spec(v for v in model.graph.input if v.name not in weights), "outputs": spec(model.graph.output)}
+    return {"inputs": spec(required_inputs(model.graph)), "outputs": spec(model.graph.output)}  # defaults: not the contract
 
 
 # the emitted graph's form, in every manifest (calibrated artifacts copy it): bump when the graph an export of the

@@ -16,6 +16,13 @@ NP_TO_ONNX = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): Tenso
 NAME_TO_ONNX = {str(k): v for k, v in NP_TO_ONNX.items()}
 
 
+def required_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs but those with a default (an initializer of the same name: logits_to_keep), as ONNX
+    Runtime's `get_inputs` lists them."""
+    defaults = {t.name for t in graph.initializer}
+    return [v for v in graph.input if v.name not in defaults]
+
+
 class GraphBuilder:
     """Collects nodes and initializers; `op` returns the output name(s) of the node it adds."""
 

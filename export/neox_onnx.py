@@ -328,7 +328,7 @@ class _Emitter:
         g.scope = "/lm_head"
         if self.opt.logits == "last":  # [B,1,Hd]: the last position (left padding keeps real tokens last)
             x = g.op("Slice", [x, g.const([-1]), g.const([2**62]), g.const([1])])
-        elif self.opt.kv_cache == "static":  # [B,K,Hd]: the last logits_to_keep positions (its default 0: all)
+        elif self.opt.keeps_logits:  # [B,K,Hd]: the last logits_to_keep positions (its default 0: all)
             g.weight(io.LOGITS_TO_KEEP, np.zeros(1, np.int64))
             x = g.op("Slice", [x, g.op("Neg", [io.LOGITS_TO_KEEP]), g.const([2**62]), g.const([1])])
         h = self.to_compute(self.layer_norm(x, "ln_f"))
@@ -348,7 +348,7 @@ class _Emitter:
                 g.op("Identity", [logits], [io.LOGITS])
         inputs, outputs = io.io_spec(cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.vocab_size,
                                      "float16" if self.fp16 else "float32", self.opt.logits, self.opt.kv_cache)
-        if self.opt.logits == "all" and self.opt.kv_cache == "static":
+        if self.opt.keeps_logits:
             inputs = inputs + [TensorSpec(io.LOGITS_TO_KEEP, "int64", (1,))]  # with its initializer: overridable
             outputs = [TensorSpec(io.LOGITS, "float32", (io.BATCH, "logits_sequence", cfg.vocab_size))] + outputs[1:]
         return g.make_model("neoxrt_gpt_neox", inputs, outputs, self.opt.opset,

@@ -95,6 +95,11 @@ class ExportOptions:
             if value == default:
                 raise ExportError(f"--task {self.task}: {flag} {value} applies to {TEXT_GENERATION} only")
 
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the causal LM graph takes logits_to_keep: a static cache with every position's logits."""
+        return self.logits == "all" and self.kv_cache == "static"
+
     def for_task(self, task: str) -> ExportOptions:
         """These options for `task` (the one a checkpoint names); a defaulted kv_cache is chosen again for it."""
         return dataclasses.replace(self, task=task, kv_cache=None if self.auto_kv_cache else self.kv_cache)

@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from neoxrt.export.graph import required_inputs
+
 SUPPORT_FILE = "onnx_tensorrt_operators.json"
 
 
@@ -39,15 +41,14 @@ def support_table() -> dict:
 
 def tensorrt_ready(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose Attention nodes take the whole K/V (cache concatenated before the node), whose
-    inputs with a default are constants, and whose INT4 MatMulNBits (neoxrt calibrate --bits 4) are INT4 DequantizeLinear (block on K) -> MatMul."""
+    inputs with a default are constants, and whose INT4 MatMulNBits (neoxrt calibrate --bits 4) are INT4
+    DequantizeLinear (block on K) -> MatMul."""
     from neoxrt.calibration.int4 import dq_from_matmulnbits
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     dq_from_matmulnbits(out)
-    # inputs with a default (logits_to_keep) become constants: the engine returns every position's logits
-    weights = {t.name for t in out.graph.initializer}
-    kept = [i for i in out.graph.input if i.name not in weights]
+    kept = required_inputs(out.graph)  # inputs with a default (logits_to_keep) become constants: every position's logits
     del out.graph.input[:]
     out.graph.input.extend(kept)
     nodes = []
