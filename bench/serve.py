@@ -175,22 +175,27 @@ def stream_openai(base: str, prompt: str, new_tokens: int) -> dict:
     return timed_sse(f"{base}/completions", body)
 
 
+def sse_events(url: str, body: dict, timeout: float = 600):
+    """POST `body`; each JSON event of the server-sent stream as it arrives."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])
+
+
 def timed_sse(url: str, body: dict) -> dict:
     """POST `body`, read the event stream; time to the first event and to the end, events (= tokens) counted."""
     start = time.perf_counter()
     first, tokens, usage = None, 0, None
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for line in r:
-            if line.startswith(b"data: {"):
-                event = json.loads(line[6:])
-                if "error" in event:
-                    raise RuntimeError(event["error"])
-                if event.get("usage") and not event.get("choices"):  # OpenAI's usage chunk: the server's count
-                    usage = event["usage"]["completion_tokens"]
-                    continue
-                tokens += 1
-                first = first or time.perf_counter()
+    for event in sse_events(url, body):
+        if "error" in event:
+            raise RuntimeError(event["error"])
+        if event.get("usage") and not event.get("choices"):  # OpenAI's usage chunk: the server's count
+            usage = event["usage"]["completion_tokens"]
+            continue
+        tokens += 1
+        first = first or time.perf_counter()
     end = time.perf_counter()
     # a server may merge tokens into one chunk or skip empty ones: its own count where it gives one
     return dict(ttft_ms=(first - start) * 1e3, latency_ms=(end - start) * 1e3, tokens=usage or tokens)

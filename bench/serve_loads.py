@@ -27,16 +27,18 @@ import os
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from neoxrt.bench.results import add_results_flag, command_line, cpu
 from neoxrt.bench.results import commit as git_commit
-from neoxrt.bench.serve import Served, VllmServed, _rss_mib, vllm_python
+from neoxrt.bench.serve import Served, VllmServed, _rss_mib, sse_events, vllm_python
 
 LOADS = ("long", "prefix", "mixed", "short")
+FIGURES = [("wall_s", "wall s", 1), ("tok_s", "tok/s", 1), ("ttft_p50_ms", "TTFT p50 ms", 0),
+           ("ttft_p99_ms", "TTFT p99 ms", 0), ("gap_p99_ms", "gap p99 ms", 0), ("failed", "failed", 0),
+           ("long_prompts_served", "long prompts served", 0)]
 SERVERS = {"neoxrt": {}, "neoxrt-last": {"logits": "last"}, "neoxrt-dynamic": {"kv_cache": "dynamic"}}  # export options
 
 
@@ -46,17 +48,13 @@ def stream(base: str, prompt: list[int], new_tokens: int) -> dict:
             "ignore_eos": True}
     start = time.perf_counter()
     times: list[float] = []
-    req = urllib.request.Request(f"{base}/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=900) as r:
-            for line in r:
-                if line.startswith(b"data: {"):
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        return dict(start=start, times=times, error=str(event["error"]))
-                    if event.get("choices") and event["choices"][0].get("text", "") != "" or \
-                            event.get("choices") and event["choices"][0].get("finish_reason"):
-                        times.append(time.perf_counter())
+        for event in sse_events(f"{base}/completions", body, timeout=900):
+            if "error" in event:
+                return dict(start=start, times=times, error=str(event["error"]))
+            choice = (event.get("choices") or [None])[0]
+            if choice and (choice.get("text", "") != "" or choice.get("finish_reason")):  # a token chunk, or the last
+                times.append(time.perf_counter())
     except OSError as exc:
         return dict(start=start, times=times, error=str(exc))
     return dict(start=start, times=times, error=None)
@@ -170,17 +168,24 @@ def measure(label: str, served, loads: list[str]) -> dict:
     return dict(server=label, ready_s=served.ready_s, rss_peak_mib=peak.peak, loads=out)
 
 
-def markdown(result: dict) -> str:
-    servers = [s["server"] for s in result["servers"]]
-    lines = [f"| load | figure | {' | '.join(servers)} |", f"|---|---|{'---|' * len(servers)}"]
+def table(result: dict) -> list[list]:
+    """One row per load and figure (a cell per server, rounded; None where a server has no such figure), then the
+    servers' peak RSS."""
+    servers = result["servers"]
+    rows = []
     for load in result["loads"]:
         for key, title, digits in FIGURES:
-            cells = [s["loads"].get(load, {}).get(key) for s in result["servers"]]
-            if all(c is None for c in cells):
-                continue
-            lines.append(f"| {load} | {title} | " + " | ".join("" if c is None else f"{c:.{digits}f}" for c in cells) + " |")
-    lines.append("| all | RSS peak MiB | " + " | ".join(f"{s['rss_peak_mib']:.0f}" for s in result["servers"]) + " |")
-    lines.append("| all | ready s | " + " | ".join(f"{s['ready_s']:.1f}" for s in result["servers"]) + " |")
+            cells = [s["loads"].get(load, {}).get(key) for s in servers]
+            if any(c is not None for c in cells):
+                rows.append([load, title] + [None if c is None else round(c, digits) if digits else round(c) for c in cells])
+    return rows + [["all", "RSS peak MiB"] + [round(s["rss_peak_mib"]) for s in servers]]
+
+
+def markdown(result: dict) -> str:
+    servers = [s["server"] for s in result["servers"]]
+    rows = table(result) + [["all", "ready s"] + [round(s["ready_s"], 1) for s in result["servers"]]]
+    lines = [f"| load | figure | {' | '.join(servers)} |", f"|---|---|{'---|' * len(servers)}"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -231,23 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-FIGURES = [("wall_s", "wall s", 1), ("tok_s", "tok/s", 1), ("ttft_p50_ms", "TTFT p50 ms", 0),
-           ("ttft_p99_ms", "TTFT p99 ms", 0), ("gap_p99_ms", "gap p99 ms", 0), ("failed", "failed", 0),
-           ("long_prompts_served", "long prompts served", 0)]
-
-
 def publish(result: dict, name: str) -> None:
     """docs/results/NAME.json: one row per load and figure, a column per server (vLLM's the reference)."""
     from neoxrt.bench.results import write_result
 
     servers = result["servers"]
-    rows = []
-    for load in result["loads"]:
-        for key, title, digits in FIGURES:
-            cells = [s["loads"].get(load, {}).get(key) for s in servers]
-            if any(c is not None for c in cells):
-                rows.append([load, title] + [None if c is None else round(c, digits) if digits else round(c) for c in cells])
-    rows.append(["all", "RSS peak MiB"] + [round(s["rss_peak_mib"]) for s in servers])
     headline = []
     ours, vllm = servers[0], next((s for s in servers if s["server"] == "vLLM"), None)
     measures = {"long": "serving, 8 clients x 1024-token prompts (Pythia-160m shape, fp32), tok/s",
@@ -262,7 +255,7 @@ def publish(result: dict, name: str) -> None:
         headline.append({"measure": "serving: the server's peak RSS over those loads, MiB", "neoxrt": round(a),
                          "reference": f"vLLM 0.32 CPU {b:.0f}", "ratio": round(a / b, 2)})
     write_result(name, "Serving at real prompt lengths: neoxrt serve against vLLM's CPU server, one run",
-                 ["load", "figure"] + [s["server"] for s in servers], rows, command=result["command"],
+                 ["load", "figure"] + [s["server"] for s in servers], table(result), command=result["command"],
                  reference="vLLM 0.32 CPU (its defaults: prefix caching, chunked prefill), same run" if vllm else "",
                  headline=headline, notes="Pythia-160m shape, random fp32 weights, 2 threads; streaming "
                  "/v1/completions clients, token-id prompts, greedy, ignore_eos; each load its own prompts.")
