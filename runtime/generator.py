@@ -376,7 +376,8 @@ class Generator:
         live = np.arange(len(rows))  # original row index of each decoder row
         logits = decoder.step(ids, mask, pos)
         for _ in range(options.max_new_tokens):
-            chosen = next_tokens(masked(logits, [book.constraints[r] for r in live]), [book.seen[r] for r in live],
+            held = masked(logits, [book.constraints[r] for r in live], copy=options.logprobs is not None)
+            chosen = next_tokens(held, [book.seen[r] for r in live],
                                  options, rng, [len(book.generated[r]) for r in live], sorted(book.stops))
             finished = np.zeros(len(live), bool)
             scored = token_logprobs(logits, chosen, options.logprobs)

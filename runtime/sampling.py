@@ -282,8 +282,74 @@ def next_tokens(logits: np.ndarray, seen: list[np.ndarray], options: GenerationO
         if not processes(options):  # plain greedy: the argmax as it comes (exact; no copy)
             return np.asarray(logits).argmax(axis=-1)
         return process(logits, seen, options, generated, stop_ids).argmax(axis=-1)
+    if not processes(options) and options.typical_p >= 1.0:
+        logits = np.asarray(logits)
+        if 0 < options.top_k < logits.shape[-1]:
+            return _sample_top_k(logits, options, rng)
+        if options.top_p >= 1.0:
+            return _sample_tempered(logits, options.temperature, rng)
     probs = token_probs(logits, seen, options, generated, stop_ids)
     return draw(probs, rng)
+
+
+BLOCK = 64  # `_sample_tempered`'s two-level inverse CDF: block sums first, then one block's cumulative sum
+
+
+def _sample_tempered(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """`draw(softmax(logits / temperature))` without normalising or cumulating the whole vocabulary: the
+    exponentials unnormalised (float64, three passes), the inverse CDF found per block of BLOCK tokens, then
+    inside one block. The same draw from the same uniform, up to the rounding of the partial sums; never a token
+    of probability 0 (-inf logits: a constraint's or a processor's bans)."""
+    b, v = logits.shape
+    u = rng.random(b)
+    nb = -(-v // BLOCK)
+    e = np.zeros((b, nb * BLOCK))
+    np.subtract(logits, logits.max(axis=-1, keepdims=True), out=e[:, :v], dtype=np.float64)
+    if temperature != 1.0:
+        e[:, :v] *= 1.0 / temperature
+    np.exp(e[:, :v], out=e[:, :v])
+    blocks = e.reshape(b, nb, BLOCK)
+    ends = np.cumsum(blocks.sum(axis=-1), axis=-1)  # [b, nb]
+    target = u * ends[:, -1]
+    blk = np.minimum((ends <= target[:, None]).sum(axis=-1), nb - 1)  # the first block ending past the target
+    rows = np.arange(b)
+    prior = np.where(blk > 0, ends[rows, blk - 1], 0.0)  # <= target
+    inside = blocks[rows, blk]
+    j = ((prior[:, None] + np.cumsum(inside, axis=-1)) <= target[:, None]).sum(axis=-1)
+    for r in np.flatnonzero(j >= BLOCK):  # rounding put the target past the block's own sum: its last token
+        j[r] = np.flatnonzero(inside[r] > 0)[-1]
+    return blk * BLOCK + j
+
+
+def _sample_top_k(logits: np.ndarray, options: GenerationOptions, rng: np.random.Generator) -> np.ndarray:
+    """Top-k (then top-p) sampling on the survivors only -- the tokens at or above the k-th value (ties kept, as
+    transformers keeps them), in index order, so the draw is the one `draw` makes on the whole row."""
+    kth = _kth_largest(logits, options.top_k)
+    u = rng.random(len(logits))
+    chosen = np.zeros(len(logits), np.int64)
+    for r in range(len(logits)):
+        idx = np.flatnonzero(logits[r] >= kth[r])
+        kept = logits[r, idx].astype(np.float64)[None] / options.temperature
+        cdf = np.cumsum(softmax(apply_top_p(kept, options.top_p))[0])
+        chosen[r] = idx[min(int((cdf <= u[r] * cdf[-1]).sum()), len(idx) - 1)]
+    return chosen
+
+
+def _kth_largest(x: np.ndarray, k: int) -> np.ndarray:
+    """Per row the k-th largest value of [B, V] `x` (np.partition's, exactly), from the candidates at or above
+    the k-th largest of the block maxima (k distinct elements, so no higher than the answer): two passes over
+    the row and a partition of a few hundred values, not of the whole vocabulary."""
+    b, v = x.shape
+    nb = v // BLOCK
+    if nb < 4 * k:
+        return np.partition(x, -k, axis=-1)[:, -k]
+    peaks = x[:, :nb * BLOCK].reshape(b, nb, BLOCK).max(axis=-1)
+    floor = np.partition(peaks, -k, axis=-1)[:, -k]
+    out = np.empty(b, x.dtype)
+    for r in range(b):
+        candidates = x[r][x[r] >= floor[r]]
+        out[r] = np.partition(candidates, -k)[-k]
+    return out
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -542,7 +542,8 @@ class Scheduler:
     def _pick(self, requests: list[Request], logits: np.ndarray) -> np.ndarray:
         """Each request's next token from its logits row (held to its constraint, if any), its own options and
         generator; events sent. Log-probabilities are the model's own (before the constraint's mask)."""
-        raw, logits = logits, masked(logits, [r.constraint for r in requests])  # unconstrained rows untouched
+        raw, logits = logits, masked(logits, [r.constraint for r in requests],  # unconstrained rows untouched
+                                     copy=any(r.options.logprobs is not None for r in requests))
         chosen = np.zeros(len(requests), np.int64)
         plain = [j for j, r in enumerate(requests) if r.options.greedy and not processes(r.options)]
         if plain:

@@ -86,3 +86,43 @@ def test_top_p_after_top_k_sorts_only_the_survivors_and_keeps_the_same_tokens():
         fast, whole = apply_top_p(kept, p), _top_p_rows(kept, p)
         assert np.array_equal(np.isfinite(fast), np.isfinite(whole))
         assert np.array_equal(fast[np.isfinite(fast)], whole[np.isfinite(whole)])
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.7, top_k=12),
+                                    dict(temperature=0.9, top_k=30, top_p=0.8), dict(temperature=1.0, top_k=3)])
+def test_the_fast_samplers_draw_the_token_the_whole_row_draw_does(kwargs):
+    """next_tokens' shortcuts (block-wise inverse CDF; top-k on its survivors) pick, from the same uniforms, the
+    token that draw(token_probs(...)) picks over the whole row -- with ties at the k-th value, banned (-inf) tokens,
+    vocabularies that are not a multiple of the block, several rows -- and never a banned token."""
+    from neoxrt.runtime.sampling import draw, token_probs
+
+    rng = np.random.default_rng(7)
+    options = GenerationOptions(**kwargs)
+    for trial in range(150):
+        vocab, rows = int(rng.integers(40, 3000)), int(rng.integers(1, 5))
+        logits = (rng.normal(size=(rows, vocab)) * rng.uniform(0.2, 6)).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits, 1)  # ties
+        if trial % 2 == 0:
+            logits[rng.random(logits.shape) < rng.uniform(0.1, 0.99)] = -np.inf  # a constraint's bans
+            logits[np.arange(rows), rng.integers(0, vocab, rows)] = 1.0  # every row allows something
+        seen = [np.array([], int)] * rows
+        seed = int(rng.integers(1 << 30))
+        fast = next_tokens(logits, seen, options, np.random.default_rng(seed))
+        whole = draw(token_probs(logits, seen, options), np.random.default_rng(seed))
+        assert np.array_equal(fast, whole), (trial, fast, whole)
+        assert np.isfinite(logits[np.arange(rows), fast]).all()
+
+
+def test_the_kth_largest_from_block_maxima_is_np_partitions():
+    from neoxrt.runtime.sampling import _kth_largest
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        vocab, rows, k = int(rng.integers(5000, 60000)), int(rng.integers(1, 4)), int(rng.integers(1, 80))
+        x = (rng.normal(size=(rows, vocab)) * 4).astype(np.float32)
+        if trial % 2:
+            x = np.round(x)  # many ties
+        if trial % 3 == 0:
+            x[rng.random(x.shape) < 0.999] = -np.inf  # fewer than k finite values in some rows
+        assert np.array_equal(_kth_largest(x, k), np.partition(x, -k, axis=-1)[:, -k])
