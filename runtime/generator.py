@@ -142,18 +142,14 @@ class Generator:
             ArtifactError: missing folder or files, manifest mismatch (files, toolkit version, I/O), a draft
                 with another vocabulary or tokenizer.
         """
-        # a target and its draft run by turns: on ONNX Runtime their threads stop spinning after each run
-        turns = draft is not None
-        generator = cls._load(path, backend, providers, threads, verify, turns)
+        generator = cls._load(path, backend, providers, threads, verify)
         if draft is not None:
             generator.attach_draft(draft if isinstance(draft, Generator) else
-                                   cls._load(draft, backend, providers, threads, verify, turns))
+                                   cls._load(draft, backend, providers, threads, verify))
         return generator
 
     def attach_draft(self, draft: Generator) -> None:
-        """Use `draft` to guess tokens (speculative decoding). Sessions loaded on their own keep ONNX Runtime's
-        spinning threads, which steal the cores from each other between turns: load the pair with
-        `from_artifacts(path, draft=DRAFT_DIR)` instead, which turns it off for both.
+        """Use `draft` to guess tokens (speculative decoding).
 
         Raises:
             ArtifactError: its vocabulary or tokenizer differs from this model's, or this model's graph returns
@@ -176,7 +172,7 @@ class Generator:
                                 "position's logits only)")
 
     @classmethod
-    def _load(cls, path, backend: str, providers, threads: int | None, verify: bool, turns: bool = False) -> Generator:
+    def _load(cls, path, backend: str, providers, threads: int | None, verify: bool) -> Generator:
         path = Path(path)
         if backend not in BACKENDS:
             raise ArtifactError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -193,7 +189,7 @@ class Generator:
 
             session = TrtSession(path, manifest)
         else:
-            session = _ort_session_for(path, manifest, providers, threads, turns=turns)
+            session = _ort_session_for(path, manifest, providers, threads)
         _check_io(session, manifest, path)
         tokenizer = None
         if (path / io.TOKENIZER_FILE).is_file():
@@ -474,9 +470,8 @@ def generation_defaults(path: Path) -> dict:
     return defaults
 
 
-def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file: str = io.MODEL_FILE,
-                     turns: bool = False):
-    from neoxrt.runtime.ort_session import OrtSession, turn_taking_options
+def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file: str = io.MODEL_FILE):
+    from neoxrt.runtime.ort_session import OrtSession
 
     model = path / model_file
     if not model.is_file():
@@ -484,8 +479,7 @@ def _ort_session_for(path: Path, manifest: dict, providers, threads, model_file:
     if manifest.get("plugin"):
         raise ArtifactError(f"artifact {path}: plugin graphs run on TensorRT; export with --attention decomposed or fused "
                             "for ONNX Runtime")
-    return OrtSession(model, providers=providers, threads=threads, config=manifest.get(ORT_SESSION_CONFIG),
-                      options=turn_taking_options() if turns else None)
+    return OrtSession(model, providers=providers, threads=threads, config=manifest.get(ORT_SESSION_CONFIG))
 
 
 def _check_io(session: Session, manifest: dict, path: Path) -> None:

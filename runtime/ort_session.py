@@ -31,23 +31,19 @@ KEEP_FEEDS = {False: np.zeros(1, np.int64), True: np.ones(1, np.int64)}  # logit
 def session_options(threads: int | None = None, base: ort.SessionOptions | None = None,
                     config: dict[str, str] | None = None) -> ort.SessionOptions:
     """Our defaults, plus `config`: session config entries an artifact records for itself (its manifest's
-    `onnxruntime_session_config`, e.g. the MatMulNBits block of a weights-only INT8 artifact)."""
+    `onnxruntime_session_config`, e.g. the MatMulNBits block of a weights-only INT8 artifact).
+
+    The intra-op threads stop spinning when a run returns (`session.force_spinning_stop`): by default they spin
+    on and hold the cores that the work between steps needs -- sampling, grammar masks on llguidance's threads,
+    the server's threads, a speculative draft's own session (measured: the commit that made it the default)."""
     options = base or ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only (TensorScatter warns on every run that is not in place)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
-    return options
-
-
-def turn_taking_options() -> ort.SessionOptions:
-    """Options for sessions that take turns on the same cores (a speculative target and its draft): their
-    threads stop spinning when a run returns. By default each session's pool spins on after every run and steals
-    the cores from the other session's next run, doubling both sessions' step times on a 2-core machine."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 

@@ -46,11 +46,12 @@ def _stops_spinning(session) -> bool:
         return False
 
 
-def test_target_and_draft_do_not_spin_against_each_other(artifacts):
-    """They run by turns on the same cores: neither session's threads spin on after its run returns."""
+def test_no_session_spins_on_after_its_run(artifacts):
+    """A target and its draft run by turns on the same cores, and a model alone leaves the cores to the work
+    between its steps (sampling, grammar masks, the server): no session's threads spin on after a run returns."""
     spec = Generator.from_artifacts(artifacts["fp32"], draft=artifacts["int8"], threads=2)
     assert _stops_spinning(spec.session) and _stops_spinning(spec.draft.session)
-    assert not _stops_spinning(Generator.from_artifacts(artifacts["fp32"], threads=2).session)  # alone: as ORT's
+    assert _stops_spinning(Generator.from_artifacts(artifacts["fp32"], threads=2).session)
 
 
 def test_rows_accepting_different_lengths_stay_exact(artifacts):
