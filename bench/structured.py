@@ -73,15 +73,17 @@ VARIANTS = ("unconstrained", "constrained")
 
 
 class LoopThreadCost:
-    """Seconds the generation loop's own thread spends in the constraint (masking the logits, waiting for a mask,
-    advancing): patched around `masked` where the loops call it and `Constraint.advance`. On a loaded machine the
-    wall-clock ratio swings by more than the constraint costs; this is the cost itself, measured in the same runs."""
+    """Seconds the generation loop's own thread spends in the constraint (checking a choice, masking the logits,
+    advancing): patched around `masked` where the loops call it (runtime/sampling.py) and `Constraint.accepts` and
+    `Constraint.advance`. On a loaded machine the wall-clock ratio swings by more than the constraint costs; this is
+    the cost itself, measured in the same runs."""
 
     def __init__(self):
-        from neoxrt.runtime import generator, scheduler, structured
+        from neoxrt.runtime import sampling, structured
 
-        self.seconds, self.modules, self.structured = 0.0, (generator, scheduler), structured
-        self.saved = [(m, m.masked) for m in self.modules] + [(structured.Constraint, structured.Constraint.advance)]
+        self.seconds = 0.0
+        self.saved = [(sampling, "masked"), (structured.Constraint, "accepts"), (structured.Constraint, "advance")]
+        self.saved = [(owner, name, getattr(owner, name)) for owner, name in self.saved]
 
     def _timed(self, fn):
         def wrapper(*args, **kwargs):
@@ -93,14 +95,13 @@ class LoopThreadCost:
         return wrapper
 
     def __enter__(self):
-        for module in self.modules:
-            module.masked = self._timed(module.masked)
-        self.structured.Constraint.advance = self._timed(self.structured.Constraint.advance)
+        for owner, name, fn in self.saved:
+            setattr(owner, name, self._timed(fn))
         return self
 
     def __exit__(self, *exc):
-        for owner, fn in self.saved:
-            setattr(owner, "masked" if owner is not self.structured.Constraint else "advance", fn)
+        for owner, name, fn in self.saved:
+            setattr(owner, name, fn)
 
 
 def measure(shape: str, rounds: int, tokens: int, threads: int | None) -> dict:

@@ -14,10 +14,10 @@ from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, GrammarError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.beam import BeamOptions, beam_search
-from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, top_indices
+from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens, log_softmax, top_indices
 from neoxrt.runtime.session import Session
 from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
-from neoxrt.runtime.structured import FINISHED, Constraint, Grammars, masked
+from neoxrt.runtime.structured import FINISHED, Constraint, Grammars
 
 SPECULATIVE_KEYS = ("num_draft_tokens", "prompt_lookup_tokens", "max_ngram")
 BEAM_KEYS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")
@@ -372,9 +372,8 @@ class Generator:
         live = np.arange(len(rows))  # original row index of each decoder row
         logits = decoder.step(ids, mask, pos)
         for _ in range(options.max_new_tokens):
-            held = masked(logits, [book.constraints[r] for r in live], copy=options.logprobs is not None)
-            chosen = next_tokens(held, [book.seen[r] for r in live],
-                                 options, rng, [len(book.generated[r]) for r in live], sorted(book.stops))
+            chosen = constrained_next_tokens(logits, [book.constraints[r] for r in live], [book.seen[r] for r in live],
+                                             options, rng, [len(book.generated[r]) for r in live], sorted(book.stops))
             finished = np.zeros(len(live), bool)
             scored = token_logprobs(logits, chosen, options.logprobs)
             for j, row in enumerate(live):

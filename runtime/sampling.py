@@ -11,7 +11,7 @@ import numpy as np
 
 from neoxrt.contract import MAX_COUNT
 from neoxrt.errors import RuntimeShapeError
-from neoxrt.runtime.structured import StructuredOutputs
+from neoxrt.runtime.structured import StructuredOutputs, masked
 
 
 def _is_int(value) -> bool:
@@ -290,6 +290,38 @@ def next_tokens(logits: np.ndarray, seen: list[np.ndarray], options: GenerationO
             return _sample_tempered(logits, options.temperature, rng)
     probs = token_probs(logits, seen, options, generated, stop_ids)
     return draw(probs, rng)
+
+
+def checks_first(options: GenerationOptions) -> bool:
+    """Whether a constrained row may take its unconstrained choice when the grammar allows it, exactly: greedy
+    (with any processor: masking and the processors commute, and an argmax the mask allows is the masked argmax),
+    and sampling from the whole tempered distribution (a draw the grammar allows, kept, is a draw from the
+    distribution restricted to what it allows: rejection sampling). Not top-k, top-p or typical-p, whose kept
+    set depends on the mask."""
+    return options.greedy or (options.top_k == 0 and options.top_p >= 1.0 and options.typical_p >= 1.0)
+
+
+def constrained_next_tokens(logits: np.ndarray, constraints, seen: list[np.ndarray], options: GenerationOptions,
+                            rng: np.random.Generator | None, generated: list[int] | None = None,
+                            stop_ids=()) -> np.ndarray:
+    """`next_tokens` with each row held to its constraint (None: unconstrained); `logits` left as they are.
+
+    Where it is exact (`checks_first`), the rows' unconstrained choices come first and a constrained row keeps
+    its choice when the grammar allows it (one `validate_tokens` call, under a microsecond); only the rows it
+    refuses get a mask, and are drawn again from their masked logits (as llama.cpp samples under a grammar).
+    Elsewhere every constrained row is masked first."""
+    rows = [j for j, c in enumerate(constraints) if c is not None and not c.finished]
+    if not rows:
+        return next_tokens(logits, seen, options, rng, generated, stop_ids)
+    if not checks_first(options):
+        return next_tokens(masked(logits, constraints), seen, options, rng, generated, stop_ids)
+    chosen = np.array(next_tokens(logits, seen, options, rng, generated, stop_ids), np.int64)
+    refused = [j for j in rows if not constraints[j].accepts(int(chosen[j]))]
+    if refused:
+        again = masked(np.asarray(logits)[refused], [constraints[j] for j in refused], copy=False)  # a copy already
+        chosen[refused] = next_tokens(again, [seen[j] for j in refused], options, rng,
+                                      None if generated is None else [generated[j] for j in refused], stop_ids)
+    return chosen
 
 
 BLOCK = 64  # `_sample_tempered`'s two-level inverse CDF: block sums first, then one block's cumulative sum

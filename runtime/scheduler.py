@@ -54,9 +54,10 @@ from neoxrt.engine_meta import DECODE, PROMPT
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
 from neoxrt.runtime.generator import Generator, RowBook, TokenEvent, left_pad, token_logprobs
 from neoxrt.runtime.kv_pool import KVPool, default_memory, is_static, pool_for
-from neoxrt.runtime.sampling import GenerationOptions, log_softmax, next_tokens, processes, top_indices
+from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens, log_softmax, processes, top_indices
 from neoxrt.runtime.scheduler_stats import Histogram, SchedulerStats
-from neoxrt.runtime.structured import masked
+
+GREEDY = GenerationOptions(temperature=0.0)  # plain greedy rows' choice: the argmax
 
 __all__ = ["Histogram", "QueueFullError", "Request", "RequestCancelled", "Scheduler", "SchedulerDown", "SchedulerStats"]
 
@@ -542,18 +543,17 @@ class Scheduler:
     def _pick(self, requests: list[Request], logits: np.ndarray) -> np.ndarray:
         """Each request's next token from its logits row (held to its constraint, if any), its own options and
         generator; events sent. Log-probabilities are the model's own (before the constraint's mask)."""
-        raw, logits = logits, masked(logits, [r.constraint for r in requests],  # unconstrained rows untouched
-                                     copy=any(r.options.logprobs is not None for r in requests))
         chosen = np.zeros(len(requests), np.int64)
         plain = [j for j, r in enumerate(requests) if r.options.greedy and not processes(r.options)]
-        if plain:
-            chosen[plain] = logits[plain].argmax(axis=-1)
+        if plain:  # one argmax for them all (then each constrained one checked, masked where refused)
+            chosen[plain] = constrained_next_tokens(logits[plain], [requests[j].constraint for j in plain],
+                                                    [None] * len(plain), GREEDY, None)
         for j, r in enumerate(requests):
             if j not in plain:
-                chosen[j] = next_tokens(logits[j:j + 1], [r.seen], r.options, r.rng, [len(r.generated)],
-                                        sorted(r.book.stops))[0]
+                chosen[j] = constrained_next_tokens(logits[j:j + 1], [r.constraint], [r.seen], r.options, r.rng,
+                                                    [len(r.generated)], sorted(r.book.stops))[0]
         for j, r in enumerate(requests):
-            scored = token_logprobs(raw[j:j + 1], chosen[j:j + 1], r.options.logprobs)
+            scored = token_logprobs(logits[j:j + 1], chosen[j:j + 1], r.options.logprobs)
             self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))
         return chosen
 

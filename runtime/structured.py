@@ -142,7 +142,16 @@ class Constraint:
         return ~self.banned()
 
     def accepts(self, token: int) -> bool:
-        return not self.banned()[int(token)]
+        """Whether the mask allows `token` next, computing the mask only where the grammar forces bytes. Elsewhere
+        llguidance's own check of one token agrees with its mask (tests/runtime/test_structured.py checks it over
+        every token of many states); where bytes are forced (after `48` in `"age":48,"role"...`) the mask keeps only
+        their canonical tokens (`,"`) while the check also passes other spellings (`,`)."""
+        token = int(token)
+        if not 0 <= token < self.vocab:
+            return False
+        if self._banned is not None or self.matcher.compute_ff_tokens():
+            return not self.banned()[token]
+        return self.matcher.validate_tokens([token]) == 1
 
     def advance(self, token: int) -> None:
         """Take the emitted `token`.

@@ -32,7 +32,8 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     out = {}
-    for name, options in {"fused": ExportOptions(kv_cache="dynamic"), "fused-fp16": ExportOptions(dtype="fp16", kv_cache="dynamic"),
+    for name, options in {"fused": ExportOptions(kv_cache="dynamic"),
+                          "fused-fp16": ExportOptions(dtype="fp16", kv_cache="dynamic"),
                           "decomposed": ExportOptions(attention="decomposed"),
                           "plugin-fp16": ExportOptions(attention="plugin", dtype="fp16"),
                           "static-fp16": ExportOptions(dtype="fp16", kv_cache="static")}.items():

@@ -401,3 +401,71 @@ def test_constraints_from_many_threads_at_once(artifacts):
     with ThreadPoolExecutor(8) as pool:
         made = list(pool.map(grammars.constraint, specs))
     assert all(c.allowed().any() and not c.finished for c in made) and len(grammars._cache) == 4
+
+
+@pytest.mark.parametrize("kind,spec", CASES + [("json_object", True)], ids=["person", "nested", "regex", "choice", "grammar",
+                                                                          "json_object"])
+def test_accepts_is_the_masks_verdict_on_every_token(artifacts, kind, spec):
+    """Constraint.accepts (llguidance's one-token check, the mask only where bytes are forced) says, for every token
+    of every state along sampled outputs, what the mask says: the sampler's shortcut relies on it."""
+    gen = artifacts["default"]
+    rng = np.random.default_rng(3)
+    states = 0
+    for _ in range(8):
+        masks, checks = (gen.grammars.constraint(StructuredOutputs.parse({kind: spec})) for _ in range(2))
+        while not masks.finished and states < 120:
+            allowed = masks.allowed()
+            verdict = np.array([checks.accepts(t) for t in range(masks.vocab)])
+            assert np.array_equal(verdict, allowed), np.flatnonzero(verdict != allowed)[:5]
+            token = int(rng.choice(np.flatnonzero(allowed)))
+            masks.advance(token)
+            checks.advance(token)
+            states += 1
+    assert states >= 8  # at least one state per output
+
+
+@pytest.mark.parametrize("kind,spec", CASES, ids=["person", "nested", "regex", "choice", "grammar"])
+def test_greedy_checking_the_choice_first_is_greedy_masking_every_step(artifacts, kind, spec, monkeypatch):
+    from neoxrt.runtime import sampling
+
+    for model in ("default", "random"):
+        fast = artifacts[model].generate(PROMPTS, max_new_tokens=120, structured_outputs={kind: spec})
+        with monkeypatch.context() as m:
+            m.setattr(sampling, "checks_first", lambda options: False)
+            every = artifacts[model].generate(PROMPTS, max_new_tokens=120, structured_outputs={kind: spec})
+        assert fast.ids == every.ids and fast.finish_reasons == every.finish_reasons
+
+
+class _Banning:
+    """A constraint stand-in: a fixed set of banned tokens."""
+
+    finished = False
+
+    def __init__(self, banned: np.ndarray):
+        self._banned = banned
+
+    def banned(self) -> np.ndarray:
+        return self._banned
+
+    def accepts(self, token: int) -> bool:
+        return not self._banned[int(token)]
+
+
+def test_sampling_checking_the_choice_first_draws_from_the_masked_distribution():
+    """Rejection sampling: a draw the constraint allows is kept, a refused one drawn again from the masked
+    logits -- the frequencies are the masked softmax's (with a repetition penalty too: it commutes with the mask)."""
+    from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens, softmax
+
+    rng = np.random.default_rng(5)
+    logits = np.tile(rng.normal(size=(1, 12)) * 1.5, (30000, 1)).astype(np.float32)
+    banned = np.zeros(12, bool)
+    banned[[0, 3, 4, 9]] = True
+    seen = [np.array([1, 2])] * len(logits)
+    for options in (GenerationOptions(temperature=0.8), GenerationOptions(temperature=1.2, repetition_penalty=1.3)):
+        draws = constrained_next_tokens(logits, [_Banning(banned)] * len(logits), seen, options, np.random.default_rng(1))
+        assert not banned[draws].any()
+        want = np.where(banned, -np.inf, logits[0]).astype(np.float64)
+        if options.repetition_penalty != 1.0:
+            want[[1, 2]] = np.where(want[[1, 2]] < 0, want[[1, 2]] * 1.3, want[[1, 2]] / 1.3)
+        expected = softmax(want[None] / options.temperature)[0]
+        assert np.abs(np.bincount(draws, minlength=12) / len(draws) - expected).max() < 0.012

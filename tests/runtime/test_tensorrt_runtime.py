@@ -32,7 +32,8 @@ QUIET = dict(log=lambda *_: None)
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt-runtime")
     out = {}
-    for name, options in {"static": ExportOptions(kv_cache="static"), "dynamic": ExportOptions(logits="last", kv_cache="dynamic")}.items():
+    for name, options in {"static": ExportOptions(kv_cache="static"),
+                          "dynamic": ExportOptions(logits="last", kv_cache="dynamic")}.items():
         export_checkpoint(default_checkpoint(), root / name, options, **QUIET)
         out[name] = root / name
     return out
