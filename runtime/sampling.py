@@ -301,27 +301,70 @@ def checks_first(options: GenerationOptions) -> bool:
     return options.greedy or (options.top_k == 0 and options.top_p >= 1.0 and options.typical_p >= 1.0)
 
 
+RETRIES = 4  # further candidates a refused row tries (the next draws, the next-best tokens) before it is masked
+
+
 def constrained_next_tokens(logits: np.ndarray, constraints, seen: list[np.ndarray], options: GenerationOptions,
                             rng: np.random.Generator | None, generated: list[int] | None = None,
                             stop_ids=()) -> np.ndarray:
     """`next_tokens` with each row held to its constraint (None: unconstrained); `logits` left as they are.
 
     Where it is exact (`checks_first`), the rows' unconstrained choices come first and a constrained row keeps
-    its choice when the grammar allows it (one `validate_tokens` call, under a microsecond); only the rows it
-    refuses get a mask, and are drawn again from their masked logits (as llama.cpp samples under a grammar).
-    Elsewhere every constrained row is masked first."""
+    its choice when the grammar allows it (one llguidance check of one token, microseconds); a refused row tries
+    up to RETRIES more candidates from the same work -- further draws from the same tempered distribution, or
+    greedy's next-best tokens in order -- and only then is masked and chosen among the tokens its mask allows
+    (as llama.cpp samples under a grammar). Each is exact: a draw kept because the grammar allows it is a draw from
+    the distribution restricted to what it allows, and the first allowed of the best tokens is the masked
+    argmax. Elsewhere (top-k, top-p, typical-p) every constrained row is masked first."""
     rows = [j for j, c in enumerate(constraints) if c is not None and not c.finished]
     if not rows:
         return next_tokens(logits, seen, options, rng, generated, stop_ids)
     if not checks_first(options):
         return next_tokens(masked(logits, constraints), seen, options, rng, generated, stop_ids)
-    chosen = np.array(next_tokens(logits, seen, options, rng, generated, stop_ids), np.int64)
-    refused = [j for j in rows if not constraints[j].accepts(int(chosen[j]))]
+    logits = np.asarray(logits)
+    tempered = not options.greedy and not processes(options)
+    if tempered:
+        blocks, ends = _tempered_table(logits, options.temperature)
+        chosen = _draw_table(blocks, ends, rng.random(len(logits)))
+    else:
+        chosen = np.array(next_tokens(logits, seen, options, rng, generated, stop_ids), np.int64)
+    refused = []
+    for j in rows:
+        c = constraints[j]
+        if c.accepts(int(chosen[j])):
+            continue
+        if c.forced() >= 0:  # the one token allowed
+            chosen[j] = c.forced()
+            continue
+        if tempered:
+            candidates = (_draw_table(blocks[j:j + 1], ends[j:j + 1], rng.random(1))[0] for _ in range(RETRIES))
+        elif not processes(options):
+            candidates = top_indices(logits[j:j + 1], RETRIES + 1)[0, 1:]  # [0] was the choice
+        else:
+            candidates = ()
+        chosen[j] = next((int(t) for t in candidates if c.accepts(int(t))), -1)
+        if chosen[j] < 0 and (tempered or not processes(options)):  # among the allowed tokens only
+            chosen[j] = _choose_among(logits[j], np.flatnonzero(~c.banned()[:logits.shape[-1]]), options, rng)
+        elif chosen[j] < 0:
+            refused.append(j)
     if refused:
-        again = masked(np.asarray(logits)[refused], [constraints[j] for j in refused], copy=False)  # a copy already
+        again = masked(logits[refused], [constraints[j] for j in refused], copy=False)  # a copy already
         chosen[refused] = next_tokens(again, [seen[j] for j in refused], options, rng,
                                       None if generated is None else [generated[j] for j in refused], stop_ids)
     return chosen
+
+
+def _choose_among(logits: np.ndarray, allowed: np.ndarray, options: GenerationOptions, rng) -> int:
+    """Greedy's or tempered sampling's token from one row's logits [V] restricted to `allowed` (ascending ids):
+    the masked argmax (ties: the lower id), or a draw from the masked distribution -- working on the allowed
+    tokens alone (a forced byte allows one or two of 50k)."""
+    if not len(allowed):
+        return int(np.asarray(logits).argmax())  # nothing allowed: the grammar's bug, reported when it advances
+    kept = logits[allowed].astype(np.float64)
+    if options.greedy:
+        return int(allowed[kept.argmax()])
+    cdf = np.cumsum(np.exp((kept - kept.max()) / options.temperature))
+    return int(allowed[min(int((cdf <= rng.random() * cdf[-1]).sum()), len(allowed) - 1)])
 
 
 BLOCK = 64  # `_sample_tempered`'s two-level inverse CDF: block sums first, then one block's cumulative sum
@@ -332,8 +375,14 @@ def _sample_tempered(logits: np.ndarray, temperature: float, rng: np.random.Gene
     exponentials unnormalised (float64, three passes), the inverse CDF found per block of BLOCK tokens, then
     inside one block. The same draw from the same uniform, up to the rounding of the partial sums; never a token
     of probability 0 (-inf logits: a constraint's or a processor's bans)."""
+    blocks, ends = _tempered_table(logits, temperature)
+    return _draw_table(blocks, ends, rng.random(len(logits)))
+
+
+def _tempered_table(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """`_sample_tempered`'s work that does not depend on the uniform: the unnormalised exponentials by block
+    [B, NB, BLOCK] and the blocks' cumulative sums [B, NB]."""
     b, v = logits.shape
-    u = rng.random(b)
     nb = -(-v // BLOCK)
     e = np.zeros((b, nb * BLOCK))
     np.subtract(logits, logits.max(axis=-1, keepdims=True), out=e[:, :v], dtype=np.float64)
@@ -341,10 +390,15 @@ def _sample_tempered(logits: np.ndarray, temperature: float, rng: np.random.Gene
         e[:, :v] *= 1.0 / temperature
     np.exp(e[:, :v], out=e[:, :v])
     blocks = e.reshape(b, nb, BLOCK)
-    ends = np.cumsum(blocks.sum(axis=-1), axis=-1)  # [b, nb]
+    return blocks, np.cumsum(blocks.sum(axis=-1), axis=-1)
+
+
+def _draw_table(blocks: np.ndarray, ends: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One token per row from `_tempered_table`'s table and uniforms `u` [B] in [0, 1)."""
+    nb = ends.shape[-1]
     target = u * ends[:, -1]
     blk = np.minimum((ends <= target[:, None]).sum(axis=-1), nb - 1)  # the first block ending past the target
-    rows = np.arange(b)
+    rows = np.arange(len(ends))
     prior = np.where(blk > 0, ends[rows, blk - 1], 0.0)  # <= target
     inside = blocks[rows, blk]
     j = ((prior[:, None] + np.cumsum(inside, axis=-1)) <= target[:, None]).sum(axis=-1)

@@ -116,7 +116,7 @@ def _one_line(message: str, limit: int = 300) -> str:
 class Constraint:
     """One row's grammar state over a vocabulary of `vocab` logits (the model's, padding ids included)."""
 
-    __slots__ = ("matcher", "vocab", "_bits", "_banned")
+    __slots__ = ("matcher", "vocab", "_bits", "_banned", "_forced", "_stopped")
 
     def __init__(self, matcher, vocab: int):
         from llguidance.numpy import allocate_token_bitmask
@@ -124,11 +124,28 @@ class Constraint:
         self.matcher, self.vocab = matcher, vocab
         self._bits = allocate_token_bitmask(1, vocab)[0]  # llguidance's bitmask of the allowed tokens
         self._banned: np.ndarray | None = None  # the current state's mask, unpacked and inverted; None: not filled
+        self._forced: int | None = None  # the current state's forced token, -1 none; None: not asked
+        self._stopped: bool | None = None  # the current state's `finished`; None: not asked
+
+    def _new_state(self) -> None:
+        self._banned = self._forced = self._stopped = None
 
     @property
     def finished(self) -> bool:
         """The grammar is complete and allows nothing more (only EOS)."""
-        return self.matcher.is_stopped()
+        if self._stopped is None:
+            self._stopped = self.matcher.is_stopped()
+        return self._stopped
+
+    def forced(self) -> int:
+        """The one token the grammar allows next where it forces bytes (`"text":"` after `{`), else -1. Where it
+        forces bytes llguidance's mask is that one token, the first of their canonical tokenization (its
+        TokenParser::compute_mask_inner: `singleton_token_set(ff_tokens[0])`; tests/runtime/test_structured.py
+        checks the two agree), so no mask need be computed there."""
+        if self._forced is None:
+            ff = self.matcher.compute_ff_tokens()
+            self._forced = int(ff[0]) if ff else -1
+        return self._forced
 
     def banned(self) -> np.ndarray:
         """[V] bool: the tokens the grammar does not allow next. The library computes its bitmask without the GIL;
@@ -142,15 +159,18 @@ class Constraint:
         return ~self.banned()
 
     def accepts(self, token: int) -> bool:
-        """Whether the mask allows `token` next, computing the mask only where the grammar forces bytes. Elsewhere
-        llguidance's own check of one token agrees with its mask (tests/runtime/test_structured.py checks it over
-        every token of many states); where bytes are forced (after `48` in `"age":48,"role"...`) the mask keeps only
-        their canonical tokens (`,"`) while the check also passes other spellings (`,`)."""
+        """Whether the mask allows `token` next, without computing the mask. Where the grammar forces bytes (after
+        `48` in `"age":48,"role"...`) the mask is their canonical first token (`,"`: `forced`), while llguidance's
+        check of one token also passes other spellings (`,`); elsewhere that check agrees with the mask
+        (tests/runtime/test_structured.py checks both over every token of many states)."""
         token = int(token)
         if not 0 <= token < self.vocab:
             return False
-        if self._banned is not None or self.matcher.compute_ff_tokens():
-            return not self.banned()[token]
+        if self._banned is not None:
+            return not self._banned[token]
+        forced = self.forced()
+        if forced >= 0:
+            return token == forced
         return self.matcher.validate_tokens([token]) == 1
 
     def advance(self, token: int) -> None:
@@ -159,14 +179,14 @@ class Constraint:
         Raises:
             GrammarError: the grammar does not allow it (the loop masks, so this is a bug, not bad input).
         """
-        self._banned = None
+        self._new_state()
         if not self.matcher.consume_token(int(token)):
             raise GrammarError(f"token {token} is not allowed by the grammar here: {_one_line(self.matcher.get_error())}")
 
     def rollback(self, tokens: int) -> None:
         """Undo the last `tokens` advances (speculative decoding's rejected guesses)."""
         if tokens:
-            self._banned = None
+            self._new_state()
             if not self.matcher.rollback(int(tokens)):
                 raise GrammarError(f"the grammar state could not roll back {tokens} tokens: {self.matcher.get_error()}")
 
@@ -186,6 +206,10 @@ def fill(constraints) -> None:
     both cores during the step, and a third thread preempting one of them stalls the other at every barrier
     (the step grew by twice the masks' own time)."""
     rows = [c for c in constraints if c is not None and c._banned is None]
+    for c in [c for c in rows if c._forced is not None and c._forced >= 0]:  # known: its mask is one token
+        c._banned = np.ones(c.vocab, bool)
+        c._banned[c._forced] = False
+        rows.remove(c)
     if not rows:
         return
     from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par

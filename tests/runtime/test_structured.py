@@ -406,8 +406,8 @@ def test_constraints_from_many_threads_at_once(artifacts):
 @pytest.mark.parametrize("kind,spec", CASES + [("json_object", True)], ids=["person", "nested", "regex", "choice", "grammar",
                                                                           "json_object"])
 def test_accepts_is_the_masks_verdict_on_every_token(artifacts, kind, spec):
-    """Constraint.accepts (llguidance's one-token check, the mask only where bytes are forced) says, for every token
-    of every state along sampled outputs, what the mask says: the sampler's shortcut relies on it."""
+    """Constraint.accepts (llguidance's one-token check; where bytes are forced, the forced token) says, for every
+    token of every state along sampled outputs, what llguidance's mask says: the sampler's shortcut relies on it."""
     gen = artifacts["default"]
     rng = np.random.default_rng(3)
     states = 0
@@ -450,6 +450,10 @@ class _Banning:
     def accepts(self, token: int) -> bool:
         return not self._banned[int(token)]
 
+    def forced(self) -> int:
+        allowed = np.flatnonzero(~self._banned)
+        return int(allowed[0]) if len(allowed) == 1 else -1
+
 
 def test_sampling_checking_the_choice_first_draws_from_the_masked_distribution():
     """Rejection sampling: a draw the constraint allows is kept, a refused one drawn again from the masked
@@ -469,3 +473,28 @@ def test_sampling_checking_the_choice_first_draws_from_the_masked_distribution()
             want[[1, 2]] = np.where(want[[1, 2]] < 0, want[[1, 2]] * 1.3, want[[1, 2]] / 1.3)
         expected = softmax(want[None] / options.temperature)[0]
         assert np.abs(np.bincount(draws, minlength=12) / len(draws) - expected).max() < 0.012
+    # the grammar allows only the three least likely tokens (a few per cent of the mass): most rows exhaust their
+    # further draws and are masked, the rest keep a later draw -- together still the masked distribution
+    unlikely = np.argsort(logits[0])[:3]
+    banned = np.ones(12, bool)
+    banned[unlikely] = False
+    options = GenerationOptions(temperature=1.0)
+    draws = constrained_next_tokens(logits, [_Banning(banned)] * len(logits), seen, options, np.random.default_rng(2))
+    assert set(np.unique(draws)) <= set(unlikely.tolist())
+    expected = softmax(np.where(banned, -np.inf, logits[0]).astype(np.float64)[None])[0]
+    assert np.abs(np.bincount(draws, minlength=12) / len(draws) - expected).max() < 0.012
+
+
+def test_greedy_under_a_constraint_takes_the_best_allowed_token_near_or_far_down_the_order():
+    """A refused greedy choice tries the next-best tokens in order (ties: the lower id, as argmax), then masks:
+    either way the masked argmax."""
+    from neoxrt.runtime.sampling import RETRIES, GenerationOptions, constrained_next_tokens
+
+    logits = np.array([[0.0, 5.0, 4.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.25, -1.0]], np.float32)
+    order = [1, 2, 3, 4, 5, 6, 7, 8, 0, 9]
+    for allowed_rank in (0, 1, 2, RETRIES, RETRIES + 1, 9):  # near: a candidate; far: past them, masked
+        banned = np.ones(10, bool)
+        banned[order[allowed_rank:]] = False
+        got = constrained_next_tokens(logits, [_Banning(banned)], [np.array([], np.int64)],
+                                      GenerationOptions(temperature=0.0), None)
+        assert got[0] == np.where(banned, -np.inf, logits[0]).argmax() == order[allowed_rank]
