@@ -368,11 +368,12 @@ def _choose_among(logits: np.ndarray, allowed: np.ndarray, options: GenerationOp
 
 
 BLOCK = 64  # `_sample_tempered`'s two-level inverse CDF: block sums first, then one block's cumulative sum
+_ONES = np.ones(BLOCK, np.float32)  # a block's sum as a matrix-vector product
 
 
 def _sample_tempered(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
     """`draw(softmax(logits / temperature))` without normalising or cumulating the whole vocabulary: the
-    exponentials unnormalised (float64, three passes), the inverse CDF found per block of BLOCK tokens, then
+    exponentials unnormalised (float32; their running sums float64), the inverse CDF found per block of BLOCK tokens, then
     inside one block. The same draw from the same uniform, up to the rounding of the partial sums; never a token
     of probability 0 (-inf logits: a constraint's or a processor's bans)."""
     blocks, ends = _tempered_table(logits, temperature)
@@ -381,16 +382,18 @@ def _sample_tempered(logits: np.ndarray, temperature: float, rng: np.random.Gene
 
 def _tempered_table(logits: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """`_sample_tempered`'s work that does not depend on the uniform: the unnormalised exponentials by block
-    [B, NB, BLOCK] and the blocks' cumulative sums [B, NB]."""
+    [B, NB, BLOCK] and the blocks' cumulative sums [B, NB]. The exponentials are float32 (of logits less their
+    maximum: in (0, 1], a relative error of 1e-7 against float64's, at a third of the time), the block sums one
+    matrix-vector product, their cumulative sums float64."""
     b, v = logits.shape
     nb = -(-v // BLOCK)
-    e = np.zeros((b, nb * BLOCK))
-    np.subtract(logits, logits.max(axis=-1, keepdims=True), out=e[:, :v], dtype=np.float64)
+    e = np.zeros((b, nb * BLOCK), np.float32)
+    np.subtract(logits, logits.max(axis=-1, keepdims=True), out=e[:, :v], dtype=np.float32)
     if temperature != 1.0:
-        e[:, :v] *= 1.0 / temperature
+        e[:, :v] *= np.float32(1.0 / temperature)
     np.exp(e[:, :v], out=e[:, :v])
     blocks = e.reshape(b, nb, BLOCK)
-    return blocks, np.cumsum(blocks.sum(axis=-1), axis=-1)
+    return blocks, np.cumsum(blocks @ _ONES, axis=-1, dtype=np.float64)
 
 
 def _draw_table(blocks: np.ndarray, ends: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -401,7 +404,7 @@ def _draw_table(blocks: np.ndarray, ends: np.ndarray, u: np.ndarray) -> np.ndarr
     rows = np.arange(len(ends))
     prior = np.where(blk > 0, ends[rows, blk - 1], 0.0)  # <= target
     inside = blocks[rows, blk]
-    j = ((prior[:, None] + np.cumsum(inside, axis=-1)) <= target[:, None]).sum(axis=-1)
+    j = ((prior[:, None] + np.cumsum(inside, axis=-1, dtype=np.float64)) <= target[:, None]).sum(axis=-1)
     for r in np.flatnonzero(j >= BLOCK):  # rounding put the target past the block's own sum: its last token
         j[r] = np.flatnonzero(inside[r] > 0)[-1]
     return blk * BLOCK + j
