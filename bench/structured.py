@@ -82,8 +82,8 @@ class LoopThreadCost:
         from neoxrt.runtime import sampling, structured
 
         self.seconds = 0.0
-        self.saved = [(sampling, "masked"), (structured.Constraint, "accepts"), (structured.Constraint, "advance")]
-        self.saved = [(owner, name, getattr(owner, name)) for owner, name in self.saved]
+        self.saved = [(owner, name, getattr(owner, name)) for owner, name in
+                      ((sampling, "masked"), (structured.Constraint, "accepts"), (structured.Constraint, "advance"))]
 
     def _timed(self, fn):
         def wrapper(*args, **kwargs):

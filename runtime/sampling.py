@@ -322,31 +322,31 @@ def constrained_next_tokens(logits: np.ndarray, constraints, seen: list[np.ndarr
     if not checks_first(options):
         return next_tokens(masked(logits, constraints), seen, options, rng, generated, stop_ids)
     logits = np.asarray(logits)
-    tempered = not options.greedy and not processes(options)
+    direct = not processes(options)  # the logits as they are: plain greedy, or the whole tempered distribution
+    tempered = direct and not options.greedy
     if tempered:
         blocks, ends = _tempered_table(logits, options.temperature)
         chosen = _draw_table(blocks, ends, rng.random(len(logits)))
     else:
         chosen = np.array(next_tokens(logits, seen, options, rng, generated, stop_ids), np.int64)
-    refused = []
+    refused = []  # rows left to mask and choose again through the processors
     for j in rows:
         c = constraints[j]
         if c.accepts(int(chosen[j])):
             continue
-        if c.forced() >= 0:  # the one token allowed
-            chosen[j] = c.forced()
-            continue
-        if tempered:
-            candidates = (_draw_table(blocks[j:j + 1], ends[j:j + 1], rng.random(1))[0] for _ in range(RETRIES))
-        elif not processes(options):
-            candidates = top_indices(logits[j:j + 1], RETRIES + 1)[0, 1:]  # [0] was the choice
-        else:
-            candidates = ()
-        chosen[j] = next((int(t) for t in candidates if c.accepts(int(t))), -1)
-        if chosen[j] < 0 and (tempered or not processes(options)):  # among the allowed tokens only
-            chosen[j] = _choose_among(logits[j], np.flatnonzero(~c.banned()[:logits.shape[-1]]), options, rng)
-        elif chosen[j] < 0:
+        forced = c.forced()
+        if forced >= 0:  # the one token allowed
+            chosen[j] = forced
+        elif not direct:
             refused.append(j)
+        else:
+            if tempered:
+                candidates = (_draw_table(blocks[j:j + 1], ends[j:j + 1], rng.random(1))[0] for _ in range(RETRIES))
+            else:
+                candidates = top_indices(logits[j:j + 1], RETRIES + 1)[0, 1:]  # [0] was the choice
+            found = next((int(t) for t in candidates if c.accepts(int(t))), None)
+            chosen[j] = found if found is not None else \
+                _choose_among(logits[j], np.flatnonzero(~c.banned()[:logits.shape[-1]]), options, rng)
     if refused:
         again = masked(logits[refused], [constraints[j] for j in refused], copy=False)  # a copy already
         chosen[refused] = next_tokens(again, [seen[j] for j in refused], options, rng,

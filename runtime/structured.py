@@ -206,10 +206,11 @@ def fill(constraints) -> None:
     both cores during the step, and a third thread preempting one of them stalls the other at every barrier
     (the step grew by twice the masks' own time)."""
     rows = [c for c in constraints if c is not None and c._banned is None]
-    for c in [c for c in rows if c._forced is not None and c._forced >= 0]:  # known: its mask is one token
-        c._banned = np.ones(c.vocab, bool)
-        c._banned[c._forced] = False
-        rows.remove(c)
+    for c in rows:
+        if c._forced is not None and c._forced >= 0:  # known: its mask is that one token
+            c._banned = np.ones(c.vocab, bool)
+            c._banned[c._forced] = False
+    rows = [c for c in rows if c._banned is None]
     if not rows:
         return
     from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
