@@ -373,7 +373,8 @@ class Generator:
         logits = decoder.step(ids, mask, pos)
         for _ in range(options.max_new_tokens):
             chosen = constrained_next_tokens(logits, [book.constraints[r] for r in live], [book.seen[r] for r in live],
-                                             options, rng, [len(book.generated[r]) for r in live], sorted(book.stops))
+                                             options, rng, [len(book.generated[r]) for r in live], sorted(book.stops),
+                                             in_place=options.logprobs is None)
             finished = np.zeros(len(live), bool)
             scored = token_logprobs(logits, chosen, options.logprobs)
             for j, row in enumerate(live):

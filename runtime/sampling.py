@@ -306,8 +306,9 @@ RETRIES = 4  # further candidates a refused row tries (the next draws, the next-
 
 def constrained_next_tokens(logits: np.ndarray, constraints, seen: list[np.ndarray], options: GenerationOptions,
                             rng: np.random.Generator | None, generated: list[int] | None = None,
-                            stop_ids=()) -> np.ndarray:
-    """`next_tokens` with each row held to its constraint (None: unconstrained); `logits` left as they are.
+                            stop_ids=(), in_place: bool = False) -> np.ndarray:
+    """`next_tokens` with each row held to its constraint (None: unconstrained); `logits` left as they are, unless
+    `in_place` (a caller that keeps no unmasked logits: the rows that are masked are masked in it, no copy).
 
     Where it is exact (`checks_first`), the rows' unconstrained choices come first and a constrained row keeps
     its choice when the grammar allows it (one llguidance check of one token, microseconds); a refused row tries
@@ -320,7 +321,7 @@ def constrained_next_tokens(logits: np.ndarray, constraints, seen: list[np.ndarr
     if not rows:
         return next_tokens(logits, seen, options, rng, generated, stop_ids)
     if not checks_first(options):
-        return next_tokens(masked(logits, constraints), seen, options, rng, generated, stop_ids)
+        return next_tokens(masked(logits, constraints, copy=not in_place), seen, options, rng, generated, stop_ids)
     logits = np.asarray(logits)
     direct = not processes(options)  # the logits as they are: plain greedy, or the whole tempered distribution
     tempered = direct and not options.greedy

@@ -551,7 +551,8 @@ class Scheduler:
         for j, r in enumerate(requests):
             if j not in plain:
                 chosen[j] = constrained_next_tokens(logits[j:j + 1], [r.constraint], [r.seen], r.options, r.rng,
-                                                    [len(r.generated)], sorted(r.book.stops))[0]
+                                                    [len(r.generated)], sorted(r.book.stops),
+                                                    in_place=r.options.logprobs is None)[0]  # its row only
         for j, r in enumerate(requests):
             scored = token_logprobs(logits[j:j + 1], chosen[j:j + 1], r.options.logprobs)
             self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))

@@ -498,3 +498,25 @@ def test_greedy_under_a_constraint_takes_the_best_allowed_token_near_or_far_down
         got = constrained_next_tokens(logits, [_Banning(banned)], [np.array([], np.int64)],
                                       GenerationOptions(temperature=0.0), None)
         assert got[0] == np.where(banned, -np.inf, logits[0]).argmax() == order[allowed_rank]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=1.0, top_k=5, seed=4)], ids=["greedy", "top-k"])
+def test_log_probabilities_under_a_constraint_are_the_models_own(artifacts, options):
+    """Masking in place (no unmasked logits kept) is only for rows that report no log-probabilities: under a
+    constraint, a reported log p is the model's, never the mask's -- the forced first token `{"` would have log p 0
+    under the mask -- alone and in the scheduler's batch beside a row that reports none."""
+    from neoxrt.runtime.scheduler import Scheduler
+
+    gen = artifacts["default"]
+    kwargs = dict(max_new_tokens=12, structured_outputs={"json": PERSON}, logprobs=2, **options)
+    alone = gen.generate([PROMPTS[0]], **kwargs)
+    logps = [t["logprob"] for t in alone.logprobs[0]]
+    assert logps[0] < -1e-3 and all(np.isfinite(logps)), logps[:3]
+    sched, seen = Scheduler(gen, max_batch=2), []
+    sched.submit(PROMPTS[1], lambda e: None, **{**kwargs, "logprobs": None})
+    sched.submit(PROMPTS[0], lambda e: seen.append(e.logprob), **kwargs)
+    for _ in range(100):
+        if not (sched.stats.active or sched.stats.queued):
+            break
+        sched.step()
+    assert len(seen) == len(logps) and np.allclose(seen, logps, atol=1e-4)
