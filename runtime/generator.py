@@ -100,6 +100,20 @@ class RowBook:
                                                                 len(self.generated[row]), self.options), logprob, top)
 
 
+def _take_forced(book: RowBook):
+    """Emit the tokens row 0's grammar forces from here (`Constraint.forced`: what sampling under its mask would
+    take, with no draw, whatever the options), until it has a choice again; yields their events and returns them
+    (None: the row finished). Jump-forward decoding: they are fed to the model together, in one step."""
+    constraint, taken = book.constraints[0], []
+    while not constraint.finished and constraint.forced() >= 0:
+        event = book.emit(0, constraint.forced())
+        yield event
+        if event.finish_reason:
+            return None
+        taken.append(event.token_id)
+    return taken
+
+
 def finish_reason(token: int, reason: str | None, stops: set[int], constraint, generated: int,
                   options: GenerationOptions) -> str | None:
     """Why a row ends with `token` (None: it goes on): a stop string (`reason`), a stop token, its grammar complete,
@@ -370,6 +384,16 @@ class Generator:
         decoder = self.session.decoder(len(rows), ids.shape[1] + options.max_new_tokens)
         rng = np.random.default_rng(options.seed)
         live = np.arange(len(rows))  # original row index of each decoder row
+        # one constrained row: the tokens its grammar forces go into one step with the token before them
+        jump = len(rows) == 1 and book.constraints[0] is not None and options.logprobs is None
+        if jump:
+            taken = yield from _take_forced(book)
+            if taken is None:
+                return
+            if taken:  # with the prompt
+                ahead = np.array([taken], np.int64)
+                ids, mask = np.concatenate([ids, ahead], axis=1), np.concatenate([mask, np.ones_like(ahead)], axis=1)
+                pos = np.concatenate([pos, pos[:, -1:] + 1 + np.arange(len(taken))], axis=1)
         logits = decoder.step(ids, mask, pos)
         for _ in range(options.max_new_tokens):
             chosen = constrained_next_tokens(logits, [book.constraints[r] for r in live], [book.seen[r] for r in live],
@@ -388,8 +412,13 @@ class Generator:
             if len(keep) < len(live):
                 decoder.keep_rows(keep)
                 mask, pos, live = mask[keep], pos[keep], live[keep]
-            mask = np.concatenate([mask, np.ones((len(live), 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
+            if jump:
+                taken = yield from _take_forced(book)
+                if taken is None:
+                    return
+                nxt = np.array([[int(nxt[0, 0]), *taken]], np.int64)
+            mask = np.concatenate([mask, np.ones(nxt.shape, np.int64)], axis=1)
+            pos = pos[:, -1:] + 1 + np.arange(nxt.shape[1])
             logits = decoder.step(nxt, mask, pos)
 
     def prompt_logprobs(self, prompts) -> list[list[float | None]]:

@@ -316,10 +316,17 @@ def constrained_next_tokens(logits: np.ndarray, constraints, seen: list[np.ndarr
     greedy's next-best tokens in order -- and only then is masked and chosen among the tokens its mask allows
     (as llama.cpp samples under a grammar). Each is exact: a draw kept because the grammar allows it is a draw from
     the distribution restricted to what it allows, and the first allowed of the best tokens is the masked
-    argmax. Elsewhere (top-k, top-p, typical-p) every constrained row is masked first."""
+    argmax. Elsewhere (top-k, top-p, typical-p) every constrained row is masked first.
+
+    Where every row's grammar forces its next token (`Constraint.forced`: the mask is that one token) the tokens
+    are taken as they are, nothing drawn -- whatever the options, the masked distribution holds that token alone
+    (processors that would ban it too leave nothing else to choose). One row alone (batch 1, or a scheduler's
+    request) thus draws only where it has a choice, whichever loop runs it."""
     rows = [j for j, c in enumerate(constraints) if c is not None and not c.finished]
     if not rows:
         return next_tokens(logits, seen, options, rng, generated, stop_ids)
+    if len(rows) == len(logits) and all(constraints[j].forced() >= 0 for j in rows):
+        return np.array([constraints[j].forced() for j in rows], np.int64)
     if not checks_first(options):
         return next_tokens(masked(logits, constraints, copy=not in_place), seen, options, rng, generated, stop_ids)
     logits = np.asarray(logits)

@@ -520,3 +520,74 @@ def test_log_probabilities_under_a_constraint_are_the_models_own(artifacts, opti
             break
         sched.step()
     assert len(seen) == len(logps) and np.allclose(seen, logps, atol=1e-4)
+
+
+def test_a_row_its_grammar_forces_takes_the_token_without_a_draw():
+    """Every row forced (the mask is one token): that token, whatever the options, and nothing drawn -- so one row
+    draws the same uniforms whichever loop runs it (the Generator's, which feeds forced tokens together, or the
+    scheduler's). A row beside it with a choice: drawn as before."""
+    from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens
+
+    logits = np.random.default_rng(3).normal(size=(2, 12)).astype(np.float32)
+    one = np.ones(12, bool)
+    one[7] = False
+    seen = [np.array([1, 2])] * 2
+    for options in (GenerationOptions(temperature=0.0), GenerationOptions(temperature=1.0),
+                    GenerationOptions(temperature=0.7, top_k=3, repetition_penalty=1.2)):
+        rng = np.random.default_rng(9)
+        assert constrained_next_tokens(logits[:1], [_Banning(one)], seen[:1], options, rng).tolist() == [7]
+        assert rng.random() == np.random.default_rng(9).random()
+    rng = np.random.default_rng(9)
+    both = constrained_next_tokens(logits, [_Banning(one), None], seen, GenerationOptions(temperature=1.0), rng)
+    assert both[0] == 7 and rng.random() != np.random.default_rng(9).random()
+
+
+def _counting_steps(gen, monkeypatch):
+    """Patch `gen`'s session so that every decoder it makes counts its steps in the returned list."""
+    steps, make = [0], gen.session.decoder
+
+    def decoder(*args, **kwargs):
+        d = make(*args, **kwargs)
+        step = d.step
+
+        def counted(*a, **k):
+            steps[0] += 1
+            return step(*a, **k)
+        d.step = counted
+        return d
+    monkeypatch.setattr(gen.session, "decoder", decoder)
+    return steps
+
+
+@pytest.mark.parametrize("kind,spec", CASES, ids=["person", "nested", "regex", "choice", "grammar"])
+def test_forced_tokens_are_fed_together_and_change_nothing(artifacts, kind, spec, monkeypatch):
+    """Jump-forward at batch 1: the tokens a grammar forces (`{"name":"`, `","age":`) go to the model in one step
+    with the token before them -- one step fewer for each, the same tokens as one step a token (greedy, and
+    sampled with the same seed: a forced token draws nothing either way)."""
+    from neoxrt.runtime import generator
+
+    gen = artifacts["default"]
+    for options in (dict(), dict(temperature=1.0, seed=2), dict(temperature=0.8, top_p=0.9, seed=5)):
+        kwargs = dict(max_new_tokens=120, structured_outputs={kind: spec}, **options)
+        steps = _counting_steps(gen, monkeypatch)
+        together = gen.generate([PROMPTS[1]], **kwargs)
+        fed, steps[0] = steps[0], 0
+        with monkeypatch.context() as m:
+            m.setattr(generator, "_take_forced", lambda book: _none())
+            apart = gen.generate([PROMPTS[1]], **kwargs)
+        assert together.ids == apart.ids and together.finish_reasons == apart.finish_reasons
+        ids = together.ids[0]
+        c = gen.grammars.constraint(StructuredOutputs.parse({kind: spec}))
+        forced = 0
+        for token in ids:
+            forced += c.forced() >= 0
+            c.advance(token)
+        assert steps[0] == len(ids) and fed == len(ids) - forced
+        if kind == "json":
+            assert forced >= 5  # the keys
+
+
+def _none():
+    """`_take_forced` turned off: takes nothing (a generator returning [])."""
+    return []
+    yield
