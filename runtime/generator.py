@@ -385,7 +385,9 @@ class Generator:
         rng = np.random.default_rng(options.seed)
         live = np.arange(len(rows))  # original row index of each decoder row
         # one constrained row: the tokens its grammar forces go into one step with the token before them
-        jump = len(rows) == 1 and book.constraints[0] is not None and options.logprobs is None
+        # (ONNX Runtime: a TensorRT engine takes steps of several tokens after a past only in its verify profile)
+        jump = (len(rows) == 1 and book.constraints[0] is not None and options.logprobs is None
+                and getattr(self.session, "verify_tokens", None) is None)
         if jump:
             taken = yield from _take_forced(book)
             if taken is None:

@@ -142,8 +142,8 @@ class Constraint:
         forces bytes llguidance's mask is that one token, the first of their canonical tokenization (its
         TokenParser::compute_mask_inner: `singleton_token_set(ff_tokens[0])`; tests/runtime/test_structured.py
         checks the two agree), so no mask need be computed there."""
-        if self._forced is None:  # the forced bytes first: cheaper to ask, and none in most states
-            ff = self.matcher.compute_ff_tokens() if self.matcher.compute_ff_bytes() else None
+        if self._forced is None:  # not compute_ff_bytes first: it forces bytes even where a grammar says no_forcing
+            ff = self.matcher.compute_ff_tokens()
             self._forced = int(ff[0]) if ff else -1
         return self._forced
 
