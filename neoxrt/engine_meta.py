@@ -127,8 +127,12 @@ def check_consistent(shapes: dict, inputs: list[dict]) -> None:
 
 def select_profile(profiles: dict, batch: int, sequence: int, past: int, cache: int | None = None) -> str:
     """The profile that serves a step (past = tokens already in the cache; cache = static-cache slots), or a
-    RuntimeShapeError saying what the engine supports."""
+    RuntimeShapeError saying what the engine supports. A static-cache step of several tokens after a past (a
+    prompt chunk) takes the prompt profile unless the verify profile holds it: the static contract has no past
+    axis, write indices place the tokens."""
     name = PROMPT if past == 0 else DECODE if sequence == 1 else VERIFY
+    if name == VERIFY and cache is not None and not (VERIFY in profiles and profiles[VERIFY][io.SEQUENCE].contains(sequence)):
+        name = PROMPT
     if name not in profiles:
         raise RuntimeShapeError(f"engine has no {VERIFY} profile: a step of {sequence} tokens after a past of {past} "
                                 "needs an engine built with neoxrt build --verify-tokens K")

@@ -25,6 +25,10 @@ instead of computing them.
 
 Memory bound: (capacity_tokens + prefix blocks x block) x layers x 2 x heads x head_dim values of the cache dtype,
 allocated once; a repack moves the live rows in place (at most one row-head block of keys or values copied aside).
+
+The storage is this class's host arrays bound to ONNX Runtime; `runtime/trt_pool.py`'s `DeviceKVPool` keeps the
+same rows in device buffers of a TensorRT engine, overriding the storage methods (`_storage`, `_copy_row`,
+`_relayout`, `_new_arena`, `_block_io`, `_execute`) and nothing else.
 """
 
 from __future__ import annotations
@@ -62,8 +66,10 @@ def default_memory(session, max_rows: int, max_positions: int, prefix: bool = Tr
     return min(need, int(available_memory() * MEMORY_SHARE))
 
 
-def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bool = True, block: int = 32) -> KVPool:
-    """A pool of `memory` bytes: the prefix cache's share (when on) in blocks of `block` tokens, the rest slots.
+def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bool = True, block: int = 32,
+             cls: type | None = None, max_width: int | None = None) -> KVPool:
+    """A pool of `memory` bytes: the prefix cache's share (when on) in blocks of `block` tokens, the rest slots
+    (`cls`: KVPool, or runtime/trt_pool.py's DeviceKVPool).
 
     Raises:
         NeoxrtError: the memory holds less than one row of `block` tokens.
@@ -75,7 +81,7 @@ def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bo
     if capacity < block:
         raise NeoxrtError(f"--kv-cache-memory {memory / 2**30:.3f} GiB holds {capacity} tokens of this model's cache "
                           f"({per_token} bytes a token); expected room for at least {block}")
-    return KVPool(session, max_rows, capacity, blocks, block, max_positions)
+    return (cls or KVPool)(session, max_rows, capacity, blocks, block, max_positions, max_width)
 
 
 def is_static(session) -> bool:
@@ -87,12 +93,11 @@ class KVPool:
     static-cache export."""
 
     def __init__(self, session, max_rows: int, capacity_tokens: int, prefix_blocks: int = 0, block: int = 32,
-                 max_positions: int = 1 << 30):
+                 max_positions: int = 1 << 30, max_width: int | None = None):
         """`max_positions`: the model's context (padding positions are clamped below it: the rotary tables end
-        there); `prefix_blocks` blocks of `block` tokens for prefix reuse (0: off)."""
-        if not is_static(session) or not hasattr(session, "sess"):
-            raise NeoxrtError("the KV-cache pool needs an ONNX Runtime session of a static-cache export "
-                              "(neoxrt export --kv-cache static)")
+        there); `prefix_blocks` blocks of `block` tokens for prefix reuse (0: off); `max_width`: the most slots a
+        run may bind per row (a TensorRT engine's cache profile; None: no bound but the capacity)."""
+        self._check(session)
         if max_rows < 1 or capacity_tokens < 1:
             raise NeoxrtError(f"the KV-cache pool needs max_rows >= 1 and capacity_tokens >= 1, got {max_rows} and "
                               f"{capacity_tokens}")
@@ -100,31 +105,78 @@ class KVPool:
         _, self.heads, _, self.head_dim = (int(x) if not isinstance(x, str) else x for x in spec.shape)
         self.dtype = np.dtype(spec.dtype)
         self.session, self.max_rows, self.capacity = session, max_rows, capacity_tokens
-        self.max_positions = max_positions
+        self.max_positions, self.max_width = max_positions, max_width or capacity_tokens
         self.names = [n for i in range(session.num_layers) for n in (io.past_key(i), io.past_value(i))]
         self.presents = [n.replace("past_key_values.", "present.") for n in self.names]
-        self.flat = [np.zeros(capacity_tokens * self.heads * self.head_dim, self.dtype) for _ in self.names]
-        logits = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
+        self.logits_spec = logits = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
         self.all_logits = io.logits_rows(logits, 2) == 2
         # a run may ask for the last position's logits only: prompt chunks then skip the LM head but at their last
-        self.keeps = self.all_logits and session.keeps_logits
+        self.keeps = self.all_logits and bool(getattr(session, "keeps_logits", False))
+        self.ragged_last = False  # whether `last` gives each row's last real token when the rows' lengths differ
         self.vocab = logits.shape[-1]
         self.rows: list = []  # request ids, in slot order
         self.ends: list[int] = []  # per row: tokens cached (= the next write slot)
         self.reserved: list[int] = []  # per row: slots it may grow to (prompt + max_new_tokens)
         self.width = 0
         self.repacks = 0
+        self._storage()
+        self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
+
+    # -- storage: host memory bound to ONNX Runtime (runtime/trt_pool.py: device memory, a TensorRT engine) --
+    @staticmethod
+    def _check(session) -> None:
+        if not is_static(session) or not hasattr(session, "sess"):
+            raise NeoxrtError("the KV-cache pool needs an ONNX Runtime session of a static-cache export "
+                              "(neoxrt export --kv-cache static)")
+
+    def _storage(self) -> None:
+        """One flat buffer per cache tensor, zeroed (a masked slot still enters attention's products: no NaN)."""
+        self.flat = [np.zeros(self.capacity * self.heads * self.head_dim, self.dtype) for _ in self.names]
         self._logits: dict[tuple, np.ndarray] = {}
-        self.binding = session.sess.io_binding()
+        self.binding = self.session.sess.io_binding()
         self._io = getattr(self.binding, "_iobinding", None)
         import onnxruntime as ort
 
         from neoxrt.runtime.ort_session import KEEP_FEEDS
 
         self._keep_feeds = KEEP_FEEDS
-
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device() if self._io is not None else None
-        self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
+
+    def _copy_row(self, dst: int, src: int, n: int) -> None:
+        """Row `src`'s first `n` slots into row `dst` (every cache tensor, at the current width)."""
+        for t in range(len(self.names)):
+            view = self._view(t, len(self.rows), self.width)
+            view[dst, :, :n] = view[src, :, :n]
+
+    def _relayout(self, b: int, keep: int, old: int, width: int) -> None:
+        """The `b` rows' first `keep` slots, laid out at `old` slots a row, re-laid at `width`."""
+        # in place, one (row, head) block of keep x head_dim values at a time: widening moves every block to a
+        # higher offset, so the last goes first; narrowing, the first (no block is overwritten before it moves)
+        blocks = range(b * self.heads)
+        d = self.head_dim
+        for flat in self.flat:
+            for i in reversed(blocks) if width > old else blocks:
+                flat[i * width * d:(i * width + keep) * d] = flat[i * old * d:(i * old + keep) * d]
+
+    def read(self, t: int) -> np.ndarray:
+        """Cache tensor `t` of the live rows, [B, H, W, D], copied out (tests)."""
+        return self._view(t, len(self.rows), self.width).copy()
+
+    def write(self, t: int, values: np.ndarray) -> None:
+        """Cache tensor `t` of the live rows set to `values` [B, H, W, D] (tests)."""
+        self._view(t, len(self.rows), self.width)[...] = values
+
+    def _new_arena(self, blocks: int, block: int):
+        return np.zeros((blocks, len(self.names), self.heads, block, self.head_dim), self.dtype)
+
+    def _block_io(self, arena, slot: int, j: int, start: int, block: int, to_arena: bool) -> None:
+        """Between arena block `slot` and row `j`'s slots [start, start + block), every cache tensor."""
+        for t in range(len(self.names)):
+            row = self._view(t, len(self.rows), self.width)[j]  # [H, W, D]
+            if to_arena:
+                arena[slot, t] = row[:, start:start + block]
+            else:
+                row[:, start:start + block] = arena[slot, t]
 
     # -- memory -------------------------------------------------------------------------------------------
     def fits(self, reserve: int) -> bool:
@@ -153,9 +205,8 @@ class KVPool:
         """Free `rid`'s slots: the last row moves into them (one row copy per cache tensor)."""
         j, last = self.rows.index(rid), len(self.rows) - 1
         if j != last:
-            for t in range(len(self.names)):
-                view = self._view(t, len(self.rows), self.width)
-                view[j, :, :self.ends[last]] = view[last, :, :self.ends[last]]
+            if self.ends[last]:
+                self._copy_row(j, last, self.ends[last])
             self.rows[j], self.ends[j], self.reserved[j] = self.rows[last], self.ends[last], self.reserved[last]
         del self.rows[last], self.ends[last], self.reserved[last]
         longest = max(self.ends, default=0)
@@ -179,7 +230,7 @@ class KVPool:
         return self.flat[t][:n].reshape(batch, self.heads, width, self.head_dim)
 
     def _grown(self, need: int) -> int:
-        limit = self.capacity // max(len(self.rows), 1)
+        limit = min(self.capacity // max(len(self.rows), 1), self.max_width)
         if need > limit:
             raise RuntimeShapeError(f"KV-cache pool: a run needs {need} slots per row, {len(self.rows)} rows allow "
                                     f"{limit} of {self.capacity}")
@@ -192,13 +243,7 @@ class KVPool:
         keep = min(max(self.ends, default=0), width)
         b = len(self.rows)
         if b and keep and width != self.width:
-            # in place, one (row, head) block of keep x head_dim values at a time: widening moves every block to a
-            # higher offset, so the last goes first; narrowing, the first (no block is overwritten before it moves)
-            blocks = range(b * self.heads)
-            d, old = self.head_dim, self.width
-            for flat in self.flat:
-                for i in reversed(blocks) if width > old else blocks:
-                    flat[i * width * d:(i * width + keep) * d] = flat[i * old * d:(i * old + keep) * d]
+            self._relayout(b, keep, self.width, width)
         self.width = width
         self.repacks += 1
 
@@ -229,8 +274,18 @@ class KVPool:
                  io.ATTENTION_MASK: (np.arange(width)[None] < (ends + real)[:, None]).astype(np.int64),
                  io.POSITION_IDS: np.minimum(ends[:, None] + np.arange(s)[None], limit),
                  io.WRITE_INDICES: ends}
-        if self.session.cache_branch:  # Optimum's merged decoders
+        if getattr(self.session, "cache_branch", False):  # Optimum's merged decoders
             feeds["use_cache_branch"] = np.array([True])
+        logits = self._execute(lo, feeds, real, last)
+        if advance:
+            for j in range(b):
+                self.ends[lo + j] += int(real[j])
+        return logits
+
+    def _execute(self, lo: int, feeds: dict, real: np.ndarray, last: bool) -> np.ndarray:
+        """The run of `feeds` over rows lo.. (their cache bound in place at the current width); the logits."""
+        b, s = feeds[io.INPUT_IDS].shape
+        width = self.width
         if self.keeps:
             feeds[io.LOGITS_TO_KEEP] = self._keep_feeds[last]
         dims = (b, s if self.all_logits and not (last and self.keeps) else 1, self.vocab)
@@ -248,9 +303,6 @@ class KVPool:
             self._bind(name, self.dtype, shape, pointer, False)
             self._bind(out, self.dtype, shape, pointer, True)
         self.session.sess.run_with_iobinding(self.binding)
-        if advance:
-            for j in range(b):
-                self.ends[lo + j] += int(real[j])
         return logits
 
     def _bind(self, name: str, dtype, shape, pointer: int, output: bool) -> None:
@@ -280,7 +332,7 @@ class PrefixCache:
 
     def __init__(self, pool: KVPool, blocks: int, block: int):
         self.pool, self.block = pool, block
-        self.arena = np.zeros((blocks, len(pool.names), pool.heads, block, pool.head_dim), pool.dtype)
+        self.arena = pool._new_arena(blocks, block)
         self.free = list(range(blocks))
         self.index: OrderedDict[tuple, int] = OrderedDict()  # prefix ids (a tuple) -> arena block; LRU first
         self.hits = self.queries = self.evictions = 0  # tokens found, tokens asked about, blocks evicted
@@ -306,10 +358,8 @@ class PrefixCache:
         j = self.pool.rows.index(rid)
         if n + 1 > self.pool.width:
             self.pool._reshape(self.pool._grown(n + 1))
-        for t in range(len(self.pool.names)):
-            row = self.pool._view(t, len(self.pool.rows), self.pool.width)[j]  # [H, W, D]
-            for k, slot in enumerate(found):
-                row[:, k * self.block:(k + 1) * self.block] = self.arena[slot, t]
+        for k, slot in enumerate(found):
+            self.pool._block_io(self.arena, slot, j, k * self.block, self.block, to_arena=False)
         self.pool.ends[j] = n
         self.hits += n
         return n
@@ -328,9 +378,7 @@ class PrefixCache:
                 self.evictions += 1
                 self.free.append(slot)
             slot = self.free.pop()
-            for t in range(len(self.pool.names)):
-                row = self.pool._view(t, len(self.pool.rows), self.pool.width)[j]
-                self.arena[slot, t] = row[:, k * self.block:(k + 1) * self.block]
+            self.pool._block_io(self.arena, slot, j, k * self.block, self.block, to_arena=True)
             self.index[key] = slot
         self._touch(keys)
 

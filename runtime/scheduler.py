@@ -3,7 +3,8 @@
 `Generator` runs one batch from its prompt step to its last token, compacting finished rows out; the
 `Scheduler` adds the other half, joining. Two ways of keeping the cache, picked by the artifact:
 
-**The KV-cache pool** (static-cache exports, `--kv-cache static`; `runtime/kv_pool.py`): the cache lives in slots
+**The KV-cache pool** (static-cache exports, `--kv-cache static`; `runtime/kv_pool.py` on ONNX Runtime, in host
+memory; `runtime/trt_pool.py` on a static-cache TensorRT engine, in device memory): the cache lives in slots
 allocated once and written in place. Every step
 
     1. drops rows whose client went away (`is_cancelled`) and requests still queued likewise: their slots are free
@@ -164,11 +165,7 @@ class Scheduler:
         self.on_step = on_step  # called after every step (metrics)
         self.pool: KVPool | None = None
         if is_static(self.session):
-            if not hasattr(self.session, "sess"):
-                raise ArtifactError("in-flight batching of a static-cache artifact needs ONNX Runtime (its KV-cache "
-                                    "pool); export --kv-cache dynamic for other backends")
-            memory = kv_cache_memory or default_memory(self.session, max_batch, generator.max_positions, prefix_cache)
-            self.pool = pool_for(self.session, max_batch, memory, generator.max_positions, prefix_cache, prefix_block)
+            self.pool = self._pool(kv_cache_memory, prefix_cache, prefix_block)
         self.stats = SchedulerStats(pool_capacity=self.pool.capacity if self.pool else 0)
         self._queue: deque[Request] = deque()
         self._live: list[Request] = []
@@ -181,6 +178,23 @@ class Scheduler:
         self._stopping = False
         self.last_error: BaseException | None = None  # what ended a step (or the loop) unexpectedly
         self._step_started: float | None = None  # monotonic start of the step in progress (the watchdog's beat)
+
+    def _pool(self, memory: int | None, prefix: bool, block: int) -> KVPool:
+        """The KV-cache pool of a static-cache artifact: host memory on ONNX Runtime, device memory on a TensorRT
+        engine (its cache profile bounds a row's slots)."""
+        positions = self.generator.max_positions
+        if hasattr(self.session, "sess"):
+            memory = memory or default_memory(self.session, self.max_batch, positions, prefix)
+            return pool_for(self.session, self.max_batch, memory, positions, prefix, block)
+        from neoxrt.runtime.trt_pool import DeviceKVPool, default_device_memory, engine_slots, is_static_engine
+
+        if not is_static_engine(self.session):
+            raise ArtifactError(f"in-flight batching of a static-cache artifact needs ONNX Runtime or a TensorRT "
+                                f"engine (their KV-cache pools), got {type(self.session).__name__}; export "
+                                f"--kv-cache dynamic for other backends")
+        memory = memory or default_device_memory(self.session, self.max_batch, prefix)
+        return pool_for(self.session, self.max_batch, memory, positions, prefix, block, cls=DeviceKVPool,
+                        max_width=engine_slots(self.session))
 
     # -- submitting -------------------------------------------------------------------------------------
     def submit(self, prompt, on_event: Callable[[TokenEvent], None], on_error=None, is_cancelled=None,
@@ -398,8 +412,8 @@ class Scheduler:
             ids = np.full((len(rows), width), self.generator.eos_token_id or 0, np.int64)
             for j, r in enumerate(rows):
                 ids[j, :plan[r.id]] = r.prompt[r.done:r.done + plan[r.id]]
-            last = self.pool.keeps and len({plan[r.id] for r in rows}) == 1 and all(
-                r.on_prompt_logprobs is None for r in rows)  # every row's last real token is the chunk's last
+            last = self.pool.keeps and (self.pool.ragged_last or len({plan[r.id] for r in rows}) == 1) and all(
+                r.on_prompt_logprobs is None for r in rows)  # every row's last real token (the chunk's last)
             logits = self._run_rows(rows, ids, np.array([plan[r.id] for r in rows]), last)
             firsts, lasts = [], []
             for r, out in zip(rows, logits):
@@ -440,13 +454,14 @@ class Scheduler:
         logits_to_keep, whose equal chunks skip the LM head) where the chunk length changes."""
         groups: list[list] = []
         position = {rid: j for j, rid in enumerate(self.pool.rows)}
-        room = self.pool.capacity // max(len(self.pool.rows), 1)  # the widest a row may be laid out
+        room = min(self.pool.capacity // max(len(self.pool.rows), 1), self.pool.max_width)  # the widest a row may be
         for rid in rids:
             g = groups[-1] if groups else None
             if g and position[g[-1]] + 1 == position[rid]:
                 lengths = [plan[x] for x in g] + [plan[rid]]
                 slots = max(self.pool.ends[position[x]] for x in g + [rid]) + max(lengths)
-                mixed = self.pool.all_logits and not self.pool.keeps  # lengths may differ (every position's logits)
+                # lengths may differ where every position's logits come back, or each row's last real one
+                mixed = self.pool.all_logits and (self.pool.ragged_last or not self.pool.keeps)
                 if (mixed or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths) and slots <= room:
                     g.append(rid)
                     continue
@@ -617,13 +632,14 @@ class Scheduler:
 
 def engine_limits(session) -> dict[str, int]:
     """{batch, prompt, context} a TensorRT engine's profiles allow ({} for other sessions): the scheduler's rows,
-    a prompt's tokens, and prompt + new tokens (the decode profile's past + 1)."""
+    a prompt's tokens, and prompt + new tokens (the decode profile's past + 1, or its cache slots)."""
     profiles = getattr(session, "profiles", None)
     if not isinstance(profiles, dict) or PROMPT not in profiles or DECODE not in profiles:
         return {}
     prompt, decode = profiles[PROMPT], profiles[DECODE]
+    context = decode[io.CACHE_SEQUENCE].max if io.CACHE_SEQUENCE in decode else decode[io.PAST_SEQUENCE].max + 1
     return {"batch": min(prompt[io.BATCH].max, decode[io.BATCH].max), "prompt": prompt[io.SEQUENCE].max,
-            "context": decode[io.PAST_SEQUENCE].max + 1}
+            "context": context}
 
 
 def _prompt_logprobs(logits: np.ndarray, prompt: list[int], top: int) -> list:

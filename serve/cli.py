@@ -44,7 +44,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=t.nonnegative_float, default=0.0, metavar="GIB",
                    help="GiB of KV-cache pool, allocated at start (static-cache artifacts: the export default); "
                         "default 0: what --max-batch rows of the whole context need, at most a quarter of the "
-                        "memory available at start")
+                        "memory available at start (a TensorRT engine: device memory, at most half the free)")
     p.add_argument("--max-prefill-tokens", type=t.positive_int, default=256,
                    help="prompt tokens computed per step; longer prompts are chunked between decode steps (256)")
     p.add_argument("--no-prefix-cache", action="store_true",

@@ -71,6 +71,10 @@ class FakeCudart:
 
     def __init__(self, memory: Memory):
         self.memory, self.copies_2d = memory, 0
+        self.free = 1 << 34  # what cudaMemGetInfo reports free
+
+    def cudaMemGetInfo(self):
+        return (0, self.free, 1 << 35)
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         data = self.memory.view(src, nbytes).copy()

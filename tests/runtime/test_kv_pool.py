@@ -47,27 +47,31 @@ def drain(sched, limit=400):
     raise AssertionError(f"scheduler not done after {limit} steps")
 
 
-def test_pool_rows_move_and_widen_intact(generator):
-    """remove() moves the last row into the hole, a wider width re-lays the rows: their slots keep their values."""
-    pool = KVPool(generator.session, max_rows=4, capacity_tokens=4 * 256)
+def rows_move_and_widen_intact(pool) -> None:
+    """remove() moves the last row into the hole, a wider width re-lays the rows: their slots keep their values
+    (`pool`: empty, room for 4 rows of 256 slots)."""
     rng = np.random.default_rng(0)
     for rid in range(3):
         pool.add(rid, 200)
         pool.set_length(rid, 10 + rid)
     want = {}
     for t in range(len(pool.names)):
-        view = pool._view(t, 3, pool.width)
-        view[...] = rng.standard_normal(view.shape)
-        want[t] = {rid: view[j, :, :pool.ends[j]].copy() for j, rid in enumerate(pool.rows)}
+        values = rng.standard_normal((3, pool.heads, pool.width, pool.head_dim)).astype(pool.dtype)
+        pool.write(t, values)
+        want[t] = {rid: values[j, :, :pool.ends[j]] for j, rid in enumerate(pool.rows)}
     width = pool.width
     pool.remove(0)  # row 2 moves into slot 0
     assert pool.rows == [2, 1]
     pool.set_length(1, 300)  # wider than the rows' reservation: the width had grown straight to it
     assert pool.width > width and pool.repacks >= 2
     for t in range(len(pool.names)):
-        view = pool._view(t, 2, pool.width)
-        np.testing.assert_array_equal(view[0, :, :12], want[t][2])
-        np.testing.assert_array_equal(view[1, :, :11], want[t][1])
+        got = pool.read(t)
+        np.testing.assert_array_equal(got[0, :, :12], want[t][2])
+        np.testing.assert_array_equal(got[1, :, :11], want[t][1])
+
+
+def test_pool_rows_move_and_widen_intact(generator):
+    rows_move_and_widen_intact(KVPool(generator.session, max_rows=4, capacity_tokens=4 * 256))
 
 
 def test_chunked_prefill_keeps_decoding_and_tokens(generator):
