@@ -385,9 +385,10 @@ class Generator:
         rng = np.random.default_rng(options.seed)
         live = np.arange(len(rows))  # original row index of each decoder row
         # one constrained row: the tokens its grammar forces go into one step with the token before them
-        # (ONNX Runtime: a TensorRT engine takes steps of several tokens after a past only in its verify profile)
+        # (ONNX Runtime, and static-cache TensorRT engines, whose prompt profile takes a step of several tokens after
+        # a past; a dynamic-cache engine takes those only in its verify profile)
         jump = (len(rows) == 1 and book.constraints[0] is not None and options.logprobs is None
-                and getattr(self.session, "verify_tokens", None) is None)
+                and (getattr(self.session, "verify_tokens", None) is None or getattr(self.session, "static", False)))
         if jump:
             taken = yield from _take_forced(book)
             if taken is None:

@@ -61,6 +61,22 @@ def test_static_engine_replays_one_graph_per_batch_and_matches_onnx_runtime(expo
     assert not session.graphs and api.destroyed == {0, 1}
 
 
+def test_jump_forward_on_the_static_engine(exports, tmp_path):
+    """A schema's forced tokens go into one engine step with the token before them (the prompt profile takes a
+    step of several tokens after a past): fewer steps than tokens, and ONNX Runtime's ids."""
+    session, manifest, api = session_for(exports, "static", tmp_path)
+    reference = Generator.from_artifacts(exports["static"])
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    options = dict(max_new_tokens=40, structured_outputs={"json": schema})
+    want = reference.generate(["We are"], **options)
+    got = Generator(session, manifest, reference.tokenizer).generate(["We are"], **options)
+    assert got.ids == want.ids
+    prompt_profile = [shapes[io.INPUT_IDS] for profile, shapes in api.steps if profile == "prompt"]
+    assert len(prompt_profile) >= 2 and all(s[1] > 1 for s in prompt_profile)  # the prompt, then forced tokens after a past
+    assert api.counts["execute"] < len(got.ids[0])  # every execute, CUDA-graph replays included
+
+
 def test_batch_1_on_the_static_engine_matches_onnx_runtime(exports, tmp_path):
     session, manifest, _ = session_for(exports, "static", tmp_path)
     want = Generator.from_artifacts(exports["static"]).generate(PROMPTS[:1], max_new_tokens=6, ignore_eos=True).ids
