@@ -170,6 +170,31 @@ def test_admission_waits_for_memory_and_refuses_what_never_fits(generator):
         sched.submit("We", got, max_new_tokens=80)
 
 
+def test_reservation_at_admission_means_no_request_is_ever_preempted(generator):
+    """Instead of preemption (vLLM's recompute), prompt + max_new_tokens is reserved at admission: on a pool of two
+    rows' reservations, five requests that all grow to their whole reservation never need a slot the pool lacks --
+    at every step the live rows, each at its full reservation, fit the pool -- so each admitted request runs to its
+    last token with its alone tokens while the others wait their turn (never more than two live)."""
+    per_token = token_bytes(generator.session)
+    prompts = [LONG, "We", "Tonight", LONG + " and", "Our economy"]
+    need = max(len(generator.encode([p])[0]) for p in prompts) + 24
+    sched = Scheduler(generator, max_batch=8, prefix_cache=False, prefill_tokens=8,
+                      kv_cache_memory=per_token * 2 * need)
+    got = Collect()
+    rids = [sched.submit(p, got, max_new_tokens=24, ignore_eos=True) for p in prompts]
+    live_most = 0
+    for _ in range(400):
+        if not (sched.stats.active or sched.stats.queued):
+            break
+        sched.step()
+        pool = sched.pool
+        assert len(pool.rows) * max(pool.reserved, default=0) <= pool.capacity  # worst case: all grown at once
+        live_most = max(live_most, len(pool.rows))
+    assert live_most == 2 and sched.stats.failed == 0
+    for rid, p in zip(rids, prompts):
+        assert got.reason[rid] == "length" and got.ids[rid] == alone(generator, p, max_new_tokens=24, ignore_eos=True)
+
+
 def test_cancelled_row_frees_its_slots_at_the_next_step(generator):
     sched, got, gone = Scheduler(generator, max_batch=4), Collect(), []
     keep = sched.submit("Tonight", got, max_new_tokens=12, ignore_eos=True)
