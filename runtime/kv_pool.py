@@ -77,7 +77,8 @@ def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bo
     per_token = token_bytes(session)
     live = int(memory * (1 - PREFIX_SHARE)) if prefix else memory
     blocks = int(memory * PREFIX_SHARE) // (per_token * block) if prefix else 0
-    capacity = live // per_token
+    tensors = 2 * session.num_layers  # a pool's scratch tensors (the device pool's repacks) come out of the slots
+    capacity = live * tensors // (per_token * (tensors + (cls or KVPool).SCRATCH_TENSORS))
     if capacity < block:
         raise NeoxrtError(f"--kv-cache-memory {memory / 2**30:.3f} GiB holds {capacity} tokens of this model's cache "
                           f"({per_token} bytes a token); expected room for at least {block}")
@@ -91,6 +92,8 @@ def is_static(session) -> bool:
 class KVPool:
     """Static-cache slots of up to `max_rows` rows, `capacity_tokens` slots in all, over an `OrtSession` of a
     static-cache export."""
+
+    SCRATCH_TENSORS = 0  # buffers of one cache tensor's size beside the slots (repacks in place here)
 
     def __init__(self, session, max_rows: int, capacity_tokens: int, prefix_blocks: int = 0, block: int = 32,
                  max_positions: int = 1 << 30, max_width: int | None = None):

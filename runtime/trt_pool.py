@@ -10,9 +10,12 @@ and are kept) and the logits the scheduler reads come back: with `last`, each ro
 mix of chunk lengths), else every position. Nothing proportional to the context crosses to the host, and
 nothing is allocated per step. A repack goes through one scratch buffer the size of one cache tensor (device
 copies may not overlap), so the pool's memory is (capacity + prefix blocks x block + capacity / (2 x layers))
-tokens' worth.
+tokens' worth: `pool_for` takes the scratch buffer out of the slots, so the cache, the prefix arena and the
+scratch stay within `--kv-cache-memory`; beside them, the input buffers and the logits buffer of the largest run
+(its rows x positions x vocabulary x 4 bytes: the engine returns every position's logits).
 
-Runs use the engine's decode profile for one-token steps and its prompt profile for chunks: the static
+Runs use the engine's decode profile for one-token steps; a chunk of several tokens takes the verify profile where
+the engine has one that holds it (`--verify-tokens K`: 2..K+1 tokens) and the prompt profile otherwise: the static
 contract has no past axis (write indices place the tokens), so the prompt profile takes a chunk after a past.
 Pool runs execute without CUDA graphs (their rows and widths change as requests come and go).
 """
@@ -50,9 +53,10 @@ DEVICE_SHARE = 0.5  # the default pool: at most this share of the device memory 
 
 
 def default_device_memory(session, max_rows: int, prefix: bool = True) -> int:
-    """What `max_rows` rows of the engine's whole cache profile need (plus the prefix cache's share), but no more
-    than half the free device memory."""
-    need = max_rows * engine_slots(session) * token_bytes(session)
+    """What `max_rows` rows of the engine's whole cache profile need (with the repack scratch, plus the prefix
+    cache's share), but no more than half the free device memory."""
+    tensors = 2 * session.num_layers
+    need = -(-max_rows * engine_slots(session) * token_bytes(session) * (tensors + DeviceKVPool.SCRATCH_TENSORS) // tensors)
     if prefix:
         need = int(need / (1 - PREFIX_SHARE))
     free = device_free_memory(session)
@@ -61,6 +65,8 @@ def default_device_memory(session, max_rows: int, prefix: bool = True) -> int:
 
 class DeviceKVPool(KVPool):
     """`KVPool` over a `TrtSession` of a static-cache engine (see the module docstring)."""
+
+    SCRATCH_TENSORS = 1  # repacks go through one buffer of a cache tensor's size (device copies may not overlap)
 
     @staticmethod
     def _check(session) -> None:
@@ -143,7 +149,7 @@ class DeviceKVPool(KVPool):
         if rows > 1 and last:  # each row's last real position
             out = np.empty((b, 1, self.vocab), np.float32)
             for j in range(b):
-                logits.download(out[j], stream, offset=(j * rows + int(real[j]) - 1) * self.vocab * 4)
+                logits.download(out[j], stream, offset=(j * rows + max(int(real[j]), 1) - 1) * self.vocab * 4)
         else:
             out = np.empty((b, rows, self.vocab), np.float32)
             logits.download(out, stream)

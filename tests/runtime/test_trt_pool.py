@@ -20,11 +20,13 @@ from neoxrt.runtime.trt_session import TrtSession
 from trt_fakes import FakeApi, engine_artifact
 
 
-@pytest.fixture(scope="module", params=["all", "last"])
+@pytest.fixture(scope="module", params=["all", "last", "fp16"])
 def engines(request, tmp_path_factory):
-    """(ONNX Runtime generator, a factory of stand-in engine generators) of one static export."""
+    """(ONNX Runtime generator, a factory of stand-in engine generators) of one static export: every position's
+    logits, the last position's, fp16 (every position's)."""
     root = tmp_path_factory.mktemp("trt-pool")
-    export_checkpoint(default_checkpoint(), root / "onnx", ExportOptions(kv_cache="static", logits=request.param),
+    options = dict(logits="all", dtype="fp16") if request.param == "fp16" else dict(logits=request.param)
+    export_checkpoint(default_checkpoint(), root / "onnx", ExportOptions(kv_cache="static", **options),
                       log=lambda *_: None)
     reference = Generator.from_artifacts(root / "onnx", threads=2)
 
@@ -51,9 +53,15 @@ def test_the_engine_serves_through_the_pool_with_its_alone_tokens(engines):
     """Chunked prefill (5 tokens a step), prefix reuse, greedy and seeded sampling, more requests than the engine's
     batch: every request gets what ONNX Runtime gives it alone; the scheduler takes 4 rows (the engine's profile)
     however many it was asked for; the pool's device memory is allocated by the first load and the second
-    allocates nothing."""
+    allocates nothing. An engine built with --verify-tokens 3 (every position's logits only: neoxrt build refuses
+    it on --logits last) runs chunks of 2-4 tokens after a past in its verify profile."""
     reference, engine = engines
-    gen, api = engine(max_batch=4, max_context=256)
+    for verify in [0, 3] if all_logits(reference) else [0]:
+        serves_a_load_exactly(reference, *engine(max_batch=4, max_context=256,
+                                                 **({"verify_tokens": verify} if verify else {})), verify)
+
+
+def serves_a_load_exactly(reference, gen, api, verify):
     sched = Scheduler(gen, max_batch=16, prefill_tokens=5, prefix_block=4)
     assert isinstance(sched.pool, DeviceKVPool) and sched.max_batch == 4
     (long,) = reference.encode([LONG])
@@ -79,7 +87,12 @@ def test_the_engine_serves_through_the_pool_with_its_alone_tokens(engines):
         if round_:
             assert len(api.memory.blocks) == before  # nothing allocated per step
     assert sched.stats.prefix_hits > 0
-    assert api.counts["execute"] > 0 and api._cudart.copies_2d > 0  # prefix blocks copied on the device
+    profiles = {profile for profile, _ in api.steps}
+    assert profiles == ({"prompt", "decode", "verify"} if verify else {"prompt", "decode"})
+
+
+def all_logits(generator) -> bool:
+    return io.logits_rows(next(o for o in generator.session.io_spec()[1] if o.name == io.LOGITS), 2) == 2
 
 
 def test_engine_profiles_bound_requests_and_the_pool(engines):
@@ -100,8 +113,9 @@ def test_engine_profiles_bound_requests_and_the_pool(engines):
     assert all(shapes[io.past_key(0)][2] <= 128 for _, shapes in api.steps)
     for rid, p in zip(rids, (LONG, "We", "Tonight")):
         assert got.ids[rid] == alone(reference, p, max_new_tokens=40, ignore_eos=True)
-    api._cudart.free = token_bytes(gen.session) * 100  # half of it: 50 slots, fewer than a row of the profile
-    assert Scheduler(gen, max_batch=2, prefix_cache=False).pool.capacity == 50
+    tensors = 2 * gen.session.num_layers  # the slots and the repack scratch (one tensor's size) share the memory
+    api._cudart.free = token_bytes(gen.session) * 100  # half of it: 50 tokens' memory, less than a row of the profile
+    assert Scheduler(gen, max_batch=2, prefix_cache=False).pool.capacity == 50 * tensors // (tensors + 1)
 
 
 def test_random_load_on_a_small_device_pool_keeps_every_request_exact(engines):
