@@ -96,8 +96,10 @@ class RowBook:
         if constraint is not None:
             constraint.advance(token)
         piece, reason = self.gen._piece(row, self.generated[row], self.emitted, self.options)
-        return TokenEvent(int(row), token, piece, finish_reason(token, reason, self.stops, constraint,
-                                                                len(self.generated[row]), self.options), logprob, top)
+        why = finish_reason(token, reason, self.stops, constraint, len(self.generated[row]), self.options)
+        if why is not None and why != "stop_string" and self.options.stop_strings:
+            piece += self.gen._release(self.emitted[row])
+        return TokenEvent(int(row), token, piece, why, logprob, top)
 
 
 def _take_forced(book: RowBook):
@@ -457,14 +459,29 @@ class Generator:
             text = state.done + self.tokenizer.decode(tokens[state.offset:])
         else:
             text = self.tokenizer.decode(tokens)
-        if options.stop_strings and any(s in text for s in options.stop_strings):
-            return "", "stop_string"
+        stops = options.stop_strings
+        cut = min((text.find(s) for s in stops if s in text), default=-1) if stops else -1
+        if cut >= 0:  # what comes before the stop string and was held back goes out, the stop string does not
+            before = text[:cut]
+            piece = before[len(state.text):] if before.startswith(state.text) else ""
+            state.text = before if before.startswith(state.text) else state.text
+            return piece, "stop_string"
         if text.endswith("\ufffd"):  # a character still incomplete: held back
             return "", None
-        piece = text[len(state.text):] if text.startswith(state.text) else text
-        state.text = state.done = text
+        # a tail that may be the start of a stop string is held back until the next tokens tell (as vLLM does)
+        held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0) if stops else 0
+        visible = text[:len(text) - held]
+        piece = visible[len(state.text):] if visible.startswith(state.text) else visible
+        state.text, state.done = visible, text
         state.offset = len(tokens)
         return piece, None
+
+    @staticmethod
+    def _release(state: TextSoFar) -> str:
+        """The text held back for a possible stop string, when the row ends otherwise."""
+        piece = state.done[len(state.text):] if state.done.startswith(state.text) else ""
+        state.text = state.done
+        return piece
 
 
 # generation_config.json keys (transformers) -> generate() keywords; others (pad/bos ids, flags) are not ours

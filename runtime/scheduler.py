@@ -304,6 +304,7 @@ class Scheduler:
         self._live, self._past, self._pending = [], [], np.zeros(0, np.int64)
         self._mask = np.zeros((0, 0), np.int64)
         self.stats.active = 0
+        self.stats.pool_tokens = 0
 
     def step(self) -> None:
         """One iteration: drop cancelled requests, admit queued ones, prompt work, one decode step."""
@@ -560,22 +561,37 @@ class Scheduler:
         generator; events sent. Log-probabilities are the model's own (before the constraint's mask)."""
         chosen = np.zeros(len(requests), np.int64)
         plain = [j for j, r in enumerate(requests) if r.options.greedy and not processes(r.options)]
+        alone = [j for j in range(len(requests)) if j not in plain]
         if plain:  # one argmax for them all (then each constrained one checked, masked where refused)
-            chosen[plain] = constrained_next_tokens(logits[plain], [requests[j].constraint for j in plain],
-                                                    [None] * len(plain), GREEDY, None)
+            try:
+                chosen[plain] = constrained_next_tokens(logits[plain], [requests[j].constraint for j in plain],
+                                                        [None] * len(plain), GREEDY, None)
+            except Exception:  # noqa: BLE001 -- a row's grammar failed: each alone, so that it fails alone
+                alone = list(range(len(requests)))
+        failed = set()
+        for j in alone:
+            r = requests[j]
+            try:
+                chosen[j] = constrained_next_tokens(logits[j:j + 1], [r.constraint], [r.seen],
+                                                    GREEDY if j in plain else r.options, r.rng, [len(r.generated)],
+                                                    sorted(r.book.stops), in_place=r.options.logprobs is None)[0]
+            except Exception as exc:  # noqa: BLE001 -- its grammar (or options) failed: its request ends, not the step
+                self._fail(r, exc)
+                failed.add(j)
         for j, r in enumerate(requests):
-            if j not in plain:
-                chosen[j] = constrained_next_tokens(logits[j:j + 1], [r.constraint], [r.seen], r.options, r.rng,
-                                                    [len(r.generated)], sorted(r.book.stops),
-                                                    in_place=r.options.logprobs is None)[0]  # its row only
-        for j, r in enumerate(requests):
-            scored = token_logprobs(logits[j:j + 1], chosen[j:j + 1], r.options.logprobs)
-            self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))
+            if j not in failed:
+                scored = token_logprobs(logits[j:j + 1], chosen[j:j + 1], r.options.logprobs)
+                self._emit(r, int(chosen[j]), *(scored[0] if scored else (None, None)))
         return chosen
 
     def _emit(self, r: Request, token: int, logprob: float | None = None, top=None) -> None:
-        """`token` recorded for `r` (its stops and length decide whether it is finished) and sent to its client."""
-        event = r.emit(token, logprob, top)
+        """`token` recorded for `r` (its stops and length decide whether it is finished) and sent to its client; a
+        failure there (its grammar refusing the token) ends `r` alone."""
+        try:
+            event = r.emit(token, logprob, top)
+        except Exception as exc:  # noqa: BLE001 -- its own request's failure, not the step's
+            self._fail(r, exc)
+            return
         self.stats.tokens += 1
         self._timing(r)
         try:

@@ -99,9 +99,10 @@ class StructuredOutputs:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.text)
-        if self.kind == "choice":
+        if self.kind == "choice":  # one lexeme of alternatives: not an Earley row per choice (llguidance caps a
+            # row at 2000 items: a longer list failed at its first token)
             alternatives = " | ".join(json.dumps(s, ensure_ascii=False) for s in json.loads(self.text))
-            return llguidance.LLMatcher.grammar_from_lark("start: " + alternatives)
+            return llguidance.LLMatcher.grammar_from_lark("start: CHOICE\nCHOICE: " + alternatives)
         try:
             return llguidance.grammar_from("grammar", self.text)
         except ValueError as exc:

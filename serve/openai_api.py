@@ -70,6 +70,13 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError("request body is not valid JSON here: nested too deeply") from None
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no text can hold (the tokenizer would fail on them)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(f"request body holds a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!a}): expected "
+                       f"valid Unicode text") from None
     if not isinstance(body, dict):
         raise ApiError(f"request body must be a JSON object, got {type(body).__name__}")
     return body

@@ -214,6 +214,9 @@ class OpenAIFrontend:
     def _submit(self, req: ApiRequest, prompts: list[list[int]]) -> _Run:
         """Every choice (prompt-major, n each) to the scheduler; on a refusal the submitted ones are cancelled."""
         choices = [Choice(p * req.n + k, ids) for p, ids in enumerate(prompts) for k in range(req.n)]
+        if len(choices) > self.scheduler.max_queue:  # could never be queued at once: busy for ever, not for now
+            raise ApiError(f"this request asks for {len(prompts)} prompts x n {req.n} = {len(choices)} rows; this server "
+                           f"queues at most {self.scheduler.max_queue} (--max-queue)", "n" if req.n > 1 else "prompt")
         run = _Run(asyncio.get_running_loop(), choices)
         try:
             for choice in choices:

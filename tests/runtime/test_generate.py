@@ -136,6 +136,27 @@ def test_stop_strings_and_streaming(default_artifact):
     assert full.text[0].startswith(cut.text[0]) and len(cut.ids[0]) < 30
 
 
+def test_streamed_pieces_never_show_a_stop_string_that_spans_tokens(default_artifact):
+    """A stop string that spans tokens: the stream holds back a tail that may start it, so the pieces join to the
+    non-streamed text (what comes before the stop string, nothing of it); a held tail that turns out not to be a
+    stop string goes out with a later piece, or at the end when the row stops otherwise."""
+    gen = Generator.from_artifacts(default_artifact)
+    prompt = "The state of the Union is"
+    full = gen.generate(prompt, max_new_tokens=30)
+    ids, text = full.ids[0], full.text[0]
+    ends = [len(gen.tokenizer.decode(ids[:k])) for k in range(1, len(ids))]  # where tokens end in the text
+    cases = [text[e - 2:e + 3] for e in ends[3:12] if text[e - 2:e + 3].strip()]  # each spans a token boundary
+    cases += [text[-3:] + "never", text[4:7] + "\u2603"]  # a prefix seen at the end; a start that never completes
+    for stop in cases:
+        pieces = [e.text for e in gen.stream(prompt, max_new_tokens=30, stop_strings=(stop,))]
+        want = gen.generate(prompt, max_new_tokens=30, stop_strings=(stop,))
+        assert "".join(pieces) == want.text[0], stop
+        if stop in text:
+            assert want.finish_reasons == ["stop_string"] and want.text[0] == text[:text.index(stop)]
+        else:
+            assert want.text[0] == text
+
+
 def test_sampling_is_seeded_and_reproducible(default_artifact):
     gen = Generator.from_artifacts(default_artifact)
     kw = dict(max_new_tokens=24, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2)

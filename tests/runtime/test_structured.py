@@ -282,6 +282,58 @@ def test_mixed_batch_rows_get_their_alone_tokens(artifacts):
             check(kind, spec, gen.tokenizer.decode(got.ids[rid]))
 
 
+class _Failing:
+    """A row's constraint that raises at its `after`-th token (as llguidance does when a grammar hits one of its
+    limits mid-generation); otherwise the real one."""
+
+    def __init__(self, real, after: int):
+        self.real, self.left = real, after
+
+    def advance(self, token):
+        self.left -= 1
+        if self.left <= 0:
+            raise GrammarError("the grammar failed here")
+        return self.real.advance(token)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_row_whose_grammar_fails_fails_alone(artifacts, greedy):
+    """A constraint that raises mid-generation ends its own request (on_error, counted as failed); its
+    neighbours, constrained or not, get their alone tokens."""
+    from neoxrt.runtime.scheduler import Scheduler
+
+    gen = artifacts["default"]
+    sched, got, errors = Scheduler(gen, max_batch=4), Collect(), {}
+    options = dict(max_new_tokens=30) if greedy else dict(max_new_tokens=30, temperature=0.9, seed=2)
+    bad = sched.submit("Give me a record:", got, on_error=lambda e: errors.setdefault("bad", e),
+                       structured_outputs={"json": PERSON}, **options)
+    sched._queue[-1].book.constraints[0] = _Failing(sched._queue[-1].book.constraints[0], after=3)
+    others = [("We", dict(max_new_tokens=20)), ("Sentiment:", dict(max_new_tokens=20, structured_outputs={"choice": CHOICES})),
+              ("Our economy", dict(max_new_tokens=16, temperature=1.0, seed=5))]
+    rids = [sched.submit(prompt, got, **o) for prompt, o in others]
+    for _ in range(200):
+        if not (sched.stats.active or sched.stats.queued):
+            break
+        sched.step()
+    assert str(errors["bad"]) == "the grammar failed here" and len(got.ids[bad]) == 2 and sched.stats.failed == 1
+    for rid, (prompt, o) in zip(rids, others):
+        assert got.ids[rid] == gen.generate([prompt], **o).ids[0], prompt
+
+
+def test_a_choice_list_longer_than_a_parser_row(artifacts):
+    """3000 choices (llguidance caps an Earley row at 2000 items: the choices are one lexeme instead) and choices
+    that prefix each other: every output is one of them."""
+    gen = artifacts["default"]
+    many = [f"option number {k}" for k in range(3000)]
+    for choices in (many, ["a", "ab", "abc the people"], CHOICES):
+        for options in (dict(), dict(temperature=1.0, seed=3)):
+            out = gen.generate(["We", "Sentiment:"], max_new_tokens=12, structured_outputs={"choice": choices}, **options)
+            assert all(text in choices for text in out.text), (out.text, options)
+
+
 def test_scheduler_refuses_a_bad_spec_at_submit(artifacts):
     from neoxrt.runtime.scheduler import Scheduler
 

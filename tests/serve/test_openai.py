@@ -155,8 +155,13 @@ def test_bad_prompts_models_and_bodies(client, served):
         assert status == 400 and body["error"]["param"] == "prompt", (prompt, body)
     status, body = post(f"{served.openai}/completions", json.dumps({"model": "gpt-4", "prompt": "We"}))
     assert status == 404 and body["error"]["param"] == "model" and body["error"]["code"] == "model_not_found"
-    status, body = post(f"{served.openai}/completions", "{not json")
-    assert status == 400 and "JSON" in body["error"]["message"]
+    for raw in ("{not json", '{"model": "neoxrt", "prompt": "We", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+                '{"model": "neoxrt", "prompt": "\\ud800", "max_tokens": 2}', '{"model": "neoxrt", "stop": ["\\udfff"]}'):
+        status, body = post(f"{served.openai}/completions", raw)  # bad JSON, nested past the parser, lone surrogates
+        assert status == 400 and ("JSON" in body["error"]["message"] or "surrogate" in body["error"]["message"]), raw
+    many = {"model": "neoxrt", "prompt": ["We"] * 5, "n": 16, "temperature": 1.0, "max_tokens": 2}  # 80 rows > 64
+    status, body = post(f"{served.openai}/completions", json.dumps(many))  # never queueable: 400, not 429 for ever
+    assert status == 400 and body["error"]["param"] == "n" and "--max-queue" in body["error"]["message"], body
     with pytest.raises(openai.BadRequestError) as err:  # the client sees OpenAI's error shape
         client.completions.create(model="neoxrt", prompt="We", top_p=3.0)
     assert err.value.status_code == 400 and err.value.body["param"] == "top_p"
