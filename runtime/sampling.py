@@ -462,6 +462,8 @@ def top_indices(x: np.ndarray, n: int) -> np.ndarray:
     if n <= 0:
         return np.zeros((x.shape[0], 0), np.int64)
     n = min(n, x.shape[-1])
+    if n == 1:  # argmax: the first of the largest
+        return np.argmax(x, axis=-1)[:, None]
     part = np.argpartition(-x, n - 1, axis=-1)[:, :n]
     vals = np.take_along_axis(x, part, axis=-1)
     order = np.lexsort((part, -vals), axis=-1)
