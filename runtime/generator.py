@@ -97,8 +97,8 @@ class RowBook:
             constraint.advance(token)
         piece, reason = self.gen._piece(row, self.generated[row], self.emitted, self.options)
         why = finish_reason(token, reason, self.stops, constraint, len(self.generated[row]), self.options)
-        if why is not None and why != "stop_string" and self.options.stop_strings:
-            piece += self.gen._release(self.emitted[row])
+        if why is not None and reason != "stop_string":  # the row ends: what was held back goes out
+            piece += self.gen._release(row, self.generated[row], self.emitted)
         return TokenEvent(int(row), token, piece, why, logprob, top)
 
 
@@ -319,6 +319,9 @@ class Generator:
                                         "(num_beams must be 1)")
             if options.logprobs is not None:
                 raise RuntimeShapeError("logprobs are reported for greedy and sampled generation, not beam search")
+            if options.stop_strings:
+                raise RuntimeShapeError("stop_strings end greedy and sampled generation, not beam search (num_beams "
+                                        "must be 1)")
             self._check_length(rows, options)
             ids = [seq for per_prompt in beam_search(self, rows, options, beam) for seq in per_prompt]
             text = [self.tokenizer.decode(r) for r in ids] if self.tokenizer is not None else None
@@ -476,11 +479,19 @@ class Generator:
         state.offset = len(tokens)
         return piece, None
 
-    @staticmethod
-    def _release(state: TextSoFar) -> str:
-        """The text held back for a possible stop string, when the row ends otherwise."""
-        piece = state.done[len(state.text):] if state.done.startswith(state.text) else ""
-        state.text = state.done
+    def _release(self, row, tokens, emitted) -> str:
+        """What `_piece` held back when the row ends otherwise than by a stop string: a tail that might have begun
+        one, and the text of an incomplete last character (decoded as the non-streamed text decodes it)."""
+        if self.tokenizer is None:
+            return ""
+        state = emitted[row]
+        if self._byte_level:
+            text = state.done + self.tokenizer.decode(tokens[state.offset:])
+        else:
+            text = self.tokenizer.decode(tokens)
+        piece = text[len(state.text):] if text.startswith(state.text) else ""
+        state.text = state.done = text
+        state.offset = len(tokens)
         return piece
 
 

@@ -10,6 +10,7 @@ import torch
 
 from neox_testing import default_checkpoint, left_pad, write_variant
 from neoxrt.cli import main
+from neoxrt.errors import RuntimeShapeError
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
 from neoxrt.runtime import Generator
@@ -155,6 +156,35 @@ def test_streamed_pieces_never_show_a_stop_string_that_spans_tokens(default_arti
             assert want.finish_reasons == ["stop_string"] and want.text[0] == text[:text.index(stop)]
         else:
             assert want.text[0] == text
+
+
+def test_streamed_text_at_the_end_of_a_row_is_the_non_streamed_text(default_artifact):
+    """A stop token whose text completes a stop string sends nothing of the stop string; a row that ends (length)
+    in the middle of a character still sends what the non-streamed text decodes (its replacement character)."""
+    from neoxrt.runtime.generator import RowBook
+    from neoxrt.runtime.sampling import GenerationOptions
+
+    gen = Generator.from_artifacts(default_artifact)
+    prompt = "The state of the Union is"
+    ids = gen.generate(prompt, max_new_tokens=20).ids[0]
+    for k in range(3, 12):
+        before = gen.tokenizer.decode(ids[:k])
+        stop = before[-3:] + gen.tokenizer.decode(ids[:k + 1])[len(before):][:1]
+        options = dict(max_new_tokens=20, stop_strings=(stop,), stop_token_ids=(ids[k],))
+        events = list(gen.stream(prompt, **options))
+        assert "".join(e.text for e in events) == gen.generate(prompt, **options).text[0], stop
+    tokens = gen.tokenizer.encode("ab \U0001F600").ids  # the emoji's bytes over more than one token
+    for cut in range(1, len(tokens) + 1):
+        for stops in ((), ("zz",)):
+            options = GenerationOptions(max_new_tokens=cut, stop_strings=stops)
+            book = RowBook(gen, [[5]], options)
+            pieces = "".join(book.emit(0, t).text for t in tokens[:cut])
+            assert pieces == gen.tokenizer.decode(tokens[:cut]), (cut, stops)
+
+
+def test_beam_search_refuses_stop_strings(default_artifact):
+    with pytest.raises(RuntimeShapeError, match="stop_strings end greedy and sampled generation, not beam search"):
+        Generator.from_artifacts(default_artifact).generate("We", num_beams=2, max_new_tokens=4, stop_strings=("a",))
 
 
 def test_sampling_is_seeded_and_reproducible(default_artifact):
