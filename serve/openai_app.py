@@ -24,6 +24,7 @@ from pathlib import Path
 
 from neoxrt.errors import NeoxrtError
 from neoxrt.runtime import Generator
+from neoxrt.runtime.sampling import GenerationOptions
 from neoxrt.runtime.scheduler import QueueFullError, Scheduler, SchedulerDown
 from neoxrt.serve.openai_api import (
     FINISH,
@@ -217,6 +218,10 @@ class OpenAIFrontend:
         if len(choices) > self.scheduler.max_queue:  # could never be queued at once: busy for ever, not for now
             raise ApiError(f"this request asks for {len(prompts)} prompts x n {req.n} = {len(choices)} rows; this server "
                            f"queues at most {self.scheduler.max_queue} (--max-queue)", "n" if req.n > 1 else "prompt")
+        if req.n > 1 and GenerationOptions(**self.generator._with_defaults(
+                [prompts[0]], {**req.options, "max_new_tokens": max(req.max_tokens, 1)}, beams=False)).greedy:
+            raise ApiError("n > 1 needs sampling (temperature > 0): this model's defaults are greedy, so the n choices "
+                           "would be identical", "n")
         run = _Run(asyncio.get_running_loop(), choices)
         try:
             for choice in choices:

@@ -129,7 +129,7 @@ def test_n_with_a_seed_is_reproducible(client, generator):
 BAD = [  # (raw JSON fields, the field the 400 must name)
     ('"temperature": "hot"', "temperature"), ('"temperature": NaN', "temperature"), ('"temperature": 2.5', "temperature"),
     ('"top_p": Infinity', "top_p"), ('"top_p": 1.5', "top_p"), ('"top_p": 0', "top_p"), ('"n": 0', "n"),
-    ('"n": 2, "temperature": 0', "n"), ('"max_tokens": -1', "max_tokens"), ('"max_tokens": 0', "max_tokens"),
+    ('"n": 2, "temperature": 0', "n"), ('"n": 2', "n"), ('"max_tokens": -1', "max_tokens"), ('"max_tokens": 0', "max_tokens"),
     ('"max_tokens": 2.5', "max_tokens"), ('"max_tokens": true', "max_tokens"), ('"max_tokens": 5000', "max_tokens"),
     ('"logprobs": 50', "logprobs"), ('"stop": [""]', "stop"), ('"stop": ["a", "b", "c", "d", "e"]', "stop"),
     ('"stop": 3', "stop"), ('"seed": -1', "seed"), ('"echo": "yes"', "echo"), ('"stream": 1', "stream"),
