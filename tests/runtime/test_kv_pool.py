@@ -268,21 +268,16 @@ def test_health_reports_a_stuck_step(generator, monkeypatch):
         sched.stop()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed):
-    """Arrivals at random steps, random prompt and answer lengths, shared prefixes, a few cancellations, a pool of
-    200 slots and a budget of 7 tokens: nothing fails, the pool empties, and every request that ran to its end got
-    its alone tokens."""
-    rng = np.random.default_rng(seed)
-    per_token = token_bytes(generator.session)
-    sched = Scheduler(generator, max_batch=5, max_queue=100, prefill_tokens=7, prefix_block=4,
-                      kv_cache_memory=per_token * 200 * 4 // 3)
+def random_load_is_exact(sched, reference, rng, arrivals: int, longest_prompt: int, longest_answer: int) -> None:
+    """Arrivals at random steps (the first `arrivals`), random prompt and answer lengths, shared prefixes, a few
+    cancellations: nothing fails, the pool never holds more than its capacity and empties, and every request that
+    ran to its end got the tokens `reference` gives it alone."""
     got, gone, submitted = Collect(), set(), {}
     shared = list(rng.integers(100, 5000, 12))
     for step in range(400):
-        if step < 60 and rng.random() < 0.4:
-            prompt = shared[:int(rng.integers(0, 13))] + list(rng.integers(100, 5000, int(rng.integers(1, 30))))
-            options = dict(max_new_tokens=int(rng.integers(1, 25)), ignore_eos=True)
+        if step < arrivals and rng.random() < 0.4:
+            prompt = shared[:int(rng.integers(0, 13))] + list(rng.integers(100, 5000, int(rng.integers(1, longest_prompt))))
+            options = dict(max_new_tokens=int(rng.integers(1, longest_answer)), ignore_eos=True)
             mine = len(submitted)  # the id submit gives it (ids count from 0)
             rid = sched.submit(prompt, got, is_cancelled=lambda mine=mine: mine in gone, **options)
             assert rid == mine
@@ -291,14 +286,22 @@ def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed):
                 gone.add(rid)  # cancelled while queued or soon after it starts
         sched.step()
         assert sched.pool.used_tokens() <= sched.pool.capacity
-        if step >= 60 and not (sched.stats.active or sched.stats.queued):
+        if step >= arrivals and not (sched.stats.active or sched.stats.queued):
             break
     assert not sched.pool.rows and sched.stats.failed == 0 and sched.stats.cancelled == len(gone) > 0
     finished = [rid for rid in submitted if rid not in gone]
     assert sched.stats.prefix_hits > 0 and len(finished) > 10
     for rid in finished:
         prompt, options = submitted[rid]
-        assert got.ids[rid] == alone(generator, prompt, **options), rid
+        assert got.ids[rid] == alone(reference, prompt, **options), rid
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed):
+    """A pool of 200 slots and a budget of 7 tokens under a random load (`random_load_is_exact`)."""
+    sched = Scheduler(generator, max_batch=5, max_queue=100, prefill_tokens=7, prefix_block=4,
+                      kv_cache_memory=token_bytes(generator.session) * 200 * 4 // 3)
+    random_load_is_exact(sched, generator, np.random.default_rng(seed), 60, 30, 25)
 
 
 def test_prompts_arriving_together_compute_their_shared_prefix_once(generator):

@@ -5,7 +5,7 @@ it alone."""
 
 import numpy as np
 import pytest
-from test_kv_pool import LONG, Collect, alone, drain, rows_move_and_widen_intact
+from test_kv_pool import LONG, Collect, alone, drain, random_load_is_exact, rows_move_and_widen_intact
 
 from neox_testing import default_checkpoint
 from neoxrt import contract as io
@@ -119,28 +119,9 @@ def test_engine_profiles_bound_requests_and_the_pool(engines):
 
 
 def test_random_load_on_a_small_device_pool_keeps_every_request_exact(engines):
-    """Arrivals at random steps, shared prefixes, cancellations, a pool of 160 slots: nothing fails, the pool
-    empties, and every request that ran to its end got its alone tokens."""
+    """A device pool of 160 slots under a random load (test_kv_pool.py's `random_load_is_exact`)."""
     reference, engine = engines
     gen, _ = engine(max_batch=4, max_context=128)
-    rng = np.random.default_rng(5)
     sched = Scheduler(gen, max_batch=4, max_queue=100, prefill_tokens=7, prefix_block=4,
                       kv_cache_memory=token_bytes(gen.session) * 160 * 4 // 3)
-    got, gone, submitted = Collect(), set(), {}
-    shared = list(rng.integers(100, 5000, 12))
-    for step in range(400):
-        if step < 40 and rng.random() < 0.4:
-            prompt = shared[:int(rng.integers(0, 13))] + list(rng.integers(100, 5000, int(rng.integers(1, 25))))
-            options = dict(max_new_tokens=int(rng.integers(1, 20)), ignore_eos=True)
-            mine = len(submitted)
-            assert sched.submit(prompt, got, is_cancelled=lambda mine=mine: mine in gone, **options) == mine
-            submitted[mine] = (prompt, options)
-            if rng.random() < 0.1:
-                gone.add(mine)
-        sched.step()
-        if step >= 40 and not (sched.stats.active or sched.stats.queued):
-            break
-    assert not sched.pool.rows and sched.stats.failed == 0 and sched.stats.prefix_hits > 0
-    for rid, (prompt, options) in submitted.items():
-        if rid not in gone:
-            assert got.ids[rid] == alone(reference, prompt, **options), rid
+    random_load_is_exact(sched, reference, np.random.default_rng(5), 40, 25, 20)
