@@ -458,10 +458,7 @@ class Generator:
         if self.tokenizer is None:
             return "", None
         state = emitted[row]
-        if self._byte_level:  # byte-level BPE: the bytes of whole characters decode the same on their own
-            text = state.done + self.tokenizer.decode(tokens[state.offset:])
-        else:
-            text = self.tokenizer.decode(tokens)
+        text = self._decoded(state, tokens)
         stops = options.stop_strings
         cut = min((text.find(s) for s in stops if s in text), default=-1) if stops else -1
         if cut >= 0:  # what comes before the stop string and was held back goes out, the stop string does not
@@ -479,16 +476,20 @@ class Generator:
         state.offset = len(tokens)
         return piece, None
 
+    def _decoded(self, state: TextSoFar, tokens) -> str:
+        """The row's whole text so far: byte-level BPE decodes only the tokens after those decoded once (the bytes
+        of whole characters decode the same on their own); other tokenizers decode every token."""
+        if self._byte_level:
+            return state.done + self.tokenizer.decode(tokens[state.offset:])
+        return self.tokenizer.decode(tokens)
+
     def _release(self, row, tokens, emitted) -> str:
         """What `_piece` held back when the row ends otherwise than by a stop string: a tail that might have begun
         one, and the text of an incomplete last character (decoded as the non-streamed text decodes it)."""
         if self.tokenizer is None:
             return ""
         state = emitted[row]
-        if self._byte_level:
-            text = state.done + self.tokenizer.decode(tokens[state.offset:])
-        else:
-            text = self.tokenizer.decode(tokens)
+        text = self._decoded(state, tokens)
         piece = text[len(state.text):] if text.startswith(state.text) else ""
         state.text = state.done = text
         state.offset = len(tokens)
