@@ -67,7 +67,7 @@ def default_memory(session, max_rows: int, max_positions: int, prefix: bool = Tr
 
 
 def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bool = True, block: int = 32,
-             cls: type | None = None, max_width: int | None = None) -> KVPool:
+             cls: type | None = None, max_width: int | None = None, pool_graph: bool = True) -> KVPool:
     """A pool of `memory` bytes: the prefix cache's share (when on) in blocks of `block` tokens, the rest slots
     (`cls`: KVPool, or runtime/trt_pool.py's DeviceKVPool).
 
@@ -82,7 +82,7 @@ def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bo
     if capacity < block:
         raise NeoxrtError(f"--kv-cache-memory {memory / 2**30:.3f} GiB holds {capacity} tokens of this model's cache "
                           f"({per_token} bytes a token); expected room for at least {block}")
-    return (cls or KVPool)(session, max_rows, capacity, blocks, block, max_positions, max_width)
+    return (cls or KVPool)(session, max_rows, capacity, blocks, block, max_positions, max_width, pool_graph)
 
 
 def is_static(session) -> bool:
@@ -94,12 +94,14 @@ class KVPool:
     static-cache export."""
 
     SCRATCH_TENSORS = 0  # buffers of one cache tensor's size beside the slots (repacks in place here)
+    form = "export"  # the graph a run executes: "export" (model.onnx as exported) or "gqa" (runtime/pool_graph.py)
 
     def __init__(self, session, max_rows: int, capacity_tokens: int, prefix_blocks: int = 0, block: int = 32,
-                 max_positions: int = 1 << 30, max_width: int | None = None):
+                 max_positions: int = 1 << 30, max_width: int | None = None, pool_graph: bool = True):
         """`max_positions`: the model's context (padding positions are clamped below it: the rotary tables end
         there); `prefix_blocks` blocks of `block` tokens for prefix reuse (0: off); `max_width`: the most slots a
-        run may bind per row (a TensorRT engine's cache profile; None: no bound but the capacity)."""
+        run may bind per row (a TensorRT engine's cache profile; None: no bound but the capacity); `pool_graph`:
+        run the graph's pool form where it applies (runtime/pool_graph.py; False: the graph as exported)."""
         self._check(session)
         if max_rows < 1 or capacity_tokens < 1:
             raise NeoxrtError(f"the KV-cache pool needs max_rows >= 1 and capacity_tokens >= 1, got {max_rows} and "
@@ -122,6 +124,8 @@ class KVPool:
         self.reserved: list[int] = []  # per row: slots it may grow to (prompt + max_new_tokens)
         self.width = 0
         self.repacks = 0
+        self.pool_graph = pool_graph
+        self.chunk_pasts = True  # whether a run of several tokens may take several rows with a past
         self._storage()
         self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
 
@@ -136,7 +140,11 @@ class KVPool:
         """One flat buffer per cache tensor, zeroed (a masked slot still enters attention's products: no NaN)."""
         self.flat = [np.zeros(self.capacity * self.heads * self.head_dim, self.dtype) for _ in self.names]
         self._logits: dict[tuple, np.ndarray] = {}
-        self.binding = self.session.sess.io_binding()
+        # the graph's pool form where it applies (runtime/pool_graph.py): its kernel takes one row per run of
+        # several tokens after a past
+        self.sess, self.form = self.session.pool_session() if self.pool_graph else (self.session.sess, "export")
+        self.chunk_pasts = self.form != "gqa"
+        self.binding = self.sess.io_binding()
         self._io = getattr(self.binding, "_iobinding", None)
         import onnxruntime as ort
 
@@ -268,6 +276,9 @@ class KVPool:
             raise RuntimeShapeError(f"KV-cache pool: a run takes consecutive rows, got {list(rids)} of {self.rows}")
         real = np.full(b, s, np.int64) if real is None else np.asarray(real, np.int64)
         ends = np.array(self.ends[lo:lo + b], np.int64)
+        if not self.chunk_pasts and b > 1 and s > 1 and ends.any():
+            raise RuntimeShapeError(f"KV-cache pool ({self.form} form): a run of several tokens after a past takes "
+                                    f"one row, got {b} rows of {s} tokens")
         need = int(ends.max()) + s
         if need > self.width:
             self._reshape(self._grown(need))
@@ -305,7 +316,7 @@ class KVPool:
             pointer = self.flat[t].ctypes.data + offset
             self._bind(name, self.dtype, shape, pointer, False)
             self._bind(out, self.dtype, shape, pointer, True)
-        self.session.sess.run_with_iobinding(self.binding)
+        self.sess.run_with_iobinding(self.binding)
         return logits
 
     def _bind(self, name: str, dtype, shape, pointer: int, output: bool) -> None:

@@ -124,8 +124,8 @@ class OrtSession:
                  config: dict[str, str] | None = None):
         self.path = Path(path)
         config = {**mapped_weights_config(self.path), **(config or {})}
-        self.sess = ort.InferenceSession(str(self.path), session_options(threads, options, config),
-                                         providers=providers or ["CPUExecutionProvider"])
+        self._make = (threads, options, config, providers or ["CPUExecutionProvider"])
+        self._sess: ort.InferenceSession | None = None
         self._inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), tuple(i.shape)) for i in self.sess.get_inputs()]
         self._outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), tuple(o.shape)) for o in self.sess.get_outputs()]
         self.num_layers = sum(1 for s in self._inputs if s.name.endswith(".key"))
@@ -135,6 +135,36 @@ class OrtSession:
         # the default export takes logits_to_keep, an input with a default (not in get_inputs): a run may ask for
         # the last position's logits only
         self.keeps_logits = io.LOGITS_TO_KEEP in {i.name for i in self.sess.get_overridable_initializers()}
+
+    @property
+    def sess(self) -> ort.InferenceSession:
+        """The graph as exported (made again on first use after `pool_session` let it go)."""
+        if self._sess is None:
+            threads, options, config, providers = self._make
+            self._sess = ort.InferenceSession(str(self.path), session_options(threads, options, config),
+                                              providers=providers)
+        return self._sess
+
+    @sess.setter
+    def sess(self, value: ort.InferenceSession) -> None:
+        self._sess = value
+
+    def pool_session(self) -> tuple[ort.InferenceSession, str]:
+        """The session the KV-cache pool runs and its form, "gqa" or "export": the graph's pool form
+        (`runtime.pool_graph`: attention through GroupQueryAttention, which reads each row's own slots only) where
+        it applies, else the graph as exported. With the pool form, the exported graph's session is let go -- the
+        weights are not held twice -- and made again if something else runs it (`sess`)."""
+        from neoxrt.runtime.pool_graph import gqa_graph
+
+        graph = gqa_graph(self.path) if not self.cache_branch else None
+        if graph is None:
+            return self.sess, "export"
+        threads, options, config, providers = self._make
+        # the rewritten graph comes as bytes: its external weights are found beside model.onnx
+        config = {**config, "session.model_external_initializers_file_folder_path": str(self.path.parent)}
+        pool = ort.InferenceSession(graph, session_options(threads, options, config), providers=providers)
+        self._sess = None
+        return pool, "gqa"
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return self._inputs, self._outputs

@@ -451,7 +451,8 @@ class Scheduler:
 
     def _groups(self, rids: list, plan: dict) -> list[list]:
         """Runs of consecutive pool rows, cut where padding would exceed the real tokens, where the padded chunk
-        would not fit the rows' room in the pool, or (graphs with the last position's logits only, and those taking
+        would not fit the rows' room in the pool, before a row with a past where the pool takes those alone
+        (`chunk_pasts`), or (graphs with the last position's logits only, and those taking
         logits_to_keep, whose equal chunks skip the LM head) where the chunk length changes."""
         groups: list[list] = []
         position = {rid: j for j, rid in enumerate(self.pool.rows)}
@@ -463,7 +464,10 @@ class Scheduler:
                 slots = max(self.pool.ends[position[x]] for x in g + [rid]) + max(lengths)
                 # lengths may differ where every position's logits come back, or each row's last real one
                 mixed = self.pool.all_logits and (self.pool.ragged_last or not self.pool.keeps)
-                if (mixed or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths) and slots <= room:
+                # the pool's GroupQueryAttention form takes a chunk after a past one row at a time
+                fresh = self.pool.chunk_pasts or not any(self.pool.ends[position[x]] for x in g + [rid])
+                if (fresh and (mixed or len(set(lengths)) == 1) and max(lengths) * len(lengths) <= 2 * sum(lengths)
+                        and slots <= room):
                     g.append(rid)
                     continue
             groups.append([rid])

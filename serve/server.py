@@ -157,7 +157,12 @@ def cache_line(artifact: Path) -> str:
 
     manifest = read_manifest(artifact, ("export", "calibrate", "build"), verify_files=False)
     if any(t["name"] == io.WRITE_INDICES for t in manifest["io"]["inputs"]):
-        return "neoxrt serve: KV-cache pool (static cache): chunked prefill, prefix reuse, admission by memory"
+        from neoxrt.runtime.pool_graph import pool_form
+
+        attention = {"gqa": "GroupQueryAttention over each row's own slots",
+                     "export": "the exported graph's attention over the pool's width"}[pool_form(artifact / io.MODEL_FILE)]
+        return (f"neoxrt serve: KV-cache pool (static cache): chunked prefill, prefix reuse, admission by memory; "
+                f"attention: {attention}")
     return ("neoxrt serve: this artifact has a dynamic cache (--kv-cache dynamic, or not the causal LM with fused "
             "attention): the portable path, the cache copied each step; export with the defaults for the KV-cache pool")
 

@@ -247,7 +247,7 @@ def test_fp16_static_export_on_the_pool(tmp_path):
     sched, got = Scheduler(gen, max_batch=4, prefill_tokens=6, prefix_block=4), Collect()
     rids = [sched.submit(p, got, max_new_tokens=10, ignore_eos=True) for p in (LONG, "We", LONG)]
     drain(sched)
-    assert sched.pool is not None and sched.stats.prefix_hits > 0
+    assert sched.pool is not None and sched.stats.prefix_hits > 0 and sched.pool.form == "export"
     for rid, p in zip(rids, (LONG, "We", LONG)):
         assert got.ids[rid] == alone(gen, p, max_new_tokens=10, ignore_eos=True), p
 
@@ -296,11 +296,17 @@ def random_load_is_exact(sched, reference, rng, arrivals: int, longest_prompt: i
         assert got.ids[rid] == alone(reference, prompt, **options), rid
 
 
+@pytest.mark.parametrize("form", ["gqa", "export"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed):
-    """A pool of 200 slots and a budget of 7 tokens under a random load (`random_load_is_exact`)."""
+def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed, form, monkeypatch):
+    """A pool of 200 slots and a budget of 7 tokens under a random load (`random_load_is_exact`), on the pool's
+    GroupQueryAttention form of the graph (chunks after a past one row at a time) and on the graph as exported
+    (several rows a chunk)."""
+    if form == "export":
+        monkeypatch.setattr("neoxrt.runtime.pool_graph.gqa_graph", lambda path: None)
     sched = Scheduler(generator, max_batch=5, max_queue=100, prefill_tokens=7, prefix_block=4,
                       kv_cache_memory=token_bytes(generator.session) * 200 * 4 // 3)
+    assert sched.pool.form == form
     random_load_is_exact(sched, generator, np.random.default_rng(seed), 60, 30, 25)
 
 

@@ -50,6 +50,7 @@ def test_serve_says_which_cache_path_an_artifact_gets(artifact, static_artifact)
 
     assert "export with the defaults for the KV-cache pool" in cache_line(artifact)
     assert "KV-cache pool" in cache_line(static_artifact) and "dynamic" not in cache_line(static_artifact)
+    assert "attention: GroupQueryAttention over each row's own slots" in cache_line(static_artifact)
 
 
 def test_serve_refuses_clashing_ports(artifact, capsys):
