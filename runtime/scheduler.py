@@ -390,15 +390,19 @@ class Scheduler:
         with an older one still computing waits for it (then copies those blocks). Consecutive rows of the pool run
         together (right-padded), the others alone."""
         budget, plan = self.prefill_tokens, {}
-        waiting = [r for r in self._live if r.done < len(r.prompt)]
-        waiting = [r for j, r in enumerate(waiting) if not self._behind_its_prefix(r, waiting[:j])]
-        for k, r in enumerate(waiting):
-            if budget == 0:
-                break
+        pending = [r for r in self._live if r.done < len(r.prompt)]
+        waiting = []
+        for j, r in enumerate(pending):  # oldest first, so that a prompt sees what the older ones copied
+            if self._behind_its_prefix(r, pending[:j]):
+                continue
             if r.done == 0 and r.on_prompt_logprobs is None:  # looked up as late as possible: a prompt finished
                 r.done = self.pool.reuse(r.id, r.prompt)  # meanwhile may have left its blocks
                 self.stats.prefix_hits += r.done
                 self.stats.prefix_queries += len(r.prompt)
+            waiting.append(r)
+        for k, r in enumerate(waiting):
+            if budget == 0:
+                break
             share = max(budget // 2, 1) if k == 0 and len(waiting) > 1 else budget
             plan[r.id] = min(len(r.prompt) - r.done, share)
             budget -= plan[r.id]
