@@ -386,9 +386,10 @@ class Scheduler:
     def _prefill_pool(self) -> None:
         """Prompt chunks for this step: `prefill_tokens` in all. The oldest prompt takes half the budget when others
         wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
-        progressing, and short prompts behind it are not held for its whole prefill. A prompt that shares a block
-        with an older one still computing waits for it (then copies those blocks). Consecutive rows of the pool run
-        together (right-padded), the others alone."""
+        progressing, and short prompts behind it are not held for its whole prefill. (Where the pool runs each
+        row's chunk alone, the oldest keeps the whole budget unless a prompt behind it has less left.) A prompt
+        that shares a block with an older one still computing waits for it (then copies those blocks). Consecutive
+        rows of the pool run together (right-padded), the others alone."""
         budget, plan = self.prefill_tokens, {}
         pending = [r for r in self._live if r.done < len(r.prompt)]
         waiting = []
@@ -400,10 +401,14 @@ class Scheduler:
                 self.stats.prefix_hits += r.done
                 self.stats.prefix_queries += len(r.prompt)
             waiting.append(r)
+        # where the pool runs each row's chunk alone (`chunk_pasts` False), halving the oldest's share buys a
+        # second, less efficient run: worth it only for a prompt behind it with less left to compute
+        split = len(waiting) > 1 and (self.pool.chunk_pasts or any(
+            len(o.prompt) - o.done < len(waiting[0].prompt) - waiting[0].done for o in waiting[1:]))
         for k, r in enumerate(waiting):
             if budget == 0:
                 break
-            share = max(budget // 2, 1) if k == 0 and len(waiting) > 1 else budget
+            share = max(budget // 2, 1) if k == 0 and split else budget
             plan[r.id] = min(len(r.prompt) - r.done, share)
             budget -= plan[r.id]
         if budget and waiting and waiting[0].id in plan:  # what the others left goes to the oldest

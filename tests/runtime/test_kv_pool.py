@@ -357,3 +357,25 @@ def test_the_pool_memory_is_committed_at_start():
     assert rss_anon() - before >= 60 << 20
     assert zeros.shape == (16 << 20,) and zeros.dtype == np.float32 and not zeros.any()
     zeros[-1] = 1.0  # writable
+
+
+@pytest.mark.parametrize("form", ["gqa", "export"])
+def test_where_chunks_run_alone_the_oldest_keeps_the_budget_unless_a_shorter_prompt_waits(generator, form, monkeypatch):
+    """Two long prompts waiting: on the pool's GroupQueryAttention form (each row's chunk its own run) the oldest
+    takes the whole budget -- halving it would only buy a second, smaller run -- and a shorter prompt behind it
+    still gets half; on the graph as exported (rows batched in one run) the budget is split as before."""
+    if form == "export":
+        monkeypatch.setattr("neoxrt.runtime.pool_graph.gqa_graph", lambda path: None)
+    sched, got = Scheduler(generator, max_batch=4, prefill_tokens=8, prefix_cache=False), Collect()
+    assert sched.pool.form == form
+    first, second = (sched.submit(LONG + suffix, got, max_new_tokens=2, ignore_eos=True) for suffix in (" one", " two"))
+    sched.step()
+    done = {r.id: r.done for r in sched._live}
+    assert (done[first], done[second]) == ((8, 0) if form == "gqa" else (4, 4))
+    drain(sched)
+    long, short = (sched.submit(p, got, max_new_tokens=2, ignore_eos=True) for p in (LONG + " three", "We"))
+    sched.step()
+    assert {r.id: r.done for r in sched._live}[long] == 7 and short in got.ids  # the short one served beside it
+    drain(sched)
+    for rid, prompt in ((first, LONG + " one"), (second, LONG + " two"), (long, LONG + " three"), (short, "We")):
+        assert got.ids[rid] == alone(generator, prompt, max_new_tokens=2, ignore_eos=True)
