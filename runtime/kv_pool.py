@@ -24,8 +24,7 @@ once, evicted least recently used; a new row whose prompt starts with cached blo
 instead of computing them.
 
 Memory bound: (capacity_tokens + prefix blocks x block) x layers x 2 x heads x head_dim values of the cache dtype,
-allocated and committed once at start (`committed_zeros`); a repack moves the live rows in place (at most one row-head
-block of keys or values copied aside).
+allocated once; a repack moves the live rows in place (at most one row-head block of keys or values copied aside).
 
 The storage is this class's host arrays bound to ONNX Runtime; `runtime/trt_pool.py`'s `DeviceKVPool` keeps the
 same rows in device buffers of a TensorRT engine, overriding the storage methods (`_storage`, `_copy_row`,
@@ -34,7 +33,6 @@ same rows in device buffers of a TensorRT engine, overriding the storage methods
 
 from __future__ import annotations
 
-import mmap
 from collections import OrderedDict
 
 import numpy as np
@@ -85,29 +83,6 @@ def pool_for(session, max_rows: int, memory: int, max_positions: int, prefix: bo
         raise NeoxrtError(f"--kv-cache-memory {memory / 2**30:.3f} GiB holds {capacity} tokens of this model's cache "
                           f"({per_token} bytes a token); expected room for at least {block}")
     return (cls or KVPool)(session, max_rows, capacity, blocks, block, max_positions, max_width, pool_graph)
-
-
-def committed_zeros(count: int, dtype) -> np.ndarray:
-    """`count` zeros of `dtype`, written once now: the pool's memory exists from the start (a pool that does not fit
-    fails here, not mid-load) and no step pays a page fault for a slot it writes first. Anonymous memory advised
-    onto transparent huge pages where the kernel offers them (2 MiB pages: 512 times fewer faults). Measured in the
-    scheduler's own shared-prefix load (8 x 2 prompts of a 768-token prefix + 16, 160m shape): 3.01 / 2.94 s
-    with the buffers left to fault in, 2.68 / 2.68 s committed at start (docs/serving.md)."""
-    nbytes = max(count * np.dtype(dtype).itemsize, 1)
-    try:
-        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except (AttributeError, OSError, ValueError):  # no anonymous mmap here: plain zeros, touched
-        array = np.zeros(count, dtype)
-        array.fill(0)
-        return array
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            memory.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    array = np.frombuffer(memory, dtype, count)
-    array.fill(0)  # the first write commits the pages (the mapping reads as zeros already)
-    return array
 
 
 def is_static(session) -> bool:
@@ -162,9 +137,10 @@ class KVPool:
                               "(neoxrt export --kv-cache static)")
 
     def _storage(self) -> None:
-        """One flat buffer per cache tensor, zeroed (a masked slot still enters attention's products: no NaN) and
-        committed now (`committed_zeros`)."""
-        self.flat = [committed_zeros(self.capacity * self.heads * self.head_dim, self.dtype) for _ in self.names]
+        """One flat buffer per cache tensor, zeroed (a masked slot still enters attention's products: no NaN). Left
+        to fault in as rows first write their slots: committing it at start (written once) made the scheduler's own
+        shared-prefix load ~10 % faster but put the whole pool in the server's RSS from the start (docs/serving.md)."""
+        self.flat = [np.zeros(self.capacity * self.heads * self.head_dim, self.dtype) for _ in self.names]
         self._logits: dict[tuple, np.ndarray] = {}
         # the graph's pool form where it applies (runtime/pool_graph.py): its kernel takes one row per run of
         # several tokens after a past
@@ -204,8 +180,7 @@ class KVPool:
         self._view(t, len(self.rows), self.width)[...] = values
 
     def _new_arena(self, blocks: int, block: int):
-        shape = (blocks, len(self.names), self.heads, block, self.head_dim)
-        return committed_zeros(int(np.prod(shape)), self.dtype).reshape(shape)
+        return np.zeros((blocks, len(self.names), self.heads, block, self.head_dim), self.dtype)
 
     def _block_io(self, arena, slot: int, j: int, start: int, block: int, to_arena: bool) -> None:
         """Between arena block `slot` and row `j`'s slots [start, start + block), every cache tensor."""

@@ -343,22 +343,6 @@ def test_the_default_export_runs_prompt_chunks_with_the_last_logits_only(generat
     np.testing.assert_allclose(every[0], every[1], atol=1e-4)
 
 
-def test_the_pool_memory_is_committed_at_start():
-    """The pool's buffers are written once when made (`committed_zeros`): this process's anonymous resident memory
-    grows by their size at once, not slot by slot during the steps (np.zeros would leave them to fault in)."""
-    from neoxrt.runtime.kv_pool import committed_zeros
-
-    def rss_anon() -> int:
-        line = next(x for x in open("/proc/self/status") if x.startswith("RssAnon:"))
-        return int(line.split()[1]) * 1024
-
-    before = rss_anon()
-    zeros = committed_zeros(16 << 20, np.float32)  # 64 MiB
-    assert rss_anon() - before >= 60 << 20
-    assert zeros.shape == (16 << 20,) and zeros.dtype == np.float32 and not zeros.any()
-    zeros[-1] = 1.0  # writable
-
-
 @pytest.mark.parametrize("form", ["gqa", "export"])
 def test_where_chunks_run_alone_the_oldest_keeps_the_budget_unless_a_shorter_prompt_waits(generator, form, monkeypatch):
     """Two long prompts waiting: on the pool's GroupQueryAttention form (each row's chunk its own run) the oldest
