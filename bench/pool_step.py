@@ -6,7 +6,9 @@
     bound    the dynamic export with the cache bound by pointer in two ping-pong buffers (`OrtBoundDecoder`): no
              arrays cross into Python, but the graph's Concat still writes past + 1 into the other buffer
     pool     the static export (`--kv-cache static`) on the scheduler's `KVPool`: one buffer per cache tensor
-             bound as both past and present, TensorScatter writes each row's token at its own slot, in place
+             bound as both past and present, each row's token written at its own slot, in place (its
+             GroupQueryAttention form where it applies: runtime/pool_graph.py); its slots filled first, as a
+             serving pool's are (never-written slots read the kernel's cached zero page)
 
 Per context, each way runs `--steps` steps after a warm-up, the order rotating between passes; the median step.
 `--mixed` also times the pool with 15 rows at 64 tokens and one at the context (the pool pays the longest row's
@@ -90,6 +92,8 @@ def _pool_step(gen, rows: int, lengths: list[int]):
     for j, n in enumerate(lengths):
         pool.add(j, width)
         pool.set_length(j, n)  # as if its n tokens were written
+    for flat in pool.flat:  # and written they are: slots never written read the kernel's zero page, which is cached
+        flat.fill(0.01)  # (a serving pool's slots hold earlier rows' keys and values)
     ids = np.full((rows, 1), 7, np.int64)
 
     def step():
