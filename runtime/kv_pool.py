@@ -132,7 +132,7 @@ class KVPool:
     # -- storage: host memory bound to ONNX Runtime (runtime/trt_pool.py: device memory, a TensorRT engine) --
     @staticmethod
     def _check(session) -> None:
-        if not is_static(session) or not hasattr(session, "sess"):
+        if not is_static(session) or not hasattr(session, "pool_session"):
             raise NeoxrtError("the KV-cache pool needs an ONNX Runtime session of a static-cache export "
                               "(neoxrt export --kv-cache static)")
 

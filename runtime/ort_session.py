@@ -12,6 +12,7 @@ Cost model of one decode step (portable contract: past [B,H,P,D] in, present [B,
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,8 @@ class OrtSession:
         config = {**mapped_weights_config(self.path), **(config or {})}
         self._make = (threads, options, config, providers or ["CPUExecutionProvider"])
         self._sess: ort.InferenceSession | None = None
+        self._lock = threading.Lock()  # one thread makes the session again, not each that finds it gone
+        self._pool: ort.InferenceSession | None = None  # the pool form's session, once made
         self._inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), tuple(i.shape)) for i in self.sess.get_inputs()]
         self._outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), tuple(o.shape)) for o in self.sess.get_outputs()]
         self.num_layers = sum(1 for s in self._inputs if s.name.endswith(".key"))
@@ -139,11 +142,12 @@ class OrtSession:
     @property
     def sess(self) -> ort.InferenceSession:
         """The graph as exported (made again on first use after `pool_session` let it go)."""
-        if self._sess is None:
-            threads, options, config, providers = self._make
-            self._sess = ort.InferenceSession(str(self.path), session_options(threads, options, config),
-                                              providers=providers)
-        return self._sess
+        with self._lock:
+            if self._sess is None:
+                threads, options, config, providers = self._make
+                self._sess = ort.InferenceSession(str(self.path), session_options(threads, options, config),
+                                                  providers=providers)
+            return self._sess
 
     @sess.setter
     def sess(self, value: ort.InferenceSession) -> None:
@@ -156,6 +160,8 @@ class OrtSession:
         weights are not held twice -- and made again if something else runs it (`sess`)."""
         from neoxrt.runtime.pool_graph import gqa_graph
 
+        if self._pool is not None:  # a second pool on this session shares the first's
+            return self._pool, "gqa"
         graph = gqa_graph(self.path) if not self.cache_branch else None
         if graph is None:
             return self.sess, "export"
@@ -163,7 +169,8 @@ class OrtSession:
         # the rewritten graph comes as bytes: its external weights are found beside model.onnx
         config = {**config, "session.model_external_initializers_file_folder_path": str(self.path.parent)}
         pool = ort.InferenceSession(graph, session_options(threads, options, config), providers=providers)
-        self._sess = None
+        with self._lock:
+            self._sess, self._pool = None, pool  # decoders made before keep theirs (`_Bound.sess`)
         return pool, "gqa"
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -193,7 +200,8 @@ class _Bound:
         self.logits_spec = next(o for o in session.io_spec()[1] if o.name == io.LOGITS)
         self.vocab = self.logits_spec.shape[-1]
         self.logits: dict[tuple[int, int], np.ndarray] = {}
-        self.binding = session.sess.io_binding()
+        self.sess = session.sess  # the session its binding belongs to (kept if `pool_session` lets it go)
+        self.binding = self.sess.io_binding()
         self.presents = [n.replace("past_key_values.", "present.") for n in self.names]
         # the binding's C object and the CPU device, looked up once: the Python wrapper builds an OrtDevice on
         # every call (~20 us a tensor, 2 x layers + 4 tensors a step: 0.6 ms of a 1.7 ms 14m step)
@@ -266,7 +274,7 @@ class OrtBoundDecoder(_Bound):
         for j, (name, out) in enumerate(zip(self.names, self.presents)):  # _view's memory, by pointer
             self._bind_ptr(name, self.dtype, past, self.pointers[self.current][j], output=False)
             self._bind_ptr(out, self.dtype, present, self.pointers[nxt][j], output=True)
-        self.session.sess.run_with_iobinding(self.binding)
+        self.sess.run_with_iobinding(self.binding)
         self.current, self.past_len = nxt, total
         return logits
 
@@ -330,7 +338,7 @@ class OrtStaticDecoder(_Bound):
                 self._bind(name, buf[:b], output=False)
                 self._bind(out, buf[:b], output=True)
             self.bound_batch = b
-        self.session.sess.run_with_iobinding(self.binding)
+        self.sess.run_with_iobinding(self.binding)
         self.past_len = total
         return logits
 

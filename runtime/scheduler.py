@@ -102,6 +102,7 @@ class Request:
     rng: np.random.Generator = field(init=False)
     finish_reason: str | None = None
     done: int = 0  # prompt tokens in the cache (the pool: chunked prefill, prefix reuse)
+    looked_up: bool = False  # its prompt was looked up in the prefix cache (once: a miss is not asked again)
     submitted: float = field(default_factory=time.monotonic)
     last_token: float = 0.0  # when its latest token was emitted
     prompt_scores: list = field(default_factory=lambda: [None])  # on_prompt_logprobs' entries, chunk by chunk
@@ -183,7 +184,7 @@ class Scheduler:
         """The KV-cache pool of a static-cache artifact: host memory on ONNX Runtime, device memory on a TensorRT
         engine (its cache profile bounds a row's slots)."""
         positions = self.generator.max_positions
-        if hasattr(self.session, "sess"):
+        if hasattr(self.session, "pool_session"):  # ONNX Runtime
             memory = memory or default_memory(self.session, self.max_batch, positions, prefix)
             return pool_for(self.session, self.max_batch, memory, positions, prefix, block)
         from neoxrt.runtime.trt_pool import DeviceKVPool, default_device_memory, engine_slots, is_static_engine
@@ -387,7 +388,8 @@ class Scheduler:
         """Prompt chunks for this step: `prefill_tokens` in all. The oldest prompt takes half the budget when others
         wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
         progressing, and short prompts behind it are not held for its whole prefill. (Where the pool runs each
-        row's chunk alone, the oldest keeps the whole budget unless a prompt behind it has less left.) A prompt
+        row's chunk alone, the oldest keeps the whole budget unless a prompt behind it has less left, and the others
+        go shortest first.) A prompt
         that shares a block with an older one still computing waits for it (then copies those blocks). Consecutive
         rows of the pool run together (right-padded), the others alone."""
         budget, plan = self.prefill_tokens, {}
@@ -396,15 +398,20 @@ class Scheduler:
         for j, r in enumerate(pending):  # oldest first, so that a prompt sees what the older ones copied
             if self._behind_its_prefix(r, pending[:j]):
                 continue
-            if r.done == 0 and r.on_prompt_logprobs is None:  # looked up as late as possible: a prompt finished
-                r.done = self.pool.reuse(r.id, r.prompt)  # meanwhile may have left its blocks
+            if not r.looked_up and r.on_prompt_logprobs is None:  # looked up once, as late as possible (when
+                r.looked_up = True  # nothing older computes its blocks): a prompt finished meanwhile may have left them
+                r.done = self.pool.reuse(r.id, r.prompt)
                 self.stats.prefix_hits += r.done
                 self.stats.prefix_queries += len(r.prompt)
             waiting.append(r)
-        # where the pool runs each row's chunk alone (`chunk_pasts` False), halving the oldest's share buys a
-        # second, less efficient run: worth it only for a prompt behind it with less left to compute
-        split = len(waiting) > 1 and (self.pool.chunk_pasts or any(
-            len(o.prompt) - o.done < len(waiting[0].prompt) - waiting[0].done for o in waiting[1:]))
+        left = {r.id: len(r.prompt) - r.done for r in waiting}
+        if not self.pool.chunk_pasts and waiting:
+            # where the pool runs each row's chunk alone, halving the oldest's share buys a second, less efficient
+            # run: worth it only for a prompt with less left to compute, which then goes first among the others
+            waiting = waiting[:1] + sorted(waiting[1:], key=lambda o: left[o.id])
+            split = len(waiting) > 1 and left[waiting[1].id] < left[waiting[0].id]
+        else:
+            split = len(waiting) > 1
         for k, r in enumerate(waiting):
             if budget == 0:
                 break

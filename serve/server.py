@@ -159,8 +159,11 @@ def cache_line(artifact: Path) -> str:
     if any(t["name"] == io.WRITE_INDICES for t in manifest["io"]["inputs"]):
         from neoxrt.runtime.pool_graph import pool_form
 
+        model = artifact / io.MODEL_FILE  # absent from an engine folder: its pool is in device memory
+        form = pool_form(model) if model.is_file() else "engine"
         attention = {"gqa": "GroupQueryAttention over each row's own slots",
-                     "export": "the exported graph's attention over the pool's width"}[pool_form(artifact / io.MODEL_FILE)]
+                     "export": "the exported graph's attention over the pool's width",
+                     "engine": "the TensorRT engine's, the pool in device memory"}[form]
         return (f"neoxrt serve: KV-cache pool (static cache): chunked prefill, prefix reuse, admission by memory; "
                 f"attention: {attention}")
     return ("neoxrt serve: this artifact has a dynamic cache (--kv-cache dynamic, or not the causal LM with fused "

@@ -304,6 +304,7 @@ def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed, 
     (several rows a chunk)."""
     if form == "export":
         monkeypatch.setattr("neoxrt.runtime.pool_graph.gqa_graph", lambda path: None)
+        monkeypatch.setattr(generator.session, "_pool", None)  # an earlier pool's form, shared otherwise
     sched = Scheduler(generator, max_batch=5, max_queue=100, prefill_tokens=7, prefix_block=4,
                       kv_cache_memory=token_bytes(generator.session) * 200 * 4 // 3)
     assert sched.pool.form == form
@@ -350,6 +351,7 @@ def test_where_chunks_run_alone_the_oldest_keeps_the_budget_unless_a_shorter_pro
     still gets half; on the graph as exported (rows batched in one run) the budget is split as before."""
     if form == "export":
         monkeypatch.setattr("neoxrt.runtime.pool_graph.gqa_graph", lambda path: None)
+        monkeypatch.setattr(generator.session, "_pool", None)  # an earlier pool's form, shared otherwise
     sched, got = Scheduler(generator, max_batch=4, prefill_tokens=8, prefix_cache=False), Collect()
     assert sched.pool.form == form
     first, second = (sched.submit(LONG + suffix, got, max_new_tokens=2, ignore_eos=True) for suffix in (" one", " two"))
@@ -363,3 +365,15 @@ def test_where_chunks_run_alone_the_oldest_keeps_the_budget_unless_a_shorter_pro
     drain(sched)
     for rid, prompt in ((first, LONG + " one"), (second, LONG + " two"), (long, LONG + " three"), (short, "We")):
         assert got.ids[rid] == alone(generator, prompt, max_new_tokens=2, ignore_eos=True)
+
+
+def test_a_waiting_prompt_is_looked_up_in_the_prefix_cache_once(generator):
+    """Prompts waiting several steps for budget are asked of the prefix cache once each, so the hit rate's
+    denominator is the prompt tokens submitted (a miss asked again every step understated it)."""
+    sched, got = Scheduler(generator, max_batch=4, prefill_tokens=4, prefix_block=4), Collect()
+    prompts = [list(range(300, 320)), list(range(400, 440))]
+    rids = [sched.submit(p, got, max_new_tokens=2, ignore_eos=True) for p in prompts]
+    drain(sched)
+    assert sched.stats.prefix_queries == sum(len(p) for p in prompts)
+    for rid, p in zip(rids, prompts):
+        assert got.ids[rid] == alone(generator, p, max_new_tokens=2, ignore_eos=True)

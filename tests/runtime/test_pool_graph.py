@@ -87,3 +87,26 @@ def test_graphs_the_form_does_not_apply_to_run_as_exported(options, tmp_path):
     assert gqa_graph(path) is None
     if options.get("dtype") == "fp16":
         assert KVPool(OrtSession(path, threads=2), 2, 256).form == "export"
+
+
+def test_a_decoder_made_before_the_pool_keeps_its_session(tmp_path):
+    """A bound decoder made before a pool lets the exported session go keeps stepping on its own session (its
+    binding belongs to it), and a second pool on the session shares the first's pool form instead of making the
+    exported session again."""
+    session = OrtSession(export(default_checkpoint(), tmp_path / "static", kv_cache="static"), threads=2)
+    ids = np.array([[5, 17, 33, 2, 90, 41, 7]])
+    steps = []
+    for drop in (False, True):
+        decoder = session.decoder(1, 20)
+        out = [decoder.step(ids, np.ones((1, 7), np.int64), np.arange(7)[None]).copy()]
+        if drop:
+            first = KVPool(session, 2, 256)
+            assert session._sess is None
+        for t in range(3):
+            token = np.array([[int(out[-1].argmax())]])
+            out.append(decoder.step(token, np.ones((1, 8 + t), np.int64), np.array([[7 + t]])).copy())
+        steps.append(out)
+    for a, b in zip(*steps, strict=True):
+        np.testing.assert_array_equal(a, b)
+    second = KVPool(session, 2, 256)
+    assert second.sess is first.sess and session._sess is None

@@ -53,6 +53,19 @@ def test_serve_says_which_cache_path_an_artifact_gets(artifact, static_artifact)
     assert "attention: GroupQueryAttention over each row's own slots" in cache_line(static_artifact)
 
 
+def test_serve_says_which_cache_path_an_engine_folder_gets(static_artifact, tmp_path):
+    """An engine folder of a static-cache build has a manifest with the static io but no model.onnx."""
+    import json
+
+    from neoxrt.serve.server import cache_line
+
+    manifest = json.loads((static_artifact / "manifest.json").read_text())
+    manifest.update(stage="build", files={"model.engine": "0" * 64})
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "model.engine").write_bytes(b"engine")
+    assert "attention: the TensorRT engine's, the pool in device memory" in cache_line(tmp_path)
+
+
 def test_serve_refuses_clashing_ports(artifact, capsys):
     assert main(["serve", str(artifact), "--http-port", "18990", "--openai-port", "18990"]) == 2
     assert "must differ, got 18990, 8001, 8002, 18990" in capsys.readouterr().err
