@@ -14,7 +14,7 @@ from neoxrt import contract as io
 from neoxrt.errors import ArtifactError, GrammarError, RuntimeShapeError
 from neoxrt.manifest import ORT_SESSION_CONFIG, read_manifest
 from neoxrt.runtime.beam import BeamOptions, beam_search
-from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens, log_softmax, top_indices
+from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens, log_softmax, scored_logprobs
 from neoxrt.runtime.session import Session
 from neoxrt.runtime.speculative import SpeculativeOptions, speculative_loop
 from neoxrt.runtime.structured import FINISHED, Constraint, Grammars
@@ -47,11 +47,7 @@ class GenerationResult:
 
 def token_logprobs(logits: np.ndarray, chosen: np.ndarray, top: int | None) -> list | None:
     """Per row (log p(chosen), [(token, log p)] of the `top` most likely), from raw logits [B, V]; None when off."""
-    if top is None:
-        return None
-    logp = log_softmax(np.asarray(logits, np.float64))
-    best = top_indices(logp, top)
-    return [(float(logp[j, chosen[j]]), [(int(t), float(logp[j, t])) for t in best[j]]) for j in range(len(chosen))]
+    return None if top is None else scored_logprobs(logits, chosen, top)
 
 
 def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

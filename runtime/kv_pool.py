@@ -125,9 +125,13 @@ class KVPool:
         self.width = 0
         self.repacks = 0
         self.pool_graph = pool_graph
-        self.chunk_pasts = True  # whether a run of several tokens may take several rows with a past
         self._storage()
         self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
+
+    @property
+    def chunk_pasts(self) -> bool:
+        """Whether a run of several tokens may take several rows with a past (the pool form's kernel takes one)."""
+        return self.form != "gqa"
 
     # -- storage: host memory bound to ONNX Runtime (runtime/trt_pool.py: device memory, a TensorRT engine) --
     @staticmethod
@@ -142,10 +146,8 @@ class KVPool:
         shared-prefix load ~10 % faster but put the whole pool in the server's RSS from the start (docs/serving.md)."""
         self.flat = [np.zeros(self.capacity * self.heads * self.head_dim, self.dtype) for _ in self.names]
         self._logits: dict[tuple, np.ndarray] = {}
-        # the graph's pool form where it applies (runtime/pool_graph.py): its kernel takes one row per run of
-        # several tokens after a past
+        # the graph's pool form where it applies (runtime/pool_graph.py)
         self.sess, self.form = self.session.pool_session() if self.pool_graph else (self.session.sess, "export")
-        self.chunk_pasts = self.form != "gqa"
         self.binding = self.sess.io_binding()
         self._io = getattr(self.binding, "_iobinding", None)
         import onnxruntime as ort

@@ -149,10 +149,6 @@ class OrtSession:
                                                   providers=providers)
             return self._sess
 
-    @sess.setter
-    def sess(self, value: ort.InferenceSession) -> None:
-        self._sess = value
-
     def pool_session(self) -> tuple[ort.InferenceSession, str]:
         """The session the KV-cache pool runs and its form, "gqa" or "export": the graph's pool form
         (`runtime.pool_graph`: attention through GroupQueryAttention, which reads each row's own slots only) where

@@ -19,7 +19,7 @@ Pythia-160m shape: attention 52.6 ms with the export's kernel, 20.5 ms with this
 
 Its contract with the pool, narrower than the export's (the pool keeps to it: `KVPool`):
 - a row's mask is its first `write_indices + real` slots (the mask input is then unused);
-- a run of more than one token where any row has a past takes one row (the kernel's rule): `KVPool.chunk_rows`;
+- a run of more than one token where any row has a past takes one row (the kernel's rule): `KVPool.chunk_pasts`;
 - a row fed a masked token (a decode run's row still in its prompt) writes at its own end, as TensorScatter does.
 
 Made at load time from model.onnx (the graph only is rewritten: the weights stay where they are, in the graph

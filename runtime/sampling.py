@@ -470,6 +470,20 @@ def top_indices(x: np.ndarray, n: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=-1)
 
 
+def scored_logprobs(logits: np.ndarray, chosen, top: int) -> list:
+    """Per row of raw logits [n, V]: (log p(chosen), [(token, log p)] of the `top` most likely). log p = logit -
+    logsumexp (the sum in float64), read at the chosen and the top tokens only: no [n, V] array of
+    log-probabilities (the top tokens are the top logits)."""
+    x = np.asarray(logits, np.float32)
+    n = len(x)
+    peak = x.max(axis=-1, keepdims=True)
+    lse = peak[:, 0].astype(np.float64) + np.log(np.exp(x - peak).sum(axis=-1, dtype=np.float64))  # [n]
+    scored = x[np.arange(n), np.asarray(chosen, np.int64)].astype(np.float64) - lse
+    best = top_indices(x, top)
+    values = np.take_along_axis(x, best, axis=-1).astype(np.float64) - lse[:, None]
+    return [(float(c), list(zip(b, v))) for c, b, v in zip(scored.tolist(), best.tolist(), values.tolist())]
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

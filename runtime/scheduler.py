@@ -55,7 +55,7 @@ from neoxrt.engine_meta import DECODE, PROMPT
 from neoxrt.errors import ArtifactError, NeoxrtError, RuntimeShapeError
 from neoxrt.runtime.generator import Generator, RowBook, TokenEvent, left_pad, token_logprobs
 from neoxrt.runtime.kv_pool import KVPool, default_memory, is_static, pool_for
-from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens, processes, top_indices
+from neoxrt.runtime.sampling import GenerationOptions, constrained_next_tokens, processes, scored_logprobs
 from neoxrt.runtime.scheduler_stats import Histogram, SchedulerStats
 
 GREEDY = GenerationOptions(temperature=0.0)  # plain greedy rows' choice: the argmax
@@ -389,9 +389,8 @@ class Scheduler:
         wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
         progressing, and short prompts behind it are not held for its whole prefill. (Where the pool runs each
         row's chunk alone, the oldest keeps the whole budget unless a prompt behind it has less left, and the others
-        go shortest first.) A prompt
-        that shares a block with an older one still computing waits for it (then copies those blocks). Consecutive
-        rows of the pool run together (right-padded), the others alone."""
+        go shortest first.) A prompt that shares a block with an older one still computing waits for it (then
+        copies those blocks). Consecutive rows of the pool run together (right-padded), the others alone."""
         budget, plan = self.prefill_tokens, {}
         pending = [r for r in self._live if r.done < len(r.prompt)]
         waiting = []
@@ -686,18 +685,11 @@ def _prompt_logprobs(logits: np.ndarray, prompt: list[int], top: int) -> list:
 
 def _chunk_logprobs(logits: np.ndarray, prompt: list[int], start: int, top: int) -> list:
     """The entries of `_prompt_logprobs` that a chunk's logits [n, V] (prompt positions start.. start + n - 1)
-    give: each position scores the prompt's next token. log p = logit - logsumexp (the sum in float64), read at the
-    scored and the top tokens only: no [n, V] array of log-probabilities (the top tokens are the top logits)."""
+    give: each position scores the prompt's next token (`scored_logprobs`)."""
     n = min(len(logits), len(prompt) - 1 - start)
     if n <= 0:
         return []
-    x = np.asarray(logits[:n], np.float32)
-    peak = x.max(axis=-1, keepdims=True)
-    lse = peak[:, 0].astype(np.float64) + np.log(np.exp(x - peak).sum(axis=-1, dtype=np.float64))  # [n]
-    scored = x[np.arange(n), np.asarray(prompt[start + 1:start + 1 + n])].astype(np.float64) - lse
-    best = top_indices(x, top)
-    values = np.take_along_axis(x, best, axis=-1).astype(np.float64) - lse[:, None]
-    return [(float(c), list(zip(b, v))) for c, b, v in zip(scored.tolist(), best.tolist(), values.tolist())]
+    return scored_logprobs(logits[:n], prompt[start + 1:start + 1 + n], top)
 
 
 def _left_pad_cols(mask: np.ndarray, width: int) -> np.ndarray:
