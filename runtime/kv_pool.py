@@ -10,8 +10,7 @@ copies nothing proportional to the context (docs/serving.md has the measurement)
 
     add(rid, reserve)   a row at the end (admission checks `fits` first: B x the largest reservation <= capacity)
     run(rids, ids, n)   one graph run over consecutive rows: row j writes its ids at slots end_j.. (its first n_j
-                        are real, the rest right padding that the mask hides and the next write overwrites; the
-                        packed form of the graph, runtime/pool_graph.py, computes and writes only the real ones)
+                        are real, the rest right padding that the mask hides and the next write overwrites)
     remove(rid)         the last row's slots moved into the hole (one row copy), B - 1
 
 The width grows when a run needs more slots (a repack of the live rows, amortised by rounding up) and shrinks when
@@ -97,12 +96,6 @@ class KVPool:
     SCRATCH_TENSORS = 0  # buffers of one cache tensor's size beside the slots (repacks in place here)
     form = "export"  # the graph a run executes: "export" (model.onnx as exported) or "gqa" (runtime/pool_graph.py)
     packed = False  # whether that graph takes the rows' tokens packed (the pool form's packed variant)
-    # a run's own cost in tokens of compute (its weights read once): rows share a padded run while their padding
-    # costs less than the runs saved. Measured on this pool, Pythia-160m shape, 2 Zen 4 cores: one row of 1 token
-    # 20-22 ms, of 16-128 tokens 1.07-1.11 ms a token plus 9-16 ms (a run's cost and a token's both scale with the
-    # weights, so the ratio holds across model sizes). None: padding up to the real tokens (the device pool: not
-    # measured on a GPU)
-    run_tokens: int | None = 16
 
     def __init__(self, session, max_rows: int, capacity_tokens: int, prefix_blocks: int = 0, block: int = 32,
                  max_positions: int = 1 << 30, max_width: int | None = None, pool_graph: bool = True):
@@ -281,11 +274,10 @@ class KVPool:
     def run(self, rids: list, input_ids: np.ndarray, real: np.ndarray | None = None, advance: bool = True,
             last: bool = False) -> np.ndarray:
         """One graph run over the consecutive rows `rids`: row j's `input_ids[j]` are written at its slots from
-        its end on, the first `real[j]` of them real (the rest right padding, which the packed form never feeds);
-        positions and mask follow from the rows' lengths. Returns the logits [b, S or 1, V] (a bound buffer: valid
-        until the next run): [b, 1, V] for a graph of last-position logits, and with `last` where the graph takes
-        logits_to_keep (`keeps`) or on the packed form (each row's last real token; its padding positions are not
-        written); with `advance` the rows' lengths grow by `real`.
+        its end on, the first `real[j]` of them real (the rest right padding); positions and mask follow from the
+        rows' lengths. Returns the logits [b, S or 1, V] (the bound buffer: valid until the next run of that
+        shape): [b, 1, V] for a graph of last-position logits, and with `last` where the graph takes
+        logits_to_keep (`keeps`); with `advance` the rows' lengths grow by `real`.
 
         Raises:
             RuntimeShapeError: the rows are not consecutive in the pool, or the run needs more slots than allowed.
@@ -337,7 +329,7 @@ class KVPool:
         gather = np.zeros(b * width, np.int64)
         gather[feeds[SCATTER]] = np.arange(len(row))
         feeds[GATHER] = gather
-        packed = self._execute(lo, feeds, real, last, ("packed", len(feeds[LOGIT_ROWS]), self.vocab))
+        packed = self._execute(lo, feeds, real, last, (1, len(feeds[LOGIT_ROWS]), self.vocab))
         if not every:
             return packed.reshape(b, 1, self.vocab)
         logits = self._logits.get((b, s, self.vocab))
@@ -356,7 +348,7 @@ class KVPool:
         dims = dims or (b, s if self.all_logits and not (last and self.keeps) else 1, self.vocab)
         logits = self._logits.get(dims)
         if logits is None:  # one buffer per shape, written in place run after run
-            logits = self._logits[dims] = np.empty((1, *dims[1:]) if dims[0] == "packed" else dims, np.float32)
+            logits = self._logits[dims] = np.empty(dims, np.float32)
         self._feeds = feeds  # bound by pointer: alive until the run is over
         for name, array in feeds.items():
             self._bind(name, array.dtype, array.shape, array.ctypes.data, False)

@@ -14,11 +14,9 @@ allocated once and written in place. Every step
        copied instead of computed (prefix reuse);
     3. runs prompt chunks, at most `prefill_tokens` tokens in all -- the oldest prompt half of them while others
        wait, the others the rest, oldest first -- each row's chunk written at its own slots (consecutive rows in
-       one run, right-padded or, on the packed form of the graph, packed); a row whose prompt is done picks its
-       first token;
+       one run, right-padded); a row whose prompt is done picks its first token;
     4. runs one decode step for every row past its prompt, each at its own slot, then retires the finished rows
-       (their blocks offered to the prefix cache). On the packed form, 3 and 4 are one run where every row has
-       room for it (`_one_run`); a row whose prompt is done then gets its second token the next step.
+       (their blocks offered to the prefix cache).
 
 So no stream waits for more than one chunk's run, long prompts progress at the budget's pace under any load,
 and a decode step reads each row's cache where it lies. A failing run is retried row by row: the row that fails
@@ -74,6 +72,13 @@ class QueueFullError(NeoxrtError):
 
 class RequestCancelled(NeoxrtError):
     """Given to a cancelled request's `on_error` when it leaves (so a front can send its final response)."""
+
+
+# a graph run's own cost in tokens of compute (its weights read once): a padded token costs one, so rows join a run
+# while their padding costs less than the runs saved. Measured on the pool, Pythia-160m shape, 2 Zen 4 cores: one
+# row of 1 token 20-22 ms, of 16-128 tokens 1.07-1.11 ms a token plus 9-16 ms (a run's cost and a token's both
+# scale with the weights, so the ratio holds across model sizes)
+RUN_TOKENS = 16
 
 
 class SchedulerDown(NeoxrtError):
@@ -438,9 +443,8 @@ class Scheduler:
             ids = np.full((len(rows), width), self.generator.eos_token_id or 0, np.int64)
             for j, r in enumerate(rows):
                 ids[j, :plan[r.id]] = r.prompt[r.done:r.done + plan[r.id]]
-            last = (self.pool.packed or self.pool.keeps and (self.pool.ragged_last or len({plan[r.id] for r in rows})
-                                                             == 1)) and all(r.on_prompt_logprobs is None for r in rows)
-            # ^ every row's last real token (the chunk's last)
+            last = self.pool.keeps and (self.pool.ragged_last or len({plan[r.id] for r in rows}) == 1) and all(
+                r.on_prompt_logprobs is None for r in rows)  # every row's last real token (the chunk's last)
             logits = self._run_rows(rows, ids, np.array([plan[r.id] for r in rows]), last)
             self._took_chunks(list(zip(rows, logits)), plan)
 
@@ -468,8 +472,8 @@ class Scheduler:
     def _one_run(self, plan: dict) -> bool:
         """On the packed pool form, the step's prompt chunks and the decoding rows' tokens in one run (rows between
         them fed a masked token): the weights are read once a step, not once for the chunks and again for the
-        decode. Whether it ran (not where a chunk needs every position's logits, or where the kernel's need --
-        every row of the run its end plus the longest chunk -- exceeds the rows' current width)."""
+        decode. Whether it ran (not where a chunk needs every position's logits, or the run would need more slots
+        a row than the pool allows)."""
         pool, by_id = self.pool, {r.id: r for r in self._live}
         decoding = self._decoding()
         if not (pool.packed and plan and decoding) or any(by_id[rid].on_prompt_logprobs is not None for rid in plan):
@@ -477,7 +481,8 @@ class Scheduler:
         span = [j for j, rid in enumerate(pool.rows) if rid in plan or rid in decoding]
         rows = [by_id[rid] for rid in pool.rows[span[0]:span[-1] + 1]]
         count = max(plan.values())
-        if max(pool.ends[span[0]:span[-1] + 1]) + count > pool.width:  # not worth a repack (nor always possible)
+        room = min(pool.capacity // len(pool.rows), pool.max_width)
+        if max(pool.ends[span[0]:span[-1] + 1]) + count > room:
             return False
         ids = np.zeros((len(rows), count), np.int64)
         real = np.zeros(len(rows), np.int64)
@@ -512,7 +517,7 @@ class Scheduler:
 
     def _groups(self, rids: list, plan: dict) -> list[list]:
         """Runs of consecutive pool rows, cut where the padding would cost more than the runs it saves
-        (`KVPool.run_tokens` a run; the packed pool form computes none), where the padded chunk would not fit the rows'
+        (`RUN_TOKENS` a run; the packed pool form computes none), where the padded chunk would not fit the rows'
         room in the pool, before a row with a past where the pool takes those alone (`chunk_pasts`), or (graphs
         with the last position's logits only, and those taking logits_to_keep, whose equal chunks skip the LM
         head; not the packed form) where the chunk length changes."""
@@ -530,17 +535,11 @@ class Scheduler:
                 fresh = self.pool.chunk_pasts or not any(self.pool.ends[position[x]] for x in g + [rid])
                 padding = max(lengths) * len(lengths) - sum(lengths)
                 if (fresh and (mixed or len(set(lengths)) == 1) and slots <= room
-                        and (self.pool.packed or padding <= self._padding_allowed(lengths))):
+                        and (self.pool.packed or padding <= RUN_TOKENS * (len(lengths) - 1))):  # packed: no padding
                     g.append(rid)
                     continue
             groups.append([rid])
         return groups
-
-    def _padding_allowed(self, lengths: list[int]) -> int:
-        """Padding tokens a run of chunks of `lengths` may compute: what the runs it saves cost (`run_tokens` a
-        run), or, where a run's cost is not measured, up to the real tokens."""
-        run = self.pool.run_tokens
-        return sum(lengths) if run is None else run * (len(lengths) - 1)
 
     def _decode_pool(self) -> None:
         """One token for every row past its prompt: one run over the pool rows from the first such row to the

@@ -161,8 +161,8 @@ def cache_line(artifact: Path) -> str:
 
         model = artifact / io.MODEL_FILE  # absent from an engine folder: its pool is in device memory
         form = pool_form(model) if model.is_file() else "engine"
-        attention = {"packed": "GroupQueryAttention over each row's own slots, the rows' tokens packed (a step's "
-                               "chunks and decode in one run where the rows have room)",
+        attention = {"packed": "GroupQueryAttention over each row's own slots, the rows' tokens packed (prompt "
+                               "chunks and decode in one run)",
                      "gqa": "GroupQueryAttention over each row's own slots",
                      "export": "the exported graph's attention over the pool's width",
                      "engine": "the TensorRT engine's, the pool in device memory"}[form]

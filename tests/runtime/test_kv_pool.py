@@ -396,7 +396,7 @@ def test_a_waiting_prompt_is_looked_up_in_the_prefix_cache_once(generator):
 def test_rows_share_a_run_while_their_padding_costs_less_than_a_run(generator, form, monkeypatch):
     """On the padded pool form, with a graph returning every position's logits (here without logits_to_keep, so
     that chunks of different lengths may share a run), prompt chunks of 40 and 3 tokens run apart (37 tokens of
-    padding cost more than the run saved: `KVPool.run_tokens`) and chunks of 10 and 3 share one run; a graph of
+    padding cost more than the run saved: `RUN_TOKENS`) and chunks of 10 and 3 share one run; a graph of
     last-position logits runs different lengths apart. The packed form computes no padding: both pairs share a
     run. All get their alone tokens."""
     if form == "padded":
