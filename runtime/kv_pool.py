@@ -95,7 +95,6 @@ class KVPool:
 
     SCRATCH_TENSORS = 0  # buffers of one cache tensor's size beside the slots (repacks in place here)
     form = "export"  # the graph a run executes: "export" (model.onnx as exported) or "gqa" (runtime/pool_graph.py)
-    packed = False  # whether that graph takes the rows' tokens packed (the pool form's packed variant)
 
     def __init__(self, session, max_rows: int, capacity_tokens: int, prefix_blocks: int = 0, block: int = 32,
                  max_positions: int = 1 << 30, max_width: int | None = None, pool_graph: bool = True):
@@ -131,9 +130,11 @@ class KVPool:
 
     @property
     def chunk_pasts(self) -> bool:
-        """Whether a run of several tokens may take several rows with a past (the padded pool form's kernel,
-        before ONNX Runtime 1.32's `query_seqlens`, takes one; the packed form takes any)."""
-        return self.form != "gqa" or self.packed
+        """Whether a run of several tokens may take several rows with a past (the pool form's kernel takes one
+        before ONNX Runtime 1.32's `query_seqlens`)."""
+        from neoxrt.runtime.pool_graph import takes_query_seqlens
+
+        return self.form != "gqa" or takes_query_seqlens()
 
     # -- storage: host memory bound to ONNX Runtime (runtime/trt_pool.py: device memory, a TensorRT engine) --
     @staticmethod
@@ -150,12 +151,6 @@ class KVPool:
         self._logits: dict[tuple, np.ndarray] = {}
         # the graph's pool form where it applies (runtime/pool_graph.py)
         self.sess, self.form = self.session.pool_session() if self.pool_graph else (self.session.sess, "export")
-        from neoxrt.runtime.pool_graph import GATHER
-
-        # the packed form (runtime/pool_graph.py): a run computes each row's own tokens, no padding; every row's
-        # last token's logits come back whatever the lengths
-        self.packed = any(i.name == GATHER for i in self.sess.get_inputs())
-        self.ragged_last = self.ragged_last or self.packed
         self.binding = self.sess.io_binding()
         self._io = getattr(self.binding, "_iobinding", None)
         import onnxruntime as ort
@@ -302,50 +297,19 @@ class KVPool:
                  io.WRITE_INDICES: ends}
         if getattr(self.session, "cache_branch", False):  # Optimum's merged decoders
             feeds["use_cache_branch"] = np.array([True])
-        logits = self._run_packed(lo, feeds, real, last) if self.packed else self._execute(lo, feeds, real, last)
+        logits = self._execute(lo, feeds, real, last)
         if advance:
             for j in range(b):
                 self.ends[lo + j] += int(real[j])
         return logits
 
-    def _run_packed(self, lo: int, feeds: dict, real: np.ndarray, last: bool) -> np.ndarray:
-        """`run` on the packed form: each row's real tokens (a row with none, one masked token at its end, which its
-        next run overwrites, as a decode run's rows still in their prompt are fed) packed in one sequence; the
-        logits [b, S or 1, V] as `run` gives them (a row's padding positions left unwritten)."""
-        from neoxrt.runtime.pool_graph import GATHER, LOGIT_ROWS, QUERY_LENGTHS, SCATTER
-
-        ids, ends = feeds[io.INPUT_IDS], feeds[io.WRITE_INDICES]
-        b, s = ids.shape
-        count = np.maximum(real, 1)
-        width = int(count.max())  # the padded length inside attention
-        row = np.repeat(np.arange(b), count)
-        start = np.cumsum(count) - count  # each row's first packed token
-        position = np.arange(len(row)) - start[row]
-        every = self.all_logits and not last
-        feeds = {io.INPUT_IDS: ids[row, position][None], io.ATTENTION_MASK: np.ones((1, 1), np.int64),
-                 io.POSITION_IDS: feeds[io.POSITION_IDS][row, position][None], io.WRITE_INDICES: ends,
-                 QUERY_LENGTHS: count, SCATTER: row * width + position,
-                 LOGIT_ROWS: np.arange(len(row)) if every else start + count - 1}
-        gather = np.zeros(b * width, np.int64)
-        gather[feeds[SCATTER]] = np.arange(len(row))
-        feeds[GATHER] = gather
-        packed = self._execute(lo, feeds, real, last, (1, len(feeds[LOGIT_ROWS]), self.vocab))
-        if not every:
-            return packed.reshape(b, 1, self.vocab)
-        logits = self._logits.get((b, s, self.vocab))
-        if logits is None:
-            logits = self._logits[(b, s, self.vocab)] = np.empty((b, s, self.vocab), np.float32)
-        logits[row, position] = packed[0]
-        return logits
-
-    def _execute(self, lo: int, feeds: dict, real: np.ndarray, last: bool, dims: tuple | None = None) -> np.ndarray:
+    def _execute(self, lo: int, feeds: dict, real: np.ndarray, last: bool) -> np.ndarray:
         """The run of `feeds` over rows lo.. (their cache bound in place at the current width); the logits."""
-        b = len(feeds[io.WRITE_INDICES])
-        s = feeds[io.INPUT_IDS].shape[1]
+        b, s = feeds[io.INPUT_IDS].shape
         width = self.width
-        if self.keeps and not self.packed:
+        if self.keeps:
             feeds[io.LOGITS_TO_KEEP] = self._keep_feeds[last]
-        dims = dims or (b, s if self.all_logits and not (last and self.keeps) else 1, self.vocab)
+        dims = (b, s if self.all_logits and not (last and self.keeps) else 1, self.vocab)
         logits = self._logits.get(dims)
         if logits is None:  # one buffer per shape, written in place run after run
             logits = self._logits[dims] = np.empty(dims, np.float32)

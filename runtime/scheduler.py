@@ -381,11 +381,9 @@ class Scheduler:
                 pool.add(r.id, self._reserve(r))
                 self._live.append(r)
             self.stats.queued = len(self._queue)
-        plan = self._plan_prefill()
-        if not self._one_run(plan):
-            self._prefill_pool(plan)
-            self._retire_finished()
-            self._decode_pool()
+        self._prefill_pool()
+        self._retire_finished()
+        self._decode_pool()
         self._retire_finished()
         self.stats.pool_tokens = pool.used_tokens()
 
@@ -393,13 +391,13 @@ class Scheduler:
     def _reserve(r: Request) -> int:
         return len(r.prompt) + r.options.max_new_tokens
 
-    def _plan_prefill(self) -> dict:
-        """Prompt chunks for this step, request id -> tokens: `prefill_tokens` in all. The oldest prompt takes half
-        the budget when others wait (all of it alone, and what the others leave), the others the rest, oldest
-        first: a long prompt keeps progressing, and short prompts behind it are not held for its whole prefill.
-        (On the pool's GroupQueryAttention form, where a chunk costs its tokens however the budget is split, the
-        oldest keeps the whole budget unless a prompt behind it has less left, and the others go shortest first.)
-        A prompt that shares a block with an older one still computing waits for it (then copies those blocks)."""
+    def _prefill_pool(self) -> None:
+        """Prompt chunks for this step: `prefill_tokens` in all. The oldest prompt takes half the budget when others
+        wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
+        progressing, and short prompts behind it are not held for its whole prefill. (Where the pool runs each
+        row's chunk alone, the oldest keeps the whole budget unless a prompt behind it has less left, and the others
+        go shortest first.) A prompt that shares a block with an older one still computing waits for it (then
+        copies those blocks). Consecutive rows of the pool run together (right-padded), the others alone."""
         budget, plan = self.prefill_tokens, {}
         pending = [r for r in self._live if r.done < len(r.prompt)]
         waiting = []
@@ -431,11 +429,6 @@ class Scheduler:
             first = waiting[0]
             more = min(len(first.prompt) - first.done - plan[first.id], budget)
             plan[first.id] += more
-        return plan
-
-    def _prefill_pool(self, plan: dict) -> None:
-        """The step's prompt chunks: consecutive rows of the pool run together (right-padded, or packed), the
-        others alone."""
         by_id = {r.id: r for r in self._live}
         for group in self._groups([rid for rid in self.pool.rows if rid in plan], plan):
             rows = [by_id[rid] for rid in group]
@@ -446,59 +439,23 @@ class Scheduler:
             last = self.pool.keeps and (self.pool.ragged_last or len({plan[r.id] for r in rows}) == 1) and all(
                 r.on_prompt_logprobs is None for r in rows)  # every row's last real token (the chunk's last)
             logits = self._run_rows(rows, ids, np.array([plan[r.id] for r in rows]), last)
-            self._took_chunks(list(zip(rows, logits)), plan)
-
-    def _took_chunks(self, done: list[tuple[Request, np.ndarray | None]], plan: dict) -> None:
-        """Rows' prompt chunks computed (their logits, None for a row that failed): each row's first token where
-        its prompt is done."""
-        firsts, lasts = [], []
-        for r, out in done:
-            if out is None:
-                continue
-            n = plan[r.id]
-            if r.on_prompt_logprobs is not None:
-                r.prompt_scores += _chunk_logprobs(out[:n], r.prompt, r.done, r.options.logprobs or 0)
-            r.done += n
-            self.stats.prefill_tokens += n
-            self.pool.keep(r.id, r.prompt[:r.done])
-            if r.done == len(r.prompt):
+            firsts, lasts = [], []
+            for r, out in zip(rows, logits):
+                if out is None:
+                    continue
+                n = plan[r.id]
                 if r.on_prompt_logprobs is not None:
-                    r.on_prompt_logprobs(r.prompt_scores)
-                firsts.append(r)
-                lasts.append(out[n - 1] if len(out) > 1 else out[-1])
-        if firsts:
-            self._pick(firsts, np.asarray(np.stack(lasts), np.float32))
-
-    def _one_run(self, plan: dict) -> bool:
-        """On the packed pool form, the step's prompt chunks and the decoding rows' tokens in one run (rows between
-        them fed a masked token): the weights are read once a step, not once for the chunks and again for the
-        decode. Whether it ran (not where a chunk needs every position's logits, or the run would need more slots
-        a row than the pool allows)."""
-        pool, by_id = self.pool, {r.id: r for r in self._live}
-        decoding = self._decoding()
-        if not (pool.packed and plan and decoding) or any(by_id[rid].on_prompt_logprobs is not None for rid in plan):
-            return False
-        span = [j for j, rid in enumerate(pool.rows) if rid in plan or rid in decoding]
-        rows = [by_id[rid] for rid in pool.rows[span[0]:span[-1] + 1]]
-        count = max(plan.values())
-        room = min(pool.capacity // len(pool.rows), pool.max_width)
-        if max(pool.ends[span[0]:span[-1] + 1]) + count > room:
-            return False
-        ids = np.zeros((len(rows), count), np.int64)
-        real = np.zeros(len(rows), np.int64)
-        for j, r in enumerate(rows):
-            if r.id in plan:
-                real[j] = plan[r.id]
-                ids[j, :real[j]] = r.prompt[r.done:r.done + real[j]]
-            elif r.id in decoding:
-                real[j], ids[j, 0] = 1, r.generated[-1]
-        logits = self._run_rows(rows, ids, real, last=True)
-        self._took_chunks([(r, out) for r, out in zip(rows, logits) if r.id in plan], plan)
-        self._took_tokens([(r, out) for r, out in zip(rows, logits) if r.id in decoding and out is not None])
-        return True
-
-    def _decoding(self) -> dict:
-        return {r.id: r for r in self._live if r.done == len(r.prompt) and r.generated and not r.finish_reason}
+                    r.prompt_scores += _chunk_logprobs(out[:n], r.prompt, r.done, r.options.logprobs or 0)
+                r.done += n
+                self.stats.prefill_tokens += n
+                self.pool.keep(r.id, r.prompt[:r.done])
+                if r.done == len(r.prompt):
+                    if r.on_prompt_logprobs is not None:
+                        r.on_prompt_logprobs(r.prompt_scores)
+                    firsts.append(r)
+                    lasts.append(out[n - 1] if len(out) > 1 else out[-1])
+            if firsts:
+                self._pick(firsts, np.asarray(np.stack(lasts), np.float32))
 
     def _behind_its_prefix(self, r: Request, older: list[Request]) -> bool:
         """Whether `r` should wait a step: it has not started, and an older prompt still computing shares at least
@@ -517,10 +474,9 @@ class Scheduler:
 
     def _groups(self, rids: list, plan: dict) -> list[list]:
         """Runs of consecutive pool rows, cut where the padding would cost more than the runs it saves
-        (`RUN_TOKENS` a run; the packed pool form computes none), where the padded chunk would not fit the rows'
-        room in the pool, before a row with a past where the pool takes those alone (`chunk_pasts`), or (graphs
-        with the last position's logits only, and those taking logits_to_keep, whose equal chunks skip the LM
-        head; not the packed form) where the chunk length changes."""
+        (`RUN_TOKENS` a run), where the padded chunk would not fit the rows' room in the pool, before a row with a
+        past where the pool takes those alone (`chunk_pasts`), or (graphs with the last position's logits only,
+        and those taking logits_to_keep, whose equal chunks skip the LM head) where the chunk length changes."""
         groups: list[list] = []
         position = {rid: j for j, rid in enumerate(self.pool.rows)}
         room = min(self.pool.capacity // max(len(self.pool.rows), 1), self.pool.max_width)  # the widest a row may be
@@ -530,12 +486,12 @@ class Scheduler:
                 lengths = [plan[x] for x in g] + [plan[rid]]
                 slots = max(self.pool.ends[position[x]] for x in g + [rid]) + max(lengths)
                 # lengths may differ where every position's logits come back, or each row's last real one
-                mixed = self.pool.packed or self.pool.all_logits and (self.pool.ragged_last or not self.pool.keeps)
+                mixed = self.pool.all_logits and (self.pool.ragged_last or not self.pool.keeps)
                 # the pool form before ONNX Runtime 1.32 (no query_seqlens) takes a chunk after a past one row a run
                 fresh = self.pool.chunk_pasts or not any(self.pool.ends[position[x]] for x in g + [rid])
                 padding = max(lengths) * len(lengths) - sum(lengths)
-                if (fresh and (mixed or len(set(lengths)) == 1) and slots <= room
-                        and (self.pool.packed or padding <= RUN_TOKENS * (len(lengths) - 1))):  # packed: no padding
+                if (fresh and (mixed or len(set(lengths)) == 1) and padding <= RUN_TOKENS * (len(lengths) - 1)
+                        and slots <= room):
                     g.append(rid)
                     continue
             groups.append([rid])
@@ -544,7 +500,7 @@ class Scheduler:
     def _decode_pool(self) -> None:
         """One token for every row past its prompt: one run over the pool rows from the first such row to the
         last (a row between them still in its prompt is fed a masked token that its next chunk overwrites)."""
-        decoding = self._decoding()
+        decoding = {r.id: r for r in self._live if r.done == len(r.prompt) and r.generated and not r.finish_reason}
         if not decoding:
             return
         span = [j for j, rid in enumerate(self.pool.rows) if rid in decoding]
@@ -552,10 +508,7 @@ class Scheduler:
         rows = [by_id[rid] for rid in self.pool.rows[span[0]:span[-1] + 1]]
         ids = np.array([[r.generated[-1] if r.id in decoding else 0] for r in rows], np.int64)
         logits = self._run_rows(rows, ids, np.array([int(r.id in decoding) for r in rows]))
-        self._took_tokens([(r, out) for r, out in zip(rows, logits) if r.id in decoding and out is not None])
-
-    def _took_tokens(self, picked: list[tuple[Request, np.ndarray]]) -> None:
-        """Decoding rows' next-token logits: a decode step."""
+        picked = [(r, out) for r, out in zip(rows, logits) if r.id in decoding and out is not None]
         self.stats.steps += 1
         self.stats.row_steps += len(picked)
         if picked:

@@ -161,9 +161,7 @@ def cache_line(artifact: Path) -> str:
 
         model = artifact / io.MODEL_FILE  # absent from an engine folder: its pool is in device memory
         form = pool_form(model) if model.is_file() else "engine"
-        attention = {"packed": "GroupQueryAttention over each row's own slots, the rows' tokens packed (prompt "
-                               "chunks and decode in one run)",
-                     "gqa": "GroupQueryAttention over each row's own slots",
+        attention = {"gqa": "GroupQueryAttention over each row's own slots",
                      "export": "the exported graph's attention over the pool's width",
                      "engine": "the TensorRT engine's, the pool in device memory"}[form]
         return (f"neoxrt serve: KV-cache pool (static cache): chunked prefill, prefix reuse, admission by memory; "

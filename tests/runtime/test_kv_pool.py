@@ -392,20 +392,14 @@ def test_a_waiting_prompt_is_looked_up_in_the_prefix_cache_once(generator):
         assert got.ids[rid] == alone(generator, p, max_new_tokens=2, ignore_eos=True)
 
 
-@pytest.mark.parametrize("form", ["packed", "padded"])
-def test_rows_share_a_run_while_their_padding_costs_less_than_a_run(generator, form, monkeypatch):
-    """On the padded pool form, with a graph returning every position's logits (here without logits_to_keep, so
-    that chunks of different lengths may share a run), prompt chunks of 40 and 3 tokens run apart (37 tokens of
-    padding cost more than the run saved: `RUN_TOKENS`) and chunks of 10 and 3 share one run; a graph of
-    last-position logits runs different lengths apart. The packed form computes no padding: both pairs share a
-    run. All get their alone tokens."""
-    if form == "padded":
-        monkeypatch.setattr("neoxrt.runtime.pool_graph.takes_query_seqlens", lambda: False)
-        monkeypatch.setattr(generator.session, "_pool", None)  # an earlier pool's form, shared otherwise
+def test_rows_share_a_run_while_their_padding_costs_less_than_a_run(generator):
+    """On a graph returning every position's logits (here without logits_to_keep, so that chunks of different
+    lengths may share a run), prompt chunks of 40 and 3 tokens run apart (37 tokens of padding cost more than the
+    run saved: `RUN_TOKENS`) and chunks of 10 and 3 share one run; a graph of last-position logits runs different
+    lengths apart. All get their alone tokens."""
     runs = []
     for lengths in ((40, 3), (10, 3)):
         sched, got = Scheduler(generator, max_batch=2, prefill_tokens=64, prefix_cache=False), Collect()
-        assert sched.pool.packed == (form == "packed")
         sched.pool.keeps = False
         run = sched.pool.run
 
@@ -419,30 +413,5 @@ def test_rows_share_a_run_while_their_padding_costs_less_than_a_run(generator, f
         drain(sched)
         for rid, p in zip(rids, prompts):
             assert got.ids[rid] == alone(generator, p, max_new_tokens=3, ignore_eos=True)
-    if form == "packed":
-        assert [r for r in runs if r[2] > 1] == [((40, 3), 2, 40), ((10, 3), 2, 10)]
-    else:
-        together = [((10, 3), 2, 10)] if sched.pool.all_logits else [((10, 3), 1, 10), ((10, 3), 1, 3)]
-        assert [r for r in runs if r[2] > 1] == [((40, 3), 1, 40), ((40, 3), 1, 3), *together]
-
-
-def test_on_the_packed_form_a_step_is_one_run_of_chunks_and_decode(generator):
-    """A long prompt chunked while a short one decodes: on the packed pool form each such step is one run carrying
-    the chunk and the decoding row's token (the weights read once a step), and both get their alone tokens."""
-    sched, got = Scheduler(generator, max_batch=2, prefill_tokens=8, prefix_cache=False), Collect()
-    assert sched.pool.packed
-    runs, run = [], sched.pool.run
-
-    def recorded(rids, ids, real=None, *args, **kwargs):
-        runs.append(sorted({int(n) for n in real}) if real is not None else [ids.shape[1]])
-        return run(rids, ids, real, *args, **kwargs)
-
-    sched.pool.run = recorded
-    short = sched.submit("We", got, max_new_tokens=12, ignore_eos=True)
-    sched.step()
-    long = sched.submit(LONG, got, max_new_tokens=3, ignore_eos=True)
-    drain(sched)
-    assert [1, 8] in runs  # a chunk of 8 and a decode token in one run
-    assert not any(r == [1] for r in runs[2:5])  # while the long prompt is chunked, no decode run of its own
-    assert got.ids[short] == alone(generator, "We", max_new_tokens=12, ignore_eos=True)
-    assert got.ids[long] == alone(generator, LONG, max_new_tokens=3, ignore_eos=True)
+    together = [((10, 3), 2, 10)] if sched.pool.all_logits else [((10, 3), 1, 10), ((10, 3), 1, 3)]
+    assert [r for r in runs if r[2] > 1] == [((40, 3), 1, 40), ((40, 3), 1, 3), *together]

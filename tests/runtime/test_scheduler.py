@@ -85,11 +85,9 @@ def test_short_request_joins_a_long_one_and_finishes_first(generator):
     while short_id not in got.reason:
         sched.step()
         steps += 1
-    # joined at once (its prompt step gives its first token, then one per decode step), done mid-way; on the
-    # pool's packed form the prompt step is one run with the long row's decode, so its second token comes a step on
-    steps_for_4 = 4 if sched.pool is not None and sched.pool.packed else 3
-    assert steps == steps_for_4 and long_id not in got.reason
-    assert len(got.ids[long_id]) == 1 + 5 + steps_for_4
+    # joined at once (its prompt step gives its first token, then one per decode step), done mid-way
+    assert steps == 3 and long_id not in got.reason
+    assert len(got.ids[long_id]) == 1 + 5 + 3
     while sched.stats.active:
         sched.step()
     assert got.ids[short_id] == alone(generator, "We", dict(max_new_tokens=4, ignore_eos=True))[0]

@@ -51,9 +51,6 @@ def test_serve_says_which_cache_path_an_artifact_gets(artifact, static_artifact)
     assert "export with the defaults for the KV-cache pool" in cache_line(artifact)
     assert "KV-cache pool" in cache_line(static_artifact) and "dynamic" not in cache_line(static_artifact)
     assert "attention: GroupQueryAttention over each row's own slots" in cache_line(static_artifact)
-    from neoxrt.runtime.pool_graph import takes_query_seqlens
-
-    assert ("the rows' tokens packed" in cache_line(static_artifact)) == takes_query_seqlens()
 
 
 def test_serve_says_which_cache_path_an_engine_folder_gets(static_artifact, tmp_path):
