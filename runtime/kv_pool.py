@@ -130,8 +130,11 @@ class KVPool:
 
     @property
     def chunk_pasts(self) -> bool:
-        """Whether a run of several tokens may take several rows with a past (the pool form's kernel takes one)."""
-        return self.form != "gqa"
+        """Whether a run of several tokens may take several rows with a past (the pool form's kernel takes one
+        before ONNX Runtime 1.32's `query_seqlens`)."""
+        from neoxrt.runtime.pool_graph import takes_query_seqlens
+
+        return self.form != "gqa" or takes_query_seqlens()
 
     # -- storage: host memory bound to ONNX Runtime (runtime/trt_pool.py: device memory, a TensorRT engine) --
     @staticmethod

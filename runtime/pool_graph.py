@@ -15,11 +15,13 @@ Pythia-160m shape: attention 52.6 ms with the export's kernel, 20.5 ms with this
                 GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total)  ->  y [B,S,H*D],
                 present_key, present_value (the past buffers, written in place)
                 y --Reshape, Transpose--> [B,H,S,D] under the Attention output's name (merge_heads unchanged)
-    seqlens_k = write_indices + S - 1 (int32)   total = max(write_indices) + S (int32)
+    seqlens_k = write_indices + S - 1 (int32)   total = max(write_indices) + S (int32)   query_seqlens = S (int32)
 
 Its contract with the pool, narrower than the export's (the pool keeps to it: `KVPool`):
 - a row's mask is its first `write_indices + real` slots (the mask input is then unused);
-- a run of more than one token where any row has a past takes one row (the kernel's rule): `KVPool.chunk_pasts`;
+- before ONNX Runtime 1.32, a run of more than one token where any row has a past takes one row (the kernel's
+  rule: `KVPool.chunk_pasts`); from 1.32 the form passes `query_seqlens` (every row's S tokens, right padding
+  included as above), with which the kernel takes such runs over several rows;
 - a row fed a masked token (a decode run's row still in its prompt) writes at its own end, as TensorScatter does.
 
 Made at load time from model.onnx (the graph only is rewritten: the weights stay where they are, in the graph
@@ -29,6 +31,7 @@ form in fp32; otherwise None and the pool runs model.onnx as exported.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from neoxrt import contract as io
@@ -43,6 +46,16 @@ def pool_form(path: Path) -> str:
     except ImportError:
         return "export"
     return "gqa" if _layers(onnx.load(str(path), load_external_data=False)) else "export"
+
+
+@functools.cache
+def takes_query_seqlens() -> bool:
+    """Whether ONNX Runtime's GroupQueryAttention takes `query_seqlens` (1.32 on): with it, a run of several tokens
+    may take several rows with a past (its right-padded chunks contract); without, such a run takes one row."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    return any(s.name == "GroupQueryAttention" and s.domain == GQA_DOMAIN and "query_seqlens" in
+               [i.name for i in s.inputs] for s in ort_c.get_all_operator_schema())
 
 
 def _layers(model) -> list | None:
@@ -100,6 +113,11 @@ def gqa_graph(path: Path) -> bytes | None:
             helper.make_node("Cast", ["/pool/seqlens64"], ["/pool/seqlens_k"], to=TensorProto.INT32),
             helper.make_node("ReduceMax", ["/pool/end"], ["/pool/total64"], keepdims=0),
             helper.make_node("Cast", ["/pool/total64"], ["/pool/total"], to=TensorProto.INT32)]
+    batched = takes_query_seqlens()
+    if batched:  # every row's S tokens count (right padding included, as above): chunks after a past may batch
+        new += [helper.make_node("Slice", ["/pool/shape", const("/pool/zero", [0]), "/pool/one"], ["/pool/B"]),
+                helper.make_node("Expand", ["/pool/S", "/pool/B"], ["/pool/query64"]),
+                helper.make_node("Cast", ["/pool/query64"], ["/pool/query_seqlens"], to=TensorProto.INT32)]
     const("/pool/bshd", [0, 0, layers[0][3], layers[0][4]])
     const("/pool/bsx", [0, 0, -1])
     replaced = {}  # a node's first output -> what takes its place (each layer's new nodes where its Attention was)
@@ -110,8 +128,9 @@ def gqa_graph(path: Path) -> bytes | None:
             layer.append(helper.make_node("Reshape", [f"{p}/{name}_bshd", "/pool/bsx"], [f"{p}/{name}"]))
             flat.append(f"{p}/{name}")
         attrs = {"num_heads": heads, "kv_num_heads": heads, **({"scale": scale} if scale is not None else {})}
+        lengths = ["/pool/seqlens_k", "/pool/total"] + ([""] * 9 + ["/pool/query_seqlens"] if batched else [])
         layer.append(helper.make_node(
-            "GroupQueryAttention", [*flat, k_scatter.input[0], v_scatter.input[0], "/pool/seqlens_k", "/pool/total"],
+            "GroupQueryAttention", [*flat, k_scatter.input[0], v_scatter.input[0], *lengths],
             [f"{p}/y", k_scatter.output[0], v_scatter.output[0]], name=f"{p}/GroupQueryAttention", domain=GQA_DOMAIN,
             **attrs))
         layer.append(helper.make_node("Reshape", [f"{p}/y", "/pool/bshd"], [f"{p}/y_bshd"]))

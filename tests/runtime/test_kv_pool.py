@@ -296,18 +296,22 @@ def random_load_is_exact(sched, reference, rng, arrivals: int, longest_prompt: i
         assert got.ids[rid] == alone(reference, prompt, **options), rid
 
 
-@pytest.mark.parametrize("form", ["gqa", "export"])
+@pytest.mark.parametrize("form", ["gqa", "gqa-one-row", "export"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_load_on_a_small_pool_keeps_every_request_exact(generator, seed, form, monkeypatch):
     """A pool of 200 slots and a budget of 7 tokens under a random load (`random_load_is_exact`), on the pool's
-    GroupQueryAttention form of the graph (chunks after a past one row at a time) and on the graph as exported
-    (several rows a chunk)."""
+    GroupQueryAttention form of the graph (several rows a chunk after a past, with query_seqlens; one row a run
+    with the kernel before it) and on the graph as exported (several rows a chunk)."""
+    if form != "gqa":
+        monkeypatch.setattr(generator.session, "_pool", None)  # an earlier pool's form, shared otherwise
     if form == "export":
         monkeypatch.setattr("neoxrt.runtime.pool_graph.gqa_graph", lambda path: None)
-        monkeypatch.setattr(generator.session, "_pool", None)  # an earlier pool's form, shared otherwise
+    if form == "gqa-one-row":
+        monkeypatch.setattr("neoxrt.runtime.pool_graph.takes_query_seqlens", lambda: False)
     sched = Scheduler(generator, max_batch=5, max_queue=100, prefill_tokens=7, prefix_block=4,
                       kv_cache_memory=token_bytes(generator.session) * 200 * 4 // 3)
-    assert sched.pool.form == form
+    assert sched.pool.form == form.removesuffix("-one-row")
+    assert sched.pool.chunk_pasts == (form != "gqa-one-row")
     random_load_is_exact(sched, generator, np.random.default_rng(seed), 60, 30, 25)
 
 
@@ -317,8 +321,17 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once(generator):
     prefix = generator.encode([LONG])[0][:33]
     prompts = [prefix + [200 + k, 300 + k] for k in range(4)]
     sched, got = Scheduler(generator, max_batch=4, prefill_tokens=16, prefix_block=4), Collect()
+    runs, run = [], sched.pool.run
+
+    def recorded(rids, ids, *args, **kwargs):
+        runs.append((len(rids), ids.shape[1], any(sched.pool.length(r) for r in rids)))
+        return run(rids, ids, *args, **kwargs)
+
+    sched.pool.run = recorded
     rids = [sched.submit(p, got, max_new_tokens=5, ignore_eos=True) for p in prompts]
     drain(sched)
+    # the first prompt's last 3 tokens and the three copied rows' own 3: one run of rows with a past
+    assert sched.pool.chunk_pasts and (4, 3, True) in runs
     assert sched.stats.prefix_hits == 3 * 32
     assert sched.stats.prefill_tokens == sum(len(p) for p in prompts) - 3 * 32
     for rid, p in zip(rids, prompts):
@@ -377,3 +390,28 @@ def test_a_waiting_prompt_is_looked_up_in_the_prefix_cache_once(generator):
     assert sched.stats.prefix_queries == sum(len(p) for p in prompts)
     for rid, p in zip(rids, prompts):
         assert got.ids[rid] == alone(generator, p, max_new_tokens=2, ignore_eos=True)
+
+
+def test_rows_share_a_run_while_their_padding_costs_less_than_a_run(generator):
+    """On a graph returning every position's logits (here without logits_to_keep, so that chunks of different
+    lengths may share a run), prompt chunks of 40 and 3 tokens run apart (37 tokens of padding cost more than the
+    run saved: `RUN_TOKENS`) and chunks of 10 and 3 share one run; a graph of last-position logits runs different
+    lengths apart. All get their alone tokens."""
+    runs = []
+    for lengths in ((40, 3), (10, 3)):
+        sched, got = Scheduler(generator, max_batch=2, prefill_tokens=64, prefix_cache=False), Collect()
+        sched.pool.keeps = False
+        run = sched.pool.run
+
+        def recorded(rids, ids, *args, _run=run, _lengths=lengths, **kwargs):
+            runs.append((_lengths, len(rids), ids.shape[1]))
+            return _run(rids, ids, *args, **kwargs)
+
+        sched.pool.run = recorded
+        prompts = [[int(t) for t in np.arange(n) * 7 % 900 + 20] for n in lengths]
+        rids = [sched.submit(p, got, max_new_tokens=3, ignore_eos=True) for p in prompts]
+        drain(sched)
+        for rid, p in zip(rids, prompts):
+            assert got.ids[rid] == alone(generator, p, max_new_tokens=3, ignore_eos=True)
+    together = [((10, 3), 2, 10)] if sched.pool.all_logits else [((10, 3), 1, 10), ((10, 3), 1, 3)]
+    assert [r for r in runs if r[2] > 1] == [((40, 3), 1, 40), ((40, 3), 1, 3), *together]

@@ -1,6 +1,7 @@
 """The KV-cache pool's GroupQueryAttention form of a static-cache graph (runtime/pool_graph.py): it applies to
 every fp32 static-cache variant the export takes, gives the exported graph's logits and cache through every kind
-of run the pool makes, refuses the one run its kernel cannot take, and does not hold the weights twice."""
+of run the pool makes (with the kernel before query_seqlens too, refusing the one run it cannot take), and does
+not hold the weights twice."""
 
 import numpy as np
 import pytest
@@ -9,10 +10,10 @@ from neox_testing import VARIANTS, default_checkpoint, write_variant
 from neoxrt.errors import RuntimeShapeError
 from neoxrt.export.exporter import export_checkpoint
 from neoxrt.export.options import ExportOptions
-from neoxrt.runtime import Generator
+from neoxrt.runtime import Generator, pool_graph
 from neoxrt.runtime.kv_pool import KVPool
 from neoxrt.runtime.ort_session import OrtSession
-from neoxrt.runtime.pool_graph import gqa_graph
+from neoxrt.runtime.pool_graph import gqa_graph, takes_query_seqlens
 
 
 def export(checkpoint, out, **options):
@@ -20,10 +21,11 @@ def export(checkpoint, out, **options):
     return out / "model.onnx"
 
 
-def runs(pool, vocab_top: int, rng) -> list[np.ndarray]:
+def runs(pool, vocab_top: int, rng, batched: bool) -> list[np.ndarray]:
     """The pool's kinds of run over three rows: a first chunk of right-padded rows, chunks after a past (one row
-    each), decode runs over all three with the middle row fed a masked token once. Returns every run's logits of
-    real tokens, then each cache tensor's written slots."""
+    each, then, where `batched`, the three rows together right-padded), decode runs over all three with the middle
+    row fed a masked token once. Returns every run's logits of real tokens, then each cache tensor's written
+    slots."""
     out = []
     for rid in range(3):
         pool.add(rid, 120)
@@ -34,6 +36,10 @@ def runs(pool, vocab_top: int, rng) -> list[np.ndarray]:
     out += [logits[j, :n] for j, n in enumerate(real)] if logits.shape[1] > 1 else [logits[0]]
     for rid, n in ((0, 5), (1, 12), (2, 1)):
         out.append(pool.run([rid], rng.integers(0, vocab_top, (1, n))).copy())
+    if batched:
+        real = np.array([6, 2, 4])
+        logits = pool.run([0, 1, 2], rng.integers(0, vocab_top, (3, 6)), real).copy()
+        out += [logits[j, :n] for j, n in enumerate(real)] if logits.shape[1] > 1 else [logits[0]]
     for step in range(3):
         logits = pool.run([0, 1, 2], rng.integers(0, vocab_top, (3, 1)), np.array([1, int(step != 1), 1])).copy()
         out += [logits[j] for j in range(3) if step != 1 or j != 1]
@@ -50,16 +56,32 @@ def test_the_pool_form_gives_the_exported_graphs_logits_and_cache(variant, tmp_p
     session = OrtSession(export(checkpoint, tmp_path / "static", kv_cache="static", logits=logits), threads=2)
     vocab = session.io_spec()[1][0].shape[-1]
     gqa = KVPool(session, 3, 3 * 128)
-    assert gqa.form == "gqa" and not gqa.chunk_pasts
+    assert gqa.form == "gqa" and gqa.chunk_pasts == takes_query_seqlens()
     assert session._sess is None  # the exported graph's session let go: the weights are not held twice
     exported = KVPool(session, 3, 3 * 128, pool_graph=False)
     assert exported.form == "export" and exported.chunk_pasts
-    for a, b in zip(runs(gqa, vocab, np.random.default_rng(0)), runs(exported, vocab, np.random.default_rng(0)), strict=True):
+    both = [runs(p, vocab, np.random.default_rng(0), gqa.chunk_pasts) for p in (gqa, exported)]
+    for a, b in zip(*both, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
-    assert gqa.ends == exported.ends == [17, 18, 11]
+    assert gqa.ends == exported.ends == ([23, 20, 15] if gqa.chunk_pasts else [17, 18, 11])
 
 
-def test_a_chunk_after_a_past_over_several_rows_is_refused_in_one_line(tmp_path):
+def test_the_older_kernel_form_gives_the_same_logits_and_refuses_what_it_cannot_take(tmp_path, monkeypatch):
+    """Before ONNX Runtime 1.32 the kernel had no `query_seqlens`: the form is made without it, takes a chunk
+    after a past one row at a time, and refuses several such rows in one line."""
+    monkeypatch.setattr(pool_graph, "takes_query_seqlens", lambda: False)
+    session = OrtSession(export(default_checkpoint(), tmp_path / "static", kv_cache="static"), threads=2)
+    vocab = session.io_spec()[1][0].shape[-1]
+    older = KVPool(session, 3, 3 * 128)
+    assert older.form == "gqa" and not older.chunk_pasts
+    exported = KVPool(session, 3, 3 * 128, pool_graph=False)
+    both = [runs(p, vocab, np.random.default_rng(1), False) for p in (older, exported)]
+    for a, b in zip(*both, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_a_chunk_after_a_past_over_several_rows_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_graph, "takes_query_seqlens", lambda: False)
     session = OrtSession(export(default_checkpoint(), tmp_path / "static", kv_cache="static"), threads=2)
     pool = KVPool(session, 2, 256)
     pool.add(0, 20)
