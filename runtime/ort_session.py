@@ -129,6 +129,7 @@ class OrtSession:
         self._sess: ort.InferenceSession | None = None
         self._lock = threading.Lock()  # one thread makes the session again, not each that finds it gone
         self._pool: ort.InferenceSession | None = None  # the pool form's session, once made
+        self._pool_lock = threading.Lock()  # two pools made at once share one pool form, made once
         self._inputs = [TensorSpec(i.name, _ORT_TYPES.get(i.type, i.type), tuple(i.shape)) for i in self.sess.get_inputs()]
         self._outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, o.type), tuple(o.shape)) for o in self.sess.get_outputs()]
         self.num_layers = sum(1 for s in self._inputs if s.name.endswith(".key"))
@@ -156,18 +157,19 @@ class OrtSession:
         weights are not held twice -- and made again if something else runs it (`sess`)."""
         from neoxrt.runtime.pool_graph import gqa_graph
 
-        if self._pool is not None:  # a second pool on this session shares the first's
-            return self._pool, "gqa"
-        graph = gqa_graph(self.path) if not self.cache_branch else None
-        if graph is None:
-            return self.sess, "export"
-        threads, options, config, providers = self._make
-        # the rewritten graph comes as bytes: its external weights are found beside model.onnx
-        config = {**config, "session.model_external_initializers_file_folder_path": str(self.path.parent)}
-        pool = ort.InferenceSession(graph, session_options(threads, options, config), providers=providers)
-        with self._lock:
-            self._sess, self._pool = None, pool  # decoders made before keep theirs (`_Bound.sess`)
-        return pool, "gqa"
+        with self._pool_lock:
+            if self._pool is not None:  # a second pool on this session shares the first's
+                return self._pool, "gqa"
+            graph = gqa_graph(self.path) if not self.cache_branch else None
+            if graph is None:
+                return self.sess, "export"
+            threads, options, config, providers = self._make
+            # the rewritten graph comes as bytes: its external weights are found beside model.onnx
+            config = {**config, "session.model_external_initializers_file_folder_path": str(self.path.parent)}
+            pool = ort.InferenceSession(graph, session_options(threads, options, config), providers=providers)
+            with self._lock:
+                self._sess, self._pool = None, pool  # decoders made before keep theirs (`_Bound.sess`)
+            return pool, "gqa"
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return self._inputs, self._outputs

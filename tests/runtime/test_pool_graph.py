@@ -132,3 +132,31 @@ def test_a_decoder_made_before_the_pool_keeps_its_session(tmp_path):
         np.testing.assert_array_equal(a, b)
     second = KVPool(session, 2, 256)
     assert second.sess is first.sess and session._sess is None
+
+
+def test_pools_made_at_once_share_one_pool_form(tmp_path, monkeypatch):
+    """Two threads asking for the pool form at once get one session: the form is made once, not once each (the
+    weights are not held twice)."""
+    import threading
+
+    session = OrtSession(export(default_checkpoint(), tmp_path / "static", kv_cache="static"), threads=2)
+    made, gate = [], threading.Barrier(2)
+
+    def counted(path):
+        made.append(path)
+        return gqa_graph(path)
+
+    monkeypatch.setattr(pool_graph, "gqa_graph", counted)
+    got = []
+
+    def ask():
+        gate.wait(timeout=30)
+        got.append(session.pool_session())
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(got) == 2 and got[0][0] is got[1][0] and {form for _, form in got} == {"gqa"}
+    assert len(made) == 1
