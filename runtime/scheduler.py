@@ -74,14 +74,6 @@ class RequestCancelled(NeoxrtError):
     """Given to a cancelled request's `on_error` when it leaves (so a front can send its final response)."""
 
 
-# a graph run's own cost in tokens of compute (its weights read once): a padded token costs one, so rows join a run
-# while their padding costs less than the runs saved. Measured on the pool, Pythia-160m shape, 2 Zen 4 cores: one
-# row of 1 token 20-22 ms, of 16-128 tokens 1.07-1.11 ms a token plus 9-16 ms; on 2 Zen 3 cores (AVX2) a row of 16
-# tokens after a 768-token past 62-70 ms, of 256 tokens 405-570 ms: about 20 tokens a run (a run's cost and a
-# token's both scale with the weights, so the ratio holds across model sizes)
-RUN_TOKENS = 16
-
-
 class SchedulerDown(NeoxrtError):
     """The scheduler's loop has stopped or is stuck (`Scheduler.health` says why); nothing is queued."""
 
@@ -395,10 +387,11 @@ class Scheduler:
     def _prefill_pool(self) -> None:
         """Prompt chunks for this step: `prefill_tokens` in all. The oldest prompt takes half the budget when others
         wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
-        progressing, and short prompts behind it are not held for its whole prefill. (Where the pool runs each
-        row's chunk alone, the oldest keeps the whole budget unless a prompt behind it has less left, and the others
-        go shortest first.) A prompt that shares a block with an older one still computing waits for it (then
-        copies those blocks). Consecutive rows of the pool run together (right-padded), the others alone."""
+        progressing, and short prompts behind it are not held for its whole prefill. (On the pool's
+        GroupQueryAttention form, where a chunk costs its tokens however the budget is split, the oldest keeps the
+        whole budget unless a prompt behind it has less left, and the others go shortest first.) A prompt that
+        shares a block with an older one still computing waits for it (then copies those blocks). Consecutive rows
+        of the pool run together (right-padded), the others alone."""
         budget, plan = self.prefill_tokens, {}
         pending = [r for r in self._live if r.done < len(r.prompt)]
         waiting = []
@@ -475,7 +468,7 @@ class Scheduler:
 
     def _groups(self, rids: list, plan: dict) -> list[list]:
         """Runs of consecutive pool rows, cut where the padding would cost more than the runs it saves
-        (`RUN_TOKENS` a run), where the padded chunk would not fit the rows' room in the pool, before a row with a
+        (`KVPool.run_tokens` a run), where the padded chunk would not fit the rows' room in the pool, before a row with a
         past where the pool takes those alone (`chunk_pasts`), or (graphs with the last position's logits only,
         and those taking logits_to_keep, whose equal chunks skip the LM head) where the chunk length changes."""
         groups: list[list] = []
@@ -491,12 +484,18 @@ class Scheduler:
                 # the pool form before ONNX Runtime 1.32 (no query_seqlens) takes a chunk after a past one row a run
                 fresh = self.pool.chunk_pasts or not any(self.pool.ends[position[x]] for x in g + [rid])
                 padding = max(lengths) * len(lengths) - sum(lengths)
-                if (fresh and (mixed or len(set(lengths)) == 1) and padding <= RUN_TOKENS * (len(lengths) - 1)
+                if (fresh and (mixed or len(set(lengths)) == 1) and padding <= self._padding_allowed(lengths)
                         and slots <= room):
                     g.append(rid)
                     continue
             groups.append([rid])
         return groups
+
+    def _padding_allowed(self, lengths: list[int]) -> int:
+        """Padding tokens a run of chunks of `lengths` may compute: what the runs it saves cost (`run_tokens` a
+        run), or, where a run's cost is not measured, up to the real tokens."""
+        run = self.pool.run_tokens
+        return sum(lengths) if run is None else run * (len(lengths) - 1)
 
     def _decode_pool(self) -> None:
         """One token for every row past its prompt: one run over the pool rows from the first such row to the

@@ -395,7 +395,7 @@ def test_a_waiting_prompt_is_looked_up_in_the_prefix_cache_once(generator):
 def test_rows_share_a_run_while_their_padding_costs_less_than_a_run(generator):
     """On a graph returning every position's logits (here without logits_to_keep, so that chunks of different
     lengths may share a run), prompt chunks of 40 and 3 tokens run apart (37 tokens of padding cost more than the
-    run saved: `RUN_TOKENS`) and chunks of 10 and 3 share one run; a graph of last-position logits runs different
+    run saved: `KVPool.run_tokens`) and chunks of 10 and 3 share one run; a graph of last-position logits runs different
     lengths apart. All get their alone tokens."""
     runs = []
     for lengths in ((40, 3), (10, 3)):
@@ -415,3 +415,26 @@ def test_rows_share_a_run_while_their_padding_costs_less_than_a_run(generator):
             assert got.ids[rid] == alone(generator, p, max_new_tokens=3, ignore_eos=True)
     together = [((10, 3), 2, 10)] if sched.pool.all_logits else [((10, 3), 1, 10), ((10, 3), 1, 3)]
     assert [r for r in runs if r[2] > 1] == [((40, 3), 1, 40), ((40, 3), 1, 3), *together]
+
+
+@pytest.mark.parametrize("run_tokens, together", [(16, False), (None, True)])
+def test_a_pool_whose_run_cost_is_not_measured_pads_up_to_the_real_tokens(generator, run_tokens, together):
+    """Chunks of 20 and 3 tokens (17 of padding): apart on the host pool (more than its 16 tokens a run), one run on
+    a pool whose run cost is not measured (`run_tokens` None, the TensorRT engine's: padding up to the real tokens).
+    Both get their alone tokens (a graph of last-position logits runs them apart either way)."""
+    sched, got = Scheduler(generator, max_batch=2, prefill_tokens=64, prefix_cache=False), Collect()
+    sched.pool.keeps, sched.pool.run_tokens = False, run_tokens
+    runs, run = [], sched.pool.run
+
+    def recorded(rids, ids, *args, **kwargs):
+        runs.append((len(rids), ids.shape[1]))
+        return run(rids, ids, *args, **kwargs)
+
+    sched.pool.run = recorded
+    prompts = [[int(t) for t in np.arange(n) * 7 % 900 + 20] for n in (20, 3)]
+    rids = [sched.submit(p, got, max_new_tokens=3, ignore_eos=True) for p in prompts]
+    drain(sched)
+    for rid, p in zip(rids, prompts):
+        assert got.ids[rid] == alone(generator, p, max_new_tokens=3, ignore_eos=True)
+    together = together and sched.pool.all_logits  # a graph of last-position logits runs different lengths apart
+    assert [r for r in runs if r[1] > 1] == ([(2, 20)] if together else [(1, 20), (1, 3)])
