@@ -13,8 +13,9 @@ allocated once and written in place. Every step
        admission, as TGI does: nothing is preempted later); a prompt that starts with cached blocks gets them
        copied instead of computed (prefix reuse);
     3. runs prompt chunks, at most `prefill_tokens` tokens in all -- the oldest prompt half of them while others
-       wait, the others the rest, oldest first -- each row's chunk written at its own slots (consecutive rows in
-       one run, right-padded); a row whose prompt is done picks its first token;
+       wait, the others the rest, oldest first, a remainder of a quarter of a chunk or less taken with it (the
+       host pool's `tail_share`) -- each row's chunk written at its own slots (consecutive rows in one run,
+       right-padded); a row whose prompt is done picks its first token;
     4. runs one decode step for every row past its prompt, each at its own slot, then retires the finished rows
        (their blocks offered to the prefix cache).
 
@@ -385,7 +386,8 @@ class Scheduler:
         return len(r.prompt) + r.options.max_new_tokens
 
     def _prefill_pool(self) -> None:
-        """Prompt chunks for this step: `prefill_tokens` in all. The oldest prompt takes half the budget when others
+        """Prompt chunks for this step: `prefill_tokens` in all (a prompt's short remainder taken with its chunk:
+        `_chunk`). The oldest prompt takes half the budget when others
         wait (all of it alone, and what the others leave), the others the rest, oldest first: a long prompt keeps
         progressing, and short prompts behind it are not held for its whole prefill. (On the pool's
         GroupQueryAttention form, where a chunk costs its tokens however the budget is split, the oldest keeps the
@@ -417,12 +419,12 @@ class Scheduler:
             if budget == 0:
                 break
             share = max(budget // 2, 1) if k == 0 and split else budget
-            plan[r.id] = min(len(r.prompt) - r.done, share)
-            budget -= plan[r.id]
+            plan[r.id] = self._chunk(len(r.prompt) - r.done, share)
+            budget = max(budget - plan[r.id], 0)
         if budget and waiting and waiting[0].id in plan:  # what the others left goes to the oldest
             first = waiting[0]
-            more = min(len(first.prompt) - first.done - plan[first.id], budget)
-            plan[first.id] += more
+            left = len(first.prompt) - first.done
+            plan[first.id] = self._chunk(left, plan[first.id] + min(left - plan[first.id], budget))
         by_id = {r.id: r for r in self._live}
         for group in self._groups([rid for rid in self.pool.rows if rid in plan], plan):
             rows = [by_id[rid] for rid in group]
@@ -450,6 +452,11 @@ class Scheduler:
                     lasts.append(out[n - 1] if len(out) > 1 else out[-1])
             if firsts:
                 self._pick(firsts, np.asarray(np.stack(lasts), np.float32))
+
+    def _chunk(self, left: int, share: int) -> int:
+        """A prompt's chunk: `share` of its `left` tokens, or all of them where the rest would be under the pool's
+        `tail_share` of the chunk (no tail run of a few tokens, the first token a step sooner)."""
+        return left if left - share <= share * self.pool.tail_share else min(left, share)
 
     def _behind_its_prefix(self, r: Request, older: list[Request]) -> bool:
         """Whether `r` should wait a step: it has not started, and an older prompt still computing shares at least

@@ -67,6 +67,7 @@ class DeviceKVPool(KVPool):
     """`KVPool` over a `TrtSession` of a static-cache engine (see the module docstring)."""
 
     SCRATCH_TENSORS = 1  # repacks go through one buffer of a cache tensor's size (device copies may not overlap)
+    tail_share = 0.0  # not measured on a GPU: the chunk budget exactly
     run_tokens = None  # a run's own cost not measured on a GPU: rows share a run while padding <= the real tokens
 
     @staticmethod

@@ -330,8 +330,9 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once(generator):
     sched.pool.run = recorded
     rids = [sched.submit(p, got, max_new_tokens=5, ignore_eos=True) for p in prompts]
     drain(sched)
-    # the first prompt's last 3 tokens and the three copied rows' own 3: one run of rows with a past
-    assert sched.pool.chunk_pasts and (4, 3, True) in runs
+    # the first prompt's second chunk takes its 3-token tail (under a quarter of the budget: `tail_share`), the
+    # three copied rows' own 3 tokens run as one, rows with a past
+    assert sched.pool.chunk_pasts and (1, 19, True) in runs and (3, 3, True) in runs
     assert sched.stats.prefix_hits == 3 * 32
     assert sched.stats.prefill_tokens == sum(len(p) for p in prompts) - 3 * 32
     for rid, p in zip(rids, prompts):
@@ -438,3 +439,24 @@ def test_a_pool_whose_run_cost_is_not_measured_pads_up_to_the_real_tokens(genera
         assert got.ids[rid] == alone(generator, p, max_new_tokens=3, ignore_eos=True)
     together = together and sched.pool.all_logits  # a graph of last-position logits runs different lengths apart
     assert [r for r in runs if r[1] > 1] == ([(2, 20)] if together else [(1, 20), (1, 3)])
+
+
+@pytest.mark.parametrize("tail_share, chunks", [(0.25, [8, 10]), (0.0, [8, 8, 2])])
+def test_a_prompt_takes_a_short_tail_with_its_chunk(generator, tail_share, chunks):
+    """An 18-token prompt at a budget of 8: its last 2 tokens (a quarter of the chunk or less: `tail_share`) come
+    with the second chunk, no run of their own; with `tail_share` 0 the budget holds exactly. The tokens are the
+    alone ones either way."""
+    sched, got = Scheduler(generator, max_batch=2, prefill_tokens=8, prefix_cache=False), Collect()
+    sched.pool.tail_share = tail_share
+    runs, run = [], sched.pool.run
+
+    def recorded(rids, ids, real=None, *args, **kwargs):
+        runs.append(int(np.max(real)) if real is not None else ids.shape[1])
+        return run(rids, ids, real, *args, **kwargs)
+
+    sched.pool.run = recorded
+    prompt = [int(t) for t in np.arange(18) * 11 % 900 + 20]
+    rid = sched.submit(prompt, got, max_new_tokens=3, ignore_eos=True)
+    drain(sched)
+    assert got.ids[rid] == alone(generator, prompt, max_new_tokens=3, ignore_eos=True)
+    assert runs[:len(chunks)] == chunks and all(n == 1 for n in runs[len(chunks):])
