@@ -21,7 +21,8 @@ short rows beside a long one pay a fraction of the long one's step: docs/serving
 `PrefixCache` keeps finished and running rows' keys and values by blocks of `block` tokens, keyed on the token ids
 of the whole prefix up to the block's end (exact, as vLLM's chained block hashes make it), in an arena of its own allocated
 once, evicted least recently used; a new row whose prompt starts with cached blocks gets them copied into its slots
-instead of computing them.
+instead of computing them. `attach` lets a row whose prompt is done attend the pool's shared prefix (held once)
+instead of its own copy: its decode steps read the prefix once with every other attached row (runtime/pool_graph.py).
 
 Memory bound: (capacity_tokens + prefix blocks x block) x layers x 2 x heads x head_dim values of the cache dtype,
 allocated once; a repack moves the live rows in place (at most one row-head block of keys or values copied aside).
@@ -39,6 +40,7 @@ import numpy as np
 
 from neoxrt import contract as io
 from neoxrt.errors import NeoxrtError, RuntimeShapeError
+from neoxrt.runtime import pool_graph
 
 WIDTH_STEP = 64  # the width is a multiple of this; it grows to the widest reservation (repacks are rare)
 
@@ -50,6 +52,9 @@ def token_bytes(session) -> int:
     return 2 * session.num_layers * int(heads) * int(head_dim) * np.dtype(spec.dtype).itemsize
 
 
+# a prefix this long or longer, copied from the prefix cache, becomes the shared prefix that rows attend instead of
+# holding it (their decode steps read it once, not once a row: KVPool.attach)
+MIN_SHARED = 128
 PREFIX_SHARE = 0.25  # of the pool's memory, for the prefix cache's arena (when it is on)
 MEMORY_SHARE = 0.25  # the default pool: at most this share of the memory available at start
 
@@ -106,6 +111,8 @@ class KVPool:
     # (measured in the scheduler's shared-prefix load, 2 Zen 3 cores: a 784-token prompt's first token after 3
     # runs instead of 4). 0: the budget always
     tail_share: float = 0.25
+    _shared_form = False
+    shares = False  # whether rows may attend a shared prefix held once (the pool form with query_seqlens: _storage)
 
     def __init__(self, session, max_rows: int, capacity_tokens: int, prefix_blocks: int = 0, block: int = 32,
                  max_positions: int = 1 << 30, max_width: int | None = None, pool_graph: bool = True):
@@ -132,12 +139,15 @@ class KVPool:
         self.vocab = logits.shape[-1]
         self.rows: list = []  # request ids, in slot order
         self.ends: list[int] = []  # per row: tokens cached (= the next write slot)
+        self.offsets: list[int] = []  # per row: the shared prefix's tokens it attends before its slots (0: none)
         self.reserved: list[int] = []  # per row: slots it may grow to (prompt + max_new_tokens)
         self.width = 0
         self.repacks = 0
         self.pool_graph = pool_graph
         self._storage()
         self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
+        self.shared: tuple | None = None  # (the shared prefix's token ids, its cache tensors [1, H, P, D])
+        self.attaches = 0  # rows that attended the shared prefix instead of holding it
 
     @property
     def chunk_pasts(self) -> bool:
@@ -170,6 +180,11 @@ class KVPool:
 
         self._keep_feeds = KEEP_FEEDS
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device() if self._io is not None else None
+        inputs = {i.name for i in self.sess.get_inputs()}
+        # the pool form's shared prefix (runtime/pool_graph.py): a prefix many rows start with, held once
+        self._shared_form = pool_graph.ATTACHED in inputs
+        self.shares = self._shared_form and self.all_logits  # an attached row's logits are at its second token
+        self._no_prefix = [np.zeros((1, self.heads, 1, self.head_dim), self.dtype) for _ in self.names]
 
     def _copy_row(self, dst: int, src: int, n: int) -> None:
         """Row `src`'s first `n` slots into row `dst` (every cache tensor, at the current width)."""
@@ -228,7 +243,9 @@ class KVPool:
             self._reshape(self.capacity // (len(self.rows) + 1))
         self.rows.append(rid)
         self.ends.append(0)
-        self.reserved.append(reserve)
+        self.offsets.append(0)
+        self.reserved.append(reserve)  # prompt + new tokens: the last is never written, a slot for the shared
+        # prefix's token in a row's last run (runtime/pool_graph.py)
 
     def remove(self, rid) -> None:
         """Free `rid`'s slots: the last row moves into them (one row copy per cache tensor)."""
@@ -237,7 +254,8 @@ class KVPool:
             if self.ends[last]:
                 self._copy_row(j, last, self.ends[last])
             self.rows[j], self.ends[j], self.reserved[j] = self.rows[last], self.ends[last], self.reserved[last]
-        del self.rows[last], self.ends[last], self.reserved[last]
+            self.offsets[j] = self.offsets[last]
+        del self.rows[last], self.ends[last], self.reserved[last], self.offsets[last]
         longest = max(self.ends, default=0)
         if not self.rows:
             self.width = 0
@@ -294,18 +312,31 @@ class KVPool:
             raise RuntimeShapeError(f"KV-cache pool: a run takes consecutive rows, got {list(rids)} of {self.rows}")
         real = np.full(b, s, np.int64) if real is None else np.asarray(real, np.int64)
         ends = np.array(self.ends[lo:lo + b], np.int64)
+        offsets = np.array(self.offsets[lo:lo + b], np.int64)
         if not self.chunk_pasts and b > 1 and s > 1 and ends.any():
             raise RuntimeShapeError(f"KV-cache pool ({self.form} form): a run of several tokens after a past takes "
                                     f"one row, got {b} rows of {s} tokens")
-        need = int(ends.max()) + s
+        attached = offsets > 0
+        if attached.any() and s > 1:
+            raise RuntimeShapeError(f"KV-cache pool: rows attending the shared prefix run one token a step, got {s}")
+        # where a row attends the shared prefix, the kernel takes each row's tokens and one more, the prefix's:
+        # counted (and written, at the slot the next step overwrites) for attached rows only (runtime/pool_graph.py)
+        lengths = np.where(attached, s + 1, s)
+        extra = int(attached.any())
+        need = int(ends.max()) + s + extra
         if need > self.width:
             self._reshape(self._grown(need))
         width = self.width
         limit = self.max_positions - 1
+        positions = (offsets + ends)[:, None] + np.arange(s)[None]
         feeds = {io.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
                  io.ATTENTION_MASK: (np.arange(width)[None] < (ends + real)[:, None]).astype(np.int64),
-                 io.POSITION_IDS: np.minimum(ends[:, None] + np.arange(s)[None], limit),
+                 io.POSITION_IDS: np.minimum(positions, limit),
                  io.WRITE_INDICES: ends}
+        if self._shared_form:
+            feeds[pool_graph.QUERY_LENGTHS] = lengths
+            feeds[pool_graph.ATTACHED] = attached.astype(np.int64)
+            feeds[pool_graph.EXTRA] = np.array([extra], np.int64)
         if getattr(self.session, "cache_branch", False):  # Optimum's merged decoders
             feeds["use_cache_branch"] = np.array([True])
         logits = self._execute(lo, feeds, real, last)
@@ -334,6 +365,12 @@ class KVPool:
             pointer = self.flat[t].ctypes.data + offset
             self._bind(name, self.dtype, shape, pointer, False)
             self._bind(out, self.dtype, shape, pointer, True)
+        if self._shared_form:  # the shared prefix, or one zero slot where no row of the run attends it
+            prefix = self.shared[1] if self.shared is not None and feeds[pool_graph.ATTACHED].any() else \
+                self._no_prefix
+            for t, array in enumerate(prefix):
+                name = (pool_graph.shared_key if t % 2 == 0 else pool_graph.shared_value)(t // 2)
+                self._bind(name, array.dtype, array.shape, array.ctypes.data, False)
         self.sess.run_with_iobinding(self.binding)
         return logits
 
@@ -342,6 +379,34 @@ class KVPool:
             (self._io.bind_output if output else self._io.bind_input)(name, self._cpu, dtype, list(shape), pointer)
         else:
             (self.binding.bind_output if output else self.binding.bind_input)(name, "cpu", 0, dtype, list(shape), pointer)
+
+    # -- the shared prefix --------------------------------------------------------------------------------------
+    def attach(self, rid, tokens: list[int], reused: int) -> bool:
+        """Let row `rid` (its prompt `tokens` computed, none generated yet) attend the shared prefix instead of
+        holding it: its slots past the prefix move to slot 0 and its decode steps read the prefix once with every
+        other attached row (runtime/pool_graph.py). Where no row attends the shared prefix, a row that got
+        `reused` >= `MIN_SHARED` tokens from the prefix cache makes its own first `reused` tokens the shared
+        prefix. Returns whether the row attends it."""
+        j = self.rows.index(rid)
+        if not self.shares or self.offsets[j] or self.ends[j] != len(tokens):
+            return False
+        if self.shared is None or not any(self.offsets):  # no row uses the shared prefix: it may change
+            if MIN_SHARED <= reused <= self.capacity // 4 and (self.shared is None or tuple(tokens[:len(self.shared[0])]) !=
+                                         self.shared[0]):
+                self.shared = (tuple(tokens[:reused]), [np.ascontiguousarray(self._view(t, len(self.rows),
+                               self.width)[j:j + 1, :, :reused]) for t in range(len(self.names))])
+        if self.shared is None:
+            return False
+        n = len(self.shared[0])
+        if len(tokens) <= n or tuple(tokens[:n]) != self.shared[0]:
+            return False
+        for t in range(len(self.names)):
+            view = self._view(t, len(self.rows), self.width)
+            view[j, :, :self.ends[j] - n] = view[j, :, n:self.ends[j]].copy()
+        self.ends[j] -= n
+        self.offsets[j] = n
+        self.attaches += 1
+        return True
 
     # -- prefix reuse -------------------------------------------------------------------------------------------
     def reuse(self, rid, tokens: list[int]) -> int:
@@ -399,9 +464,10 @@ class PrefixCache:
     def store(self, rid, tokens: list[int]) -> None:
         """Copy `rid`'s full blocks not cached yet into the arena (evicting the least recently used)."""
         j = self.pool.rows.index(rid)
-        keys = self._keys(tokens[:self.pool.ends[j]])
+        off = self.pool.offsets[j]  # a row attending the shared prefix holds the tokens past it
+        keys = self._keys(tokens[:off + self.pool.ends[j]])
         for k, key in enumerate(keys):
-            if key in self.index:
+            if key in self.index or k * self.block < off:
                 continue
             if not self.free:
                 if not self.index:
@@ -410,7 +476,7 @@ class PrefixCache:
                 self.evictions += 1
                 self.free.append(slot)
             slot = self.free.pop()
-            self.pool._block_io(self.arena, slot, j, k * self.block, self.block, to_arena=True)
+            self.pool._block_io(self.arena, slot, j, k * self.block - off, self.block, to_arena=True)
             self.index[key] = slot
         self._touch(keys)
 

@@ -24,6 +24,22 @@ Its contract with the pool, narrower than the export's (the pool keeps to it: `K
   included as above), with which the kernel takes such runs over several rows;
 - a row fed a masked token (a decode run's row still in its prompt) writes at its own end, as TensorScatter does.
 
+**The shared prefix** (the form with `query_seqlens`): a prefix many rows start with (a system prompt, a chat's
+history) is held once, in its own buffers (`pool.shared.{i}.key/value` [1, H, P, D]), and the rows that start
+with it (`pool.attached` 1) hold only the tokens after it: a decode step reads it once for all of them instead of
+once a row. The kernel takes no second source of keys, so per layer the prefix's attention for a row's query is
+folded into the kernel's own softmax as one more token (exact, up to float rounding):
+
+    O, L = softmax(q K_p^T * scale) V_p, logsumexp(q K_p^T * scale)     (MatMuls over [H, B, P]: P read once)
+    the prefix's token:  query q, key q * L / (scale * q.q) (its score is L), value O
+    every row's q, k, v [B, S + E, H*D] (E = `pool.extra`: 1 where a row of the run is attached, else 0)
+    query_seqlens = S + 1 for attached rows (the token counted, written at the slot the next step overwrites),
+                    S for the others (the token is padding: neither written nor attended)
+    y [B, S, H*D] = an attached row's second query's output, the others' first S (Where)
+
+Softmax over a row's slots and that token equals softmax over prefix and slots, since exp(L) O sums the prefix's
+exp(score) v. A row is attached only past its prompt (decode runs, S = 1); with E = 0 the run is the form above.
+
 Made at load time from model.onnx (the graph only is rewritten: the weights stay where they are, in the graph
 or in model.onnx.data beside it), when the `onnx` package is importable and the graph is the fused static-cache
 form in fp32; otherwise None and the pool runs model.onnx as exported.
@@ -37,6 +53,17 @@ from pathlib import Path
 from neoxrt import contract as io
 
 GQA_DOMAIN = "com.microsoft"
+# the shared-prefix inputs (the form with query_seqlens): per row its valid tokens (int64 [B]); per row whether it
+# attends the shared prefix (int64 [B], 1 or 0); per layer the shared prefix's keys and values [1, H, P, D]
+QUERY_LENGTHS, ATTACHED, EXTRA = "pool.query_lengths", "pool.attached", "pool.extra"  # EXTRA: int64 [1], 1 or 0
+
+
+def shared_key(layer: int) -> str:
+    return f"pool.shared.{layer}.key"
+
+
+def shared_value(layer: int) -> str:
+    return f"pool.shared.{layer}.value"
 
 
 def pool_form(path: Path) -> str:
@@ -114,10 +141,26 @@ def gqa_graph(path: Path) -> bytes | None:
             helper.make_node("ReduceMax", ["/pool/end"], ["/pool/total64"], keepdims=0),
             helper.make_node("Cast", ["/pool/total64"], ["/pool/total"], to=TensorProto.INT32)]
     batched = takes_query_seqlens()
-    if batched:  # every row's S tokens count (right padding included, as above): chunks after a past may batch
-        new += [helper.make_node("Slice", ["/pool/shape", const("/pool/zero", [0]), "/pool/one"], ["/pool/B"]),
-                helper.make_node("Expand", ["/pool/S", "/pool/B"], ["/pool/query64"]),
-                helper.make_node("Cast", ["/pool/query64"], ["/pool/query_seqlens"], to=TensorProto.INT32)]
+    if batched:  # each row's valid tokens (the pool gives S but in a shared-prefix decode run): chunks after a past
+        # may batch; the lengths as above but each row's own count
+        new[2:5] = [helper.make_node("Add", [io.WRITE_INDICES, QUERY_LENGTHS], ["/pool/end_q"]),
+                helper.make_node("Sub", ["/pool/end_q", "/pool/one"], ["/pool/seqlens64"]),
+                helper.make_node("Cast", ["/pool/seqlens64"], ["/pool/seqlens_k"], to=TensorProto.INT32),
+                helper.make_node("Add", [io.WRITE_INDICES, "/pool/S"], ["/pool/end_s"]),
+                helper.make_node("Add", ["/pool/end_s", EXTRA], ["/pool/end"]),  # the shared prefix's token
+                helper.make_node("Cast", [QUERY_LENGTHS], ["/pool/query_seqlens"], to=TensorProto.INT32),
+                helper.make_node("Cast", [ATTACHED], ["/pool/attached_b"], to=TensorProto.BOOL),
+                helper.make_node("Reshape", ["/pool/attached_b", const("/pool/b11", [-1, 1, 1])],
+                                 ["/pool/attached"])]
+    if batched:  # the shared prefix's constants
+        graph.initializer.append(helper.make_tensor("/pool/minus_one_s", TensorProto.INT64, [], [-1]))
+        const("/pool/minus_one", [-1])
+        const("/pool/zero_axis", [0])
+        const("/pool/max_int", [2**62])
+        const("/pool/b1x", [0, 1, -1])
+        s_value = scale if scale is not None else layers[0][4] ** -0.5
+        graph.initializer.append(helper.make_tensor("/pool/scale", TensorProto.FLOAT, [], [s_value]))
+        graph.initializer.append(helper.make_tensor("/pool/tiny", TensorProto.FLOAT, [], [1e-30]))
     const("/pool/bshd", [0, 0, layers[0][3], layers[0][4]])
     const("/pool/bsx", [0, 0, -1])
     replaced = {}  # a node's first output -> what takes its place (each layer's new nodes where its Attention was)
@@ -129,11 +172,17 @@ def gqa_graph(path: Path) -> bytes | None:
             flat.append(f"{p}/{name}")
         attrs = {"num_heads": heads, "kv_num_heads": heads, **({"scale": scale} if scale is not None else {})}
         lengths = ["/pool/seqlens_k", "/pool/total"] + ([""] * 9 + ["/pool/query_seqlens"] if batched else [])
+        if batched:
+            layer += _shared_prefix(helper, p, i, attn.input[0], flat)
+            flat = [f"{p}/q_in", f"{p}/k_in", f"{p}/v_in"]
         layer.append(helper.make_node(
             "GroupQueryAttention", [*flat, k_scatter.input[0], v_scatter.input[0], *lengths],
             [f"{p}/y", k_scatter.output[0], v_scatter.output[0]], name=f"{p}/GroupQueryAttention", domain=GQA_DOMAIN,
             **attrs))
-        layer.append(helper.make_node("Reshape", [f"{p}/y", "/pool/bshd"], [f"{p}/y_bshd"]))
+        if batched:
+            layer += _shared_output(helper, p)
+        layer.append(helper.make_node("Reshape", [f"{p}/y_out" if batched else f"{p}/y", "/pool/bshd"],
+                                      [f"{p}/y_bshd"]))
         layer.append(helper.make_node("Transpose", [f"{p}/y_bshd"], [attn.output[0]], perm=[0, 2, 1, 3]))
         replaced[attn.output[0]], replaced[k_scatter.output[0]], replaced[v_scatter.output[0]] = layer, [], []
     ordered = list(new)  # the shared lengths read graph inputs only: first
@@ -141,8 +190,75 @@ def gqa_graph(path: Path) -> bytes | None:
         ordered += replaced.get(node.output[0], [node])
     del graph.node[:]
     graph.node.extend(_live(ordered, {o.name for o in graph.output}))
+    if batched:
+        graph.input.extend([helper.make_tensor_value_info(QUERY_LENGTHS, TensorProto.INT64, ["batch"]),
+                            helper.make_tensor_value_info(ATTACHED, TensorProto.INT64, ["batch"]),
+                            helper.make_tensor_value_info(EXTRA, TensorProto.INT64, [1])])
+        for i, (*_, heads, head_dim) in enumerate(layers):
+            graph.input.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                             [1, heads, "shared_sequence", head_dim])
+                               for name in (shared_key(i), shared_value(i)))
     model.opset_import.append(helper.make_opsetid(GQA_DOMAIN, 1))
     return model.SerializeToString()
+
+
+def _shared_prefix(helper, p: str, i: int, q4: str, flat: list[str]) -> list:
+    """Layer `i`'s nodes that let an attached row attend the shared prefix (keys and values held once, not in its
+    slots) inside the kernel's own softmax, exactly: the prefix's attention for the row's last query is one more
+    token -- its value the prefix's softmax-weighted values O, its key a multiple of the query whose score is the
+    prefix's log-sum-exp L (q . k = L / scale) -- so softmax over the row's slots and that token is softmax over
+    prefix and slots. Every row's q, k, v get that token after its S (`{p}/q_in` ... [B, S + 1, H*D]); a row not
+    attached leaves it out (its query_seqlens S: padding, neither written nor attended), an attached row (S = 1)
+    counts it and takes the output of its second query (its real query again), which `_shared_output` picks."""
+    n = helper.make_node
+    q_flat, k_flat, v_flat = flat
+    c = f"/pool/shared/{i}"
+    return [
+        # the last query of each row, [H, B, D]
+        n("Gather", [q4, "/pool/minus_one_s"], [f"{c}/q_last"], axis=2),  # [B, H, D]
+        n("Transpose", [f"{c}/q_last"], [f"{c}/q_hbd"], perm=[1, 0, 2]),
+        # scores over the prefix [H, B, P], its softmax, O [H, B, D] and L [H, B, 1]
+        n("Squeeze", [shared_key(i), "/pool/zero_axis"], [f"{c}/k"]),
+        n("Squeeze", [shared_value(i), "/pool/zero_axis"], [f"{c}/v"]),
+        n("Transpose", [f"{c}/k"], [f"{c}/k_t"], perm=[0, 2, 1]),
+        n("MatMul", [f"{c}/q_hbd", f"{c}/k_t"], [f"{c}/qk"]),
+        n("Mul", [f"{c}/qk", "/pool/scale"], [f"{c}/scores"]),
+        n("ReduceMax", [f"{c}/scores", "/pool/minus_one"], [f"{c}/max"], keepdims=1),
+        n("Sub", [f"{c}/scores", f"{c}/max"], [f"{c}/shifted"]),
+        n("Exp", [f"{c}/shifted"], [f"{c}/e"]),
+        n("ReduceSum", [f"{c}/e", "/pool/minus_one"], [f"{c}/sum"], keepdims=1),
+        n("MatMul", [f"{c}/e", f"{c}/v"], [f"{c}/ev"]),
+        n("Div", [f"{c}/ev", f"{c}/sum"], [f"{c}/o"]),
+        n("Log", [f"{c}/sum"], [f"{c}/log_sum"]),
+        n("Add", [f"{c}/max", f"{c}/log_sum"], [f"{c}/lse"]),
+        # the prefix's token: query the row's last, key q * L / (scale * q.q), value O; [B, 1, H*D]
+        n("Mul", [f"{c}/q_hbd", f"{c}/q_hbd"], [f"{c}/q2"]),
+        n("ReduceSum", [f"{c}/q2", "/pool/minus_one"], [f"{c}/qq"], keepdims=1),
+        n("Max", [f"{c}/qq", "/pool/tiny"], [f"{c}/qq_safe"]),
+        n("Mul", [f"{c}/qq_safe", "/pool/scale"], [f"{c}/qq_scaled"]),
+        n("Div", [f"{c}/lse", f"{c}/qq_scaled"], [f"{c}/factor"]),
+        n("Mul", [f"{c}/q_hbd", f"{c}/factor"], [f"{c}/k_virt_hbd"]),
+        n("Transpose", [f"{c}/k_virt_hbd"], [f"{c}/k_virt_bhd"], perm=[1, 0, 2]),
+        n("Reshape", [f"{c}/k_virt_bhd", "/pool/b1x"], [f"{c}/k_virt"]),
+        n("Transpose", [f"{c}/o"], [f"{c}/o_bhd"], perm=[1, 0, 2]),
+        n("Reshape", [f"{c}/o_bhd", "/pool/b1x"], [f"{c}/v_virt"]),
+        n("Reshape", [f"{c}/q_last", "/pool/b1x"], [f"{c}/q_virt"]),
+        # the token only where a row of the run is attached (EXTRA 1): a padded query costs the kernel what a real
+        # one does
+        *[n("Slice", [f"{c}/{x}_virt", "/pool/zero_axis", EXTRA, "/pool/one"], [f"{c}/{x}_extra"]) for x in "qkv"],
+        n("Concat", [q_flat, f"{c}/q_extra"], [f"{p}/q_in"], axis=1),
+        n("Concat", [k_flat, f"{c}/k_extra"], [f"{p}/k_in"], axis=1),
+        n("Concat", [v_flat, f"{c}/v_extra"], [f"{p}/v_in"], axis=1),
+    ]
+
+
+def _shared_output(helper, p: str) -> list:
+    """The attention output [B, S, H*D] from the kernel's [B, S + 1, H*D]: an attached row's second query, the
+    others' first S."""
+    n = helper.make_node
+    return [n("Slice", [f"{p}/y", EXTRA, "/pool/max_int", "/pool/one"], [f"{p}/y_after"]),
+            n("Slice", [f"{p}/y", "/pool/zero_axis", "/pool/S", "/pool/one"], [f"{p}/y_before"]),
+            n("Where", ["/pool/attached", f"{p}/y_after", f"{p}/y_before"], [f"{p}/y_out"])]
 
 
 def _live(nodes: list, outputs: set[str]) -> list:

@@ -104,6 +104,7 @@ class Request:
     finish_reason: str | None = None
     done: int = 0  # prompt tokens in the cache (the pool: chunked prefill, prefix reuse)
     looked_up: bool = False  # its prompt was looked up in the prefix cache (once: a miss is not asked again)
+    reused: int = 0  # prompt tokens copied from the prefix cache
     submitted: float = field(default_factory=time.monotonic)
     last_token: float = 0.0  # when its latest token was emitted
     prompt_scores: list = field(default_factory=lambda: [None])  # on_prompt_logprobs' entries, chunk by chunk
@@ -402,7 +403,7 @@ class Scheduler:
                 continue
             if not r.looked_up and r.on_prompt_logprobs is None:  # looked up once, as late as possible (when
                 r.looked_up = True  # nothing older computes its blocks): a prompt finished meanwhile may have left them
-                r.done = self.pool.reuse(r.id, r.prompt)
+                r.done = r.reused = self.pool.reuse(r.id, r.prompt)
                 self.stats.prefix_hits += r.done
                 self.stats.prefix_queries += len(r.prompt)
             waiting.append(r)
@@ -452,6 +453,11 @@ class Scheduler:
                     lasts.append(out[n - 1] if len(out) > 1 else out[-1])
             if firsts:
                 self._pick(firsts, np.asarray(np.stack(lasts), np.float32))
+            # the rows whose prompts are done attend the shared prefix where they start with it (the row that
+            # brings the longest copied prefix first: it may make it the shared one)
+            for r in sorted(firsts, key=lambda o: -o.reused):
+                if not r.finish_reason:
+                    self.pool.attach(r.id, r.prompt, r.reused)
 
     def _chunk(self, left: int, share: int) -> int:
         """A prompt's chunk: `share` of its `left` tokens, or all of them where the rest would be under the pool's

@@ -460,3 +460,52 @@ def test_a_prompt_takes_a_short_tail_with_its_chunk(generator, tail_share, chunk
     drain(sched)
     assert got.ids[rid] == alone(generator, prompt, max_new_tokens=3, ignore_eos=True)
     assert runs[:len(chunks)] == chunks and all(n == 1 for n in runs[len(chunks):])
+
+
+def test_a_row_attending_the_shared_prefix_decodes_as_one_holding_it(generator):
+    """Two rows with one 200-token prompt: one keeps its slots, the other attends its first 192 tokens as the
+    shared prefix (held once, not in its slots: `KVPool.attach`). Decode steps of both rows in one run give the
+    same logits (to float rounding: the prefix's softmax merged in the kernel's) for 6 steps; where the graph has
+    no shared-prefix form (last-position logits), attach declines."""
+    pool = Scheduler(generator, max_batch=4, prefix_cache=False).pool
+    prompt = [int(t) for t in np.arange(200) * 13 % 900 + 20]
+    for rid in (0, 1):
+        pool.add(rid, 260)
+        pool.run([rid], np.array([prompt], np.int64), last=True)
+    if not pool.shares:
+        assert not pool.attach(1, prompt, 192) and pool.offsets == [0, 0]
+        return
+    assert not pool.attach(1, prompt, 64)  # shorter than MIN_SHARED copied: no shared prefix made
+    assert pool.attach(1, prompt, 192)
+    assert pool.offsets == [0, 192] and pool.ends == [200, 8] and len(pool.shared[0]) == 192
+    token = 77
+    for _ in range(6):
+        logits = pool.run([0, 1], np.array([[token], [token]], np.int64)).copy()
+        assert logits.shape == (2, 1, pool.vocab)
+        np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=2e-4)
+        token = int(np.argmax(logits[0, -1]))
+    assert pool.ends == [206, 14]
+    # a row attending it cannot run a chunk; a prompt of other tokens does not attach
+    with pytest.raises(RuntimeShapeError, match="one token a step"):
+        pool.run([1], np.array([[1, 2]], np.int64))
+    pool.add(2, 260)
+    other = [t + 1 for t in prompt]
+    pool.run([2], np.array([other], np.int64), last=True)
+    assert not pool.attach(2, other, 192)
+
+
+def test_prompts_sharing_a_long_prefix_attend_it_once_and_get_their_alone_tokens(generator):
+    """A 160-token prefix computed by a first request; four more prompts starting with it, submitted together:
+    they copy it from the prefix cache and attend one shared copy while decoding (`KVPool.attach`), and each gets
+    the tokens it gets alone."""
+    prefix = (generator.encode([LONG * 6])[0] * 4)[:160]
+    sched, got = Scheduler(generator, max_batch=5, prefill_tokens=64, prefix_block=16), Collect()
+    first = sched.submit(prefix + [500], got, max_new_tokens=4, ignore_eos=True)
+    drain(sched)
+    prompts = [prefix + [200 + k, 300 + k, 400 + k] for k in range(4)]
+    rids = [sched.submit(p, got, max_new_tokens=8, ignore_eos=True) for p in prompts]
+    drain(sched)
+    assert got.ids[first] == alone(generator, prefix + [500], max_new_tokens=4, ignore_eos=True)
+    for rid, p in zip(rids, prompts):
+        assert got.ids[rid] == alone(generator, p, max_new_tokens=8, ignore_eos=True)
+    assert sched.pool.attaches == (4 if sched.pool.shares else 0)
