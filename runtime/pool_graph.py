@@ -38,7 +38,8 @@ folded into the kernel's own softmax as one more token (exact, up to float round
     y [B, S, H*D] = an attached row's second query's output, the others' first S (Where)
 
 Softmax over a row's slots and that token equals softmax over prefix and slots, since exp(L) O sums the prefix's
-exp(score) v. A row is attached only past its prompt (decode runs, S = 1); with E = 0 the run is the form above.
+exp(score) v. A row is attached only past its prompt (decode runs, S = 1); with E = 0 the run is the form above
+(the prefix's nodes and the output's choice are in `If` nodes on E: not run).
 
 Made at load time from model.onnx (the graph only is rewritten: the weights stay where they are, in the graph
 or in model.onnx.data beside it), when the `onnx` package is importable and the graph is the fused static-cache
@@ -150,6 +151,7 @@ def gqa_graph(path: Path) -> bytes | None:
                 helper.make_node("Add", ["/pool/end_s", EXTRA], ["/pool/end"]),  # the shared prefix's token
                 helper.make_node("Cast", [QUERY_LENGTHS], ["/pool/query_seqlens"], to=TensorProto.INT32),
                 helper.make_node("Cast", [ATTACHED], ["/pool/attached_b"], to=TensorProto.BOOL),
+                helper.make_node("Cast", [EXTRA], ["/pool/has_extra"], to=TensorProto.BOOL),
                 helper.make_node("Reshape", ["/pool/attached_b", const("/pool/b11", [-1, 1, 1])],
                                  ["/pool/attached"])]
     if batched:  # the shared prefix's constants
@@ -213,7 +215,7 @@ def _shared_prefix(helper, p: str, i: int, q4: str, flat: list[str]) -> list:
     n = helper.make_node
     q_flat, k_flat, v_flat = flat
     c = f"/pool/shared/{i}"
-    return [
+    compute = [
         # the last query of each row, [H, B, D]
         n("Gather", [q4, "/pool/minus_one_s"], [f"{c}/q_last"], axis=2),  # [B, H, D]
         n("Transpose", [f"{c}/q_last"], [f"{c}/q_hbd"], perm=[1, 0, 2]),
@@ -243,9 +245,15 @@ def _shared_prefix(helper, p: str, i: int, q4: str, flat: list[str]) -> list:
         n("Transpose", [f"{c}/o"], [f"{c}/o_bhd"], perm=[1, 0, 2]),
         n("Reshape", [f"{c}/o_bhd", "/pool/b1x"], [f"{c}/v_virt"]),
         n("Reshape", [f"{c}/q_last", "/pool/b1x"], [f"{c}/q_virt"]),
-        # the token only where a row of the run is attached (EXTRA 1): a padded query costs the kernel what a real
-        # one does
-        *[n("Slice", [f"{c}/{x}_virt", "/pool/zero_axis", EXTRA, "/pool/one"], [f"{c}/{x}_extra"]) for x in "qkv"],
+    ]
+    # the token only where a row of the run is attached (EXTRA 1: a padded query costs the kernel what a real one
+    # does), its nodes in an If: a run without an attached row does not run them
+    empty = [n("Slice", [x, "/pool/zero_axis", "/pool/zero_axis", "/pool/one"], [f"{c}/{x[-1]}_empty"])
+             for x in flat]
+    then = _branch(helper, f"{c}/with", compute, [f"{c}/{x}_virt" for x in "qkv"])
+    other = _branch(helper, f"{c}/without", empty, [f"{c}/{x}_empty" for x in "qkv"])
+    return [
+        n("If", ["/pool/has_extra"], [f"{c}/{x}_extra" for x in "qkv"], then_branch=then, else_branch=other),
         n("Concat", [q_flat, f"{c}/q_extra"], [f"{p}/q_in"], axis=1),
         n("Concat", [k_flat, f"{c}/k_extra"], [f"{p}/k_in"], axis=1),
         n("Concat", [v_flat, f"{c}/v_extra"], [f"{p}/v_in"], axis=1),
@@ -256,9 +264,20 @@ def _shared_output(helper, p: str) -> list:
     """The attention output [B, S, H*D] from the kernel's [B, S + 1, H*D]: an attached row's second query, the
     others' first S."""
     n = helper.make_node
-    return [n("Slice", [f"{p}/y", EXTRA, "/pool/max_int", "/pool/one"], [f"{p}/y_after"]),
-            n("Slice", [f"{p}/y", "/pool/zero_axis", "/pool/S", "/pool/one"], [f"{p}/y_before"]),
-            n("Where", ["/pool/attached", f"{p}/y_after", f"{p}/y_before"], [f"{p}/y_out"])]
+    then = _branch(helper, f"{p}/shared_with", [
+        n("Slice", [f"{p}/y", EXTRA, "/pool/max_int", "/pool/one"], [f"{p}/y_after"]),
+        n("Slice", [f"{p}/y", "/pool/zero_axis", "/pool/S", "/pool/one"], [f"{p}/y_before"]),
+        n("Where", ["/pool/attached", f"{p}/y_after", f"{p}/y_before"], [f"{p}/y_mixed"])], [f"{p}/y_mixed"])
+    other = _branch(helper, f"{p}/shared_without", [n("Identity", [f"{p}/y"], [f"{p}/y_same"])], [f"{p}/y_same"])
+    return [n("If", ["/pool/has_extra"], [f"{p}/y_out"], then_branch=then, else_branch=other)]
+
+
+def _branch(helper, name: str, nodes: list, outputs: list[str]):
+    """An If branch: `nodes` reading the outer graph's values, `outputs` (float tensors) out."""
+    from onnx import TensorProto
+
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                               for o in outputs])
 
 
 def _live(nodes: list, outputs: set[str]) -> list:
@@ -267,5 +286,14 @@ def _live(nodes: list, outputs: set[str]) -> list:
     for node in reversed(nodes):
         if any(out in needed for out in node.output):
             keep.append(node)
-            needed.update(node.input)
+            needed.update(_reads(node))
     return keep[::-1]
+
+
+def _reads(node) -> list[str]:
+    """A node's inputs, and those of the nodes of its subgraphs (an If's branches read the outer graph)."""
+    names = list(node.input)
+    for attr in node.attribute:
+        if attr.g.node:
+            names += [x for sub in attr.g.node for x in _reads(sub)]
+    return names

@@ -456,8 +456,8 @@ class Scheduler:
             # the rows whose prompts are done attend the shared prefix where they start with it (the row that
             # brings the longest copied prefix first: it may make it the shared one)
             for r in sorted(firsts, key=lambda o: -o.reused):
-                if not r.finish_reason:
-                    self.pool.attach(r.id, r.prompt, r.reused)
+                if not r.finish_reason and self.pool.attach(r.id, r.prompt, r.reused):
+                    self.stats.shared_prefix_rows += 1
 
     def _chunk(self, left: int, share: int) -> int:
         """A prompt's chunk: `share` of its `left` tokens, or all of them where the rest would be under the pool's

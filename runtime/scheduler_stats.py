@@ -43,6 +43,7 @@ class SchedulerStats:
     prefill_tokens: int = 0  # prompt tokens computed
     prefix_hits: int = 0  # prompt tokens copied from the prefix cache instead
     prefix_queries: int = 0  # prompt tokens looked up in it
+    shared_prefix_rows: int = 0  # rows that attended the pool's shared prefix instead of holding it
     pool_tokens: int = 0  # KV-cache pool: slots in use (rows x width) and in all
     pool_capacity: int = 0
     prompt_tokens: int = 0  # of the requests accepted

@@ -112,7 +112,8 @@ class _Metrics:
                     ("failed", "requests ended by an error of their own"),
                     ("prefill_tokens", "prompt tokens computed"),
                     ("prefix_hits", "prompt tokens copied from the prefix cache instead of computed"),
-                    ("prefix_queries", "prompt tokens looked up in the prefix cache"))
+                    ("prefix_queries", "prompt tokens looked up in the prefix cache"),
+                    ("shared_prefix_rows", "rows that attended the KV-cache pool's shared prefix instead of a copy"))
         gauges = (("active_rows", "rows in the running batch"), ("queue_length", "requests waiting for a row"),
                   ("batch_occupancy", "mean live rows per decode step / max batch"),
                   ("kv_cache_usage", "KV-cache pool slots in use / its capacity (0 without the pool)"))

@@ -48,6 +48,8 @@ def prometheus_text(s: SchedulerStats, model: str) -> str:
                       ("cancelled", "Requests cancelled by their client."),
                       ("failed", "Requests ended by an error of their own."),
                       ("prefill_tokens", "Prompt tokens computed (not found in the prefix cache)."),
+                      ("shared_prefix_rows", "Rows that attended the KV-cache pool's shared prefix instead of "
+                                             "holding a copy."),
                       ("steps", "Decode steps."), ("row_steps", "Rows decoded, summed over decode steps.")):
         metric(f"neoxrt_{key}_total", "counter", text, getattr(s, key))
     return "\n".join(lines) + "\n"
