@@ -147,7 +147,6 @@ class KVPool:
         self._storage()
         self.prefix = PrefixCache(self, prefix_blocks, block) if prefix_blocks else None
         self.shared: tuple | None = None  # (the shared prefix's token ids, its cache tensors [1, H, P, D])
-        self.attaches = 0  # rows that attended the shared prefix instead of holding it
 
     @property
     def chunk_pasts(self) -> bool:
@@ -185,6 +184,8 @@ class KVPool:
         self._shared_form = pool_graph.ATTACHED in inputs
         self.shares = self._shared_form and self.all_logits  # an attached row's logits are at its second token
         self._no_prefix = [np.zeros((1, self.heads, 1, self.head_dim), self.dtype) for _ in self.names]
+        self._shared_names = [n for i in range(self.session.num_layers)  # in the order of `names`
+                              for n in (pool_graph.shared_key(i), pool_graph.shared_value(i))]
 
     def _copy_row(self, dst: int, src: int, n: int) -> None:
         """Row `src`'s first `n` slots into row `dst` (every cache tensor, at the current width)."""
@@ -304,7 +305,8 @@ class KVPool:
         logits_to_keep (`keeps`); with `advance` the rows' lengths grow by `real`.
 
         Raises:
-            RuntimeShapeError: the rows are not consecutive in the pool, or the run needs more slots than allowed.
+            RuntimeShapeError: the rows are not consecutive in the pool, the run needs more slots than allowed, or
+                a row attending the shared prefix is given more than one token.
         """
         b, s = input_ids.shape
         lo = self.rows.index(rids[0])
@@ -368,8 +370,7 @@ class KVPool:
         if self._shared_form:  # the shared prefix, or one zero slot where no row of the run attends it
             prefix = self.shared[1] if self.shared is not None and feeds[pool_graph.ATTACHED].any() else \
                 self._no_prefix
-            for t, array in enumerate(prefix):
-                name = (pool_graph.shared_key if t % 2 == 0 else pool_graph.shared_value)(t // 2)
+            for name, array in zip(self._shared_names, prefix):
                 self._bind(name, array.dtype, array.shape, array.ctypes.data, False)
         self.sess.run_with_iobinding(self.binding)
         return logits
@@ -390,23 +391,23 @@ class KVPool:
         j = self.rows.index(rid)
         if not self.shares or self.offsets[j] or self.ends[j] != len(tokens):
             return False
-        if self.shared is None or not any(self.offsets):  # no row uses the shared prefix: it may change
-            if MIN_SHARED <= reused <= self.capacity // 4 and (self.shared is None or tuple(tokens[:len(self.shared[0])]) !=
-                                         self.shared[0]):
-                self.shared = (tuple(tokens[:reused]), [np.ascontiguousarray(self._view(t, len(self.rows),
-                               self.width)[j:j + 1, :, :reused]) for t in range(len(self.names))])
-        if self.shared is None:
+        if (not self._starts_shared(tokens) and not any(self.offsets)  # no row uses the shared prefix: it may change
+                and MIN_SHARED <= reused <= self.capacity // 4):
+            self.shared = (tuple(tokens[:reused]), [np.ascontiguousarray(self._view(t, len(self.rows),
+                           self.width)[j:j + 1, :, :reused]) for t in range(len(self.names))])
+        if not self._starts_shared(tokens) or len(tokens) <= len(self.shared[0]):
             return False
         n = len(self.shared[0])
-        if len(tokens) <= n or tuple(tokens[:n]) != self.shared[0]:
-            return False
         for t in range(len(self.names)):
             view = self._view(t, len(self.rows), self.width)
             view[j, :, :self.ends[j] - n] = view[j, :, n:self.ends[j]].copy()
         self.ends[j] -= n
         self.offsets[j] = n
-        self.attaches += 1
         return True
+
+    def _starts_shared(self, tokens: list[int]) -> bool:
+        """Whether there is a shared prefix and `tokens` start with it."""
+        return self.shared is not None and tuple(tokens[:len(self.shared[0])]) == self.shared[0]
 
     # -- prefix reuse -------------------------------------------------------------------------------------------
     def reuse(self, rid, tokens: list[int]) -> int:

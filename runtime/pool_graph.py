@@ -15,13 +15,15 @@ Pythia-160m shape: attention 52.6 ms with the export's kernel, 20.5 ms with this
                 GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total)  ->  y [B,S,H*D],
                 present_key, present_value (the past buffers, written in place)
                 y --Reshape, Transpose--> [B,H,S,D] under the Attention output's name (merge_heads unchanged)
-    seqlens_k = write_indices + S - 1 (int32)   total = max(write_indices) + S (int32)   query_seqlens = S (int32)
+    seqlens_k = write_indices + S - 1 (int32)   total = max(write_indices) + S (int32)
+    (from ONNX Runtime 1.32: query_seqlens = `pool.query_lengths`, S for every row but an attached one, below)
 
 Its contract with the pool, narrower than the export's (the pool keeps to it: `KVPool`):
 - a row's mask is its first `write_indices + real` slots (the mask input is then unused);
 - before ONNX Runtime 1.32, a run of more than one token where any row has a past takes one row (the kernel's
-  rule: `KVPool.chunk_pasts`); from 1.32 the form passes `query_seqlens` (every row's S tokens, right padding
-  included as above), with which the kernel takes such runs over several rows;
+  rule: `KVPool.chunk_pasts`); from 1.32 the form passes `query_seqlens` (each row's S tokens, right padding
+  included as above, from the pool's `pool.query_lengths`), with which the kernel takes such runs over several
+  rows;
 - a row fed a masked token (a decode run's row still in its prompt) writes at its own end, as TensorScatter does.
 
 **The shared prefix** (the form with `query_seqlens`): a prefix many rows start with (a system prompt, a chat's
@@ -133,28 +135,22 @@ def gqa_graph(path: Path) -> bytes | None:
         graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
         return name
 
-    # the per-row lengths: write_indices + S - 1, and the run's longest, max(write_indices) + S
+    batched = takes_query_seqlens()
     new += [helper.make_node("Shape", [io.INPUT_IDS], ["/pool/shape"]),
             helper.make_node("Slice", ["/pool/shape", const("/pool/one", [1]), const("/pool/two", [2])], ["/pool/S"]),
-            helper.make_node("Add", [io.WRITE_INDICES, "/pool/S"], ["/pool/end"]),
-            helper.make_node("Sub", ["/pool/end", "/pool/one"], ["/pool/seqlens64"]),
-            helper.make_node("Cast", ["/pool/seqlens64"], ["/pool/seqlens_k"], to=TensorProto.INT32),
-            helper.make_node("ReduceMax", ["/pool/end"], ["/pool/total64"], keepdims=0),
-            helper.make_node("Cast", ["/pool/total64"], ["/pool/total"], to=TensorProto.INT32)]
-    batched = takes_query_seqlens()
-    if batched:  # each row's valid tokens (the pool gives S but in a shared-prefix decode run): chunks after a past
-        # may batch; the lengths as above but each row's own count
-        new[2:5] = [helper.make_node("Add", [io.WRITE_INDICES, QUERY_LENGTHS], ["/pool/end_q"]),
+            helper.make_node("Add", [io.WRITE_INDICES, "/pool/S"], ["/pool/end_s" if batched else "/pool/end"])]
+    if batched:
+        # the per-row lengths: write_indices + each row's count (QUERY_LENGTHS: S, or S + 1 for an attached row) - 1,
+        # and the run's longest, max(write_indices) + S + EXTRA (the shared prefix's token)
+        new += [helper.make_node("Add", [io.WRITE_INDICES, QUERY_LENGTHS], ["/pool/end_q"]),
                 helper.make_node("Sub", ["/pool/end_q", "/pool/one"], ["/pool/seqlens64"]),
-                helper.make_node("Cast", ["/pool/seqlens64"], ["/pool/seqlens_k"], to=TensorProto.INT32),
-                helper.make_node("Add", [io.WRITE_INDICES, "/pool/S"], ["/pool/end_s"]),
-                helper.make_node("Add", ["/pool/end_s", EXTRA], ["/pool/end"]),  # the shared prefix's token
+                helper.make_node("Add", ["/pool/end_s", EXTRA], ["/pool/end"]),
                 helper.make_node("Cast", [QUERY_LENGTHS], ["/pool/query_seqlens"], to=TensorProto.INT32),
                 helper.make_node("Cast", [ATTACHED], ["/pool/attached_b"], to=TensorProto.BOOL),
                 helper.make_node("Cast", [EXTRA], ["/pool/has_extra"], to=TensorProto.BOOL),
                 helper.make_node("Reshape", ["/pool/attached_b", const("/pool/b11", [-1, 1, 1])],
                                  ["/pool/attached"])]
-    if batched:  # the shared prefix's constants
+        # the shared prefix's constants
         graph.initializer.append(helper.make_tensor("/pool/minus_one_s", TensorProto.INT64, [], [-1]))
         const("/pool/minus_one", [-1])
         const("/pool/zero_axis", [0])
@@ -163,6 +159,11 @@ def gqa_graph(path: Path) -> bytes | None:
         s_value = scale if scale is not None else layers[0][4] ** -0.5
         graph.initializer.append(helper.make_tensor("/pool/scale", TensorProto.FLOAT, [], [s_value]))
         graph.initializer.append(helper.make_tensor("/pool/tiny", TensorProto.FLOAT, [], [1e-30]))
+    else:  # the per-row lengths: write_indices + S - 1, and the run's longest, max(write_indices) + S
+        new.append(helper.make_node("Sub", ["/pool/end", "/pool/one"], ["/pool/seqlens64"]))
+    new += [helper.make_node("Cast", ["/pool/seqlens64"], ["/pool/seqlens_k"], to=TensorProto.INT32),
+            helper.make_node("ReduceMax", ["/pool/end"], ["/pool/total64"], keepdims=0),
+            helper.make_node("Cast", ["/pool/total64"], ["/pool/total"], to=TensorProto.INT32)]
     const("/pool/bshd", [0, 0, layers[0][3], layers[0][4]])
     const("/pool/bsx", [0, 0, -1])
     replaced = {}  # a node's first output -> what takes its place (each layer's new nodes where its Attention was)

@@ -508,4 +508,4 @@ def test_prompts_sharing_a_long_prefix_attend_it_once_and_get_their_alone_tokens
     assert got.ids[first] == alone(generator, prefix + [500], max_new_tokens=4, ignore_eos=True)
     for rid, p in zip(rids, prompts):
         assert got.ids[rid] == alone(generator, p, max_new_tokens=8, ignore_eos=True)
-    assert sched.pool.attaches == sched.stats.shared_prefix_rows == (4 if sched.pool.shares else 0)
+    assert sched.stats.shared_prefix_rows == (4 if sched.pool.shares else 0)
